@@ -1,0 +1,399 @@
+"""Detector: the denoiser, the sampler settings, the scorer and its calibration, in one object.
+
+    detector = Detector.from_pretrained("checkpoints/brick")       # or a Hub repo id
+    results = detector.detect(["a.png", "b.png"])                    # one Detection per image
+    results[0].score, results[0].is_anomalous, results[0].anomaly_map
+
+Images are resized to the detector's square working size (`image_size`) before inspection,
+as anomalib does for MVTec AD; maps, masks and reconstructions come back at that size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+
+from . import __version__
+from .hub import (
+    CONFIG_NAME,
+    CheckpointError,
+    atomic_replace_dir,
+    check_checkpoint_files,
+    push_folder,
+    render_model_card,
+    resolve_checkpoint,
+    temp_dir_beside,
+)
+from .images import ImageLike, to_batch, to_uint8
+from .model import NUM_TRAIN_TIMESTEPS, build_scheduler, count_parameters, downsampling_factor
+from .sampler import SamplerConfig, reconstruct, timesteps
+from .scorer import Calibration, Scorer, ScorerConfig, build_backbone
+
+FORMAT_VERSION = 1
+MAX_IMAGE_SIZE = 2048
+MAX_UNET_CHANNELS = 2048
+SAMPLER_KEYS = {f.name for f in fields(SamplerConfig)}
+SCORER_KEYS = {"pixel_weight", "feature_weight", "feature_smoothing", "map_sigma"}
+
+
+@dataclass
+class Detection:
+    """The result for one image, everything at the detector's working size."""
+
+    image: np.ndarray  # H x W x 3 uint8, the resized input
+    reconstruction: np.ndarray  # H x W x 3 uint8
+    anomaly_map: np.ndarray  # H x W float32
+    score: float  # max of the anomaly map
+    threshold: float
+    seconds: float
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.score > self.threshold
+
+    @property
+    def verdict(self) -> str:
+        return "anomalous" if self.is_anomalous else "normal"
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Predicted defect pixels: where the map exceeds the image threshold (non-empty
+        exactly when the verdict is anomalous)."""
+        return self.anomaly_map > self.threshold
+
+    @property
+    def relative_score(self) -> float:
+        """score / threshold: above 1 means anomalous."""
+        return self.score / self.threshold if self.threshold > 0 else math.inf
+
+
+class Detector:
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scorer: Scorer,
+        sampler: SamplerConfig,
+        image_size: int,
+        calibration: Optional[Calibration] = None,
+        info: Optional[dict[str, Any]] = None,
+    ):
+        self.unet = unet.eval().requires_grad_(False)
+        self.scorer = scorer.eval()
+        self.sampler = sampler
+        self.image_size = int(image_size)
+        self.calibration = calibration
+        self.info: dict[str, Any] = dict(info or {})  # training, metrics, tuning, ... (JSON-able)
+        self.alphas_cumprod = build_scheduler().alphas_cumprod
+        self.autocast_dtype: Optional[torch.dtype] = None
+        factor = downsampling_factor(unet)
+        if self.image_size % factor:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of {factor} for this U-Net.")
+
+    # ----------------------------------------------------------------------------- settings
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device: str | torch.device) -> "Detector":
+        self.unet.to(device)
+        self.scorer.to(device)
+        return self
+
+    @property
+    def threshold(self) -> float:
+        if self.calibration is None:
+            raise RuntimeError("this detector is not calibrated yet: call detector.calibrate(normal_images).")
+        return self.calibration.threshold
+
+    def settings(self, **overrides: Any) -> tuple[SamplerConfig, ScorerConfig]:
+        """Sampler and scorer settings with per-call overrides (None means 'keep')."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(overrides) - SAMPLER_KEYS - SCORER_KEYS
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {sorted(unknown)}; sampler: {sorted(SAMPLER_KEYS)}, scorer: {sorted(SCORER_KEYS)}."
+            )
+        sampler = self.sampler.replace(**{k: v for k, v in overrides.items() if k in SAMPLER_KEYS})
+        scorer_values = {**self.scorer.config.to_dict(), **{k: v for k, v in overrides.items() if k in SCORER_KEYS}}
+        return sampler, ScorerConfig(**scorer_values)
+
+    # ---------------------------------------------------------------------------- inference
+    def _eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is not None and x.device.type != "cpu":
+            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+                return self.unet(x, t).sample.float()
+        return self.unet(x, t).sample
+
+    def prepare(self, images: Any) -> torch.Tensor:
+        """Image-likes (or a B x 3 x H x W tensor in [-1, 1]) -> batch at the working size."""
+        return to_batch(images, self.image_size).to(self.device)
+
+    @torch.no_grad()
+    def reconstruct(
+        self, x: torch.Tensor, sampler: Optional[SamplerConfig] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> torch.Tensor:
+        return reconstruct(self._eps, x, self.alphas_cumprod, sampler or self.sampler, progress)
+
+    @torch.no_grad()
+    def score_maps(
+        self, x: torch.Tensor, x_rec: torch.Tensor, scorer: Optional[ScorerConfig] = None
+    ) -> torch.Tensor:
+        """Anomaly maps A (B x H x W) for images and their reconstructions."""
+        if self.calibration is None:
+            raise RuntimeError("this detector is not calibrated yet: call detector.calibrate(normal_images).")
+        d_pixel, d_feat = self.scorer.distances(x, x_rec)
+        return self.scorer.combine(d_pixel, d_feat, self.calibration.pixel_scale, scorer)
+
+    @torch.no_grad()
+    def detect(
+        self,
+        images: ImageLike | Sequence[ImageLike] | torch.Tensor,
+        batch_size: int = 4,
+        threshold: Optional[float] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+        **overrides: Any,
+    ) -> list[Detection]:
+        """Inspect images. `overrides` change sampler/scorer settings for this call only
+        (t0, steps, w, guidance_scale, blur_sigma, eta, seed, pixel_weight, ...)."""
+        sampler, scorer = self.settings(**overrides)
+        thr = self.threshold if threshold is None else float(threshold)
+        x_all = self.prepare(images)
+        n = x_all.shape[0]
+        results: list[Detection] = []
+        total_steps = math.ceil(n / batch_size) * _num_steps(sampler)
+        done_before = 0
+        for start in range(0, n, batch_size):
+            t_start = time.perf_counter()
+            x = x_all[start : start + batch_size]
+            step_cb = None
+            if progress is not None:
+                offset = done_before
+                step_cb = lambda i, _k, o=offset: progress(o + i, total_steps)  # noqa: E731
+            x_rec = self.reconstruct(x, sampler, step_cb)
+            maps = self.score_maps(x, x_rec, scorer)
+            done_before += _num_steps(sampler)
+            per_image = (time.perf_counter() - t_start) / x.shape[0]
+            for xi, ri, mi in zip(to_uint8(x), to_uint8(x_rec), maps.float().cpu().numpy()):
+                results.append(Detection(xi, ri, mi, float(mi.max()), thr, per_image))
+        return results
+
+    # -------------------------------------------------------------------------- calibration
+    @torch.no_grad()
+    def calibrate(
+        self, normal_images: Any, batch_size: int = 4, threshold_sigmas: float = 3.0,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> Calibration:
+        """Fit the pixel/feature balance c and the threshold on normal images, and store them.
+        Uses the detector's current sampler and scorer settings."""
+        x_all = self.prepare(normal_images)
+        d_p, d_f = [], []
+        for i, start in enumerate(range(0, x_all.shape[0], batch_size)):
+            x = x_all[start : start + batch_size]
+            x_rec = self.reconstruct(x)
+            dp, df = self.scorer.distances(x, x_rec)
+            d_p.append(dp.cpu())
+            d_f.append(df.cpu())
+            if progress is not None:
+                progress(min(start + batch_size, x_all.shape[0]), x_all.shape[0])
+        self.calibration = self.scorer.calibrate(torch.cat(d_p), torch.cat(d_f), threshold_sigmas)
+        return self.calibration
+
+    # ------------------------------------------------------------------------- persistence
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "cgdiff_version": __version__,
+            "image_size": self.image_size,
+            "sampler": self.sampler.to_dict(),
+            "scorer": self.scorer.config.to_dict(),
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+            "backbone_adapted": bool(getattr(self.scorer.backbone, "adapted", False)),
+            **self.info,
+        }
+
+    def save_pretrained(self, path: str | Path, overwrite: bool = False, model_card: bool = True) -> Path:
+        """Write the checkpoint folder. It is written beside `path` and renamed into place only
+        when complete, so an interrupted save never leaves a half-written checkpoint."""
+        target = Path(path)
+        if target.exists() and not target.is_dir():
+            raise FileExistsError(f"'{target}' exists and is a file; choose a folder path for the checkpoint.")
+        if target.exists() and (target / CONFIG_NAME).exists() and not overwrite:
+            raise FileExistsError(
+                f"'{target}' already holds a checkpoint; pass overwrite=True (CLI: --overwrite) to replace it."
+            )
+        tmp = temp_dir_beside(target)
+        try:
+            self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            build_scheduler().save_pretrained(tmp / "scheduler")
+            config = self.config_dict()
+            if config["backbone_adapted"]:
+                from safetensors.torch import save_file
+
+                state = {k: v.contiguous() for k, v in self.scorer.backbone.body.state_dict().items()}
+                save_file(state, tmp / "backbone.safetensors")
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+            if model_card:
+                (tmp / "README.md").write_text(render_model_card(config, config.get("name") or target.name))
+            atomic_replace_dir(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, device: Optional[str | torch.device] = None, revision: Optional[str] = None
+    ) -> "Detector":
+        """Load a checkpoint folder or Hub repo id. Weights load from safetensors only."""
+        folder = resolve_checkpoint(name_or_path, revision=revision)
+        check_checkpoint_files(folder)
+        config = read_config(folder)
+        unet_config = _read_json(folder / "unet" / "config.json")
+        _check_unet_config(unet_config, folder)
+        try:
+            unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        except Exception as e:  # diffusers raises several types for a broken folder
+            raise CheckpointError(f"cannot load the U-Net from '{folder / 'unet'}': {type(e).__name__}: {e}") from None
+        scorer_config = ScorerConfig(**config["scorer"])
+        backbone = build_backbone(scorer_config.backbone)
+        if config.get("backbone_adapted"):
+            adapted = folder / "backbone.safetensors"
+            if not adapted.is_file():
+                raise CheckpointError(f"'{folder}' says its backbone was adapted but has no backbone.safetensors.")
+            from safetensors.torch import load_file
+
+            try:
+                backbone.body.load_state_dict(load_file(adapted), strict=True)
+            except (RuntimeError, ValueError) as e:
+                raise CheckpointError(f"backbone.safetensors in '{folder}' does not fit '{scorer_config.backbone}': {e}") from None
+            backbone.adapted = True
+        calibration = Calibration(**config["calibration"]) if config.get("calibration") else None
+        info = {k: v for k, v in config.items() if k not in _CORE_KEYS}
+        info["source"] = str(name_or_path)
+        detector = cls(
+            unet, Scorer(scorer_config, backbone), SamplerConfig(**config["sampler"]),
+            config["image_size"], calibration, info,
+        )
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return detector.to(device)
+
+    def push_to_hub(self, repo_id: str, token: Optional[str] = None, private: bool = False,
+                    commit_message: str = "Upload cgdiff detector") -> str:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / repo_id.split("/")[-1]
+            self.info["hub_repo_id"] = repo_id
+            self.save_pretrained(folder)
+            return push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
+
+    def describe(self) -> str:
+        s = self.sampler
+        return (
+            f"U-Net {count_parameters(self.unet) / 1e6:.1f} M params, {self.image_size} px, backbone "
+            f"{self.scorer.config.backbone}; t0={s.t0}, K={s.steps}, w={s.w}, s={s.guidance_scale}, "
+            f"blur sigma={s.blur_sigma}, eta={s.eta}"
+        )
+
+
+_CORE_KEYS = {"format_version", "cgdiff_version", "image_size", "sampler", "scorer", "calibration", "backbone_adapted"}
+
+
+def _num_steps(sampler: SamplerConfig) -> int:
+    return len(timesteps(sampler.t0, sampler.steps, NUM_TRAIN_TIMESTEPS))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"'{path}' is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path}' must hold a JSON object.")
+    return data
+
+
+def _check_unet_config(cfg: dict, folder: Path) -> None:
+    channels = cfg.get("block_out_channels")
+    if not (isinstance(channels, list) and channels and all(isinstance(c, int) and 0 < c <= MAX_UNET_CHANNELS for c in channels)):
+        raise CheckpointError(
+            f"unet/config.json in '{folder}' has an invalid block_out_channels {channels!r} "
+            f"(a list of whole numbers up to {MAX_UNET_CHANNELS})."
+        )
+    if len(channels) > 8 or not isinstance(cfg.get("layers_per_block", 2), int) or not 0 < cfg.get("layers_per_block", 2) <= 8:
+        raise CheckpointError(f"unet/config.json in '{folder}' describes an absurd U-Net size; refusing to build it.")
+    if cfg.get("in_channels", 3) != 3 or cfg.get("out_channels", 3) != 3:
+        raise CheckpointError(f"unet/config.json in '{folder}' is not a 3-channel image denoiser.")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """Read and validate cgdiff.json; every problem is reported by name."""
+    config = _read_json(folder / CONFIG_NAME)
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{CONFIG_NAME} in '{folder}' has no integer format_version.")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"'{folder}' was written by a newer cgdiff (format {version}; this is {__version__}, format "
+            f"{FORMAT_VERSION}). Upgrade cgdiff: pip install -U cgdiff."
+        )
+    missing = [k for k in ("image_size", "sampler", "scorer") if k not in config]
+    if missing:
+        raise CheckpointError(f"{CONFIG_NAME} in '{folder}' is missing {', '.join(missing)}.")
+    size = config["image_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= MAX_IMAGE_SIZE:
+        raise CheckpointError(f"{CONFIG_NAME} in '{folder}': image_size must be a whole number in [16, {MAX_IMAGE_SIZE}], got {size!r}.")
+    for section, allowed in (("sampler", SAMPLER_KEYS), ("scorer", SCORER_KEYS | {"backbone"})):
+        values = config[section]
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{CONFIG_NAME} in '{folder}': '{section}' must be an object.")
+        unknown = set(values) - allowed
+        if unknown:
+            raise CheckpointError(f"{CONFIG_NAME} in '{folder}': unknown {section} setting(s) {sorted(unknown)}.")
+        for key, value in values.items():
+            if key == "backbone":
+                if not isinstance(value, str):
+                    raise CheckpointError(f"{CONFIG_NAME} in '{folder}': scorer.backbone must be a string.")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise CheckpointError(f"{CONFIG_NAME} in '{folder}': {section}.{key} must be a number, got {value!r}.")
+    for key in ("t0", "steps", "seed", "feature_smoothing"):
+        for section in ("sampler", "scorer"):
+            if key in config[section] and not isinstance(config[section][key], int):
+                raise CheckpointError(f"{CONFIG_NAME} in '{folder}': {section}.{key} must be a whole number.")
+    try:
+        SamplerConfig(**config["sampler"])
+        ScorerConfig(**config["scorer"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{CONFIG_NAME} in '{folder}': {e}") from None
+    calibration = config.get("calibration")
+    if calibration is not None:
+        needed = {"pixel_scale", "threshold", "score_mean", "score_std", "n_images"}
+        if not isinstance(calibration, dict) or not needed <= set(calibration):
+            raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration must hold {sorted(needed)}.")
+        for key in needed:
+            value = calibration[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.{key} must be a finite number.")
+        unknown = set(calibration) - needed - {"normal_scores"}
+        if unknown:
+            raise CheckpointError(f"{CONFIG_NAME} in '{folder}': unknown calibration field(s) {sorted(unknown)}.")
+    return config

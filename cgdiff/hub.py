@@ -1,0 +1,240 @@
+"""Checkpoint folders on disk and on the Hugging Face Hub: resolve, download, push, model card.
+
+A checkpoint folder (diffusers layout for the model parts):
+
+    unet/config.json, unet/diffusion_pytorch_model.safetensors    the EMA denoiser
+    scheduler/scheduler_config.json                                the noise schedule
+    cgdiff.json                                                    everything else
+    backbone.safetensors                                           only if domain-adapted
+    README.md                                                      Hub model card
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from .scorer import hub_offline
+
+CONFIG_NAME = "cgdiff.json"
+REQUIRED_FILES = (CONFIG_NAME, "unet/config.json", "unet/diffusion_pytorch_model.safetensors")
+# Only these leave or reach the Hub: weights as safetensors, never pickles or code.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "README.md", "examples/*.png", "*.png"]
+HUB_IGNORE_PATTERNS = ["training_state/*", "*.tmp*", ".*"]
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, downloaded or understood; the message says why."""
+
+
+def looks_like_repo_id(name: str) -> bool:
+    return bool(REPO_ID_RE.match(name)) and not name.startswith((".", "/", "~"))
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> Path:
+    """A local checkpoint folder for a path or a Hub repo id (downloaded with snapshot_download)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"'{path}' is a file; a checkpoint is a folder holding {CONFIG_NAME} and unet/.")
+        return path
+    name = str(name_or_path)
+    if not looks_like_repo_id(name):
+        raise CheckpointError(
+            f"'{name}' is neither an existing checkpoint folder nor a Hugging Face Hub repo id (owner/name)."
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            snapshot_download(
+                name,
+                revision=revision,
+                allow_patterns=HUB_ALLOW_PATTERNS,
+                local_files_only=hub_offline(),
+                library_name="cgdiff",
+            )
+        )
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise CheckpointError(
+            f"Hub repo '{name}' does not exist or is private (log in with `hf auth login` for a private one)."
+        ) from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"Hub repo '{name}' has no revision '{revision}'.") from None
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else "the Hub could not be reached"
+        raise CheckpointError(
+            f"cannot download '{name}': {why} and it is not in the local cache. Pass the path of a "
+            "local checkpoint folder instead (for example checkpoints/brick), or retry with network."
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"cannot download '{name}' from the Hub: {type(e).__name__}: {e}") from None
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if missing:
+        pickles = sorted(p.name for p in (folder / "unet").glob("*.bin")) if (folder / "unet").is_dir() else []
+        hint = f" (found {pickles}: pickle weights are not loaded, convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"checkpoint folder '{folder}' is missing {', '.join(missing)}{hint}.")
+
+
+def atomic_replace_dir(tmp: Path, target: Path, keep_extra: bool = True) -> None:
+    """Move a fully written folder `tmp` to `target`, replacing it only at the very end.
+
+    Entries of the old folder that the new one lacks (training state, logs) are carried over
+    as hard links (a copy across file systems), so replacing a checkpoint loses nothing."""
+    if target.exists():
+        if keep_extra:
+            for entry in target.iterdir():
+                dest = tmp / entry.name
+                if dest.exists() or entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    shutil.copytree(entry, dest, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(entry, dest)
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def temp_dir_beside(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    return tmp
+
+
+def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector") -> str:
+    """A Hub model card (YAML front matter + prose) from a checkpoint's cgdiff.json."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    training = config.get("training", {}) or {}
+    metrics = config.get("metrics", {}) or {}
+    dataset_name = str(metrics.get("dataset") or training.get("data") or "unknown")
+    eval_results = []
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)):
+            eval_results.append(
+                EvalResult(
+                    task_type="image-segmentation",
+                    task_name="Texture anomaly detection and localisation",
+                    dataset_type="custom",
+                    dataset_name=dataset_name,
+                    dataset_split=str(metrics.get("split", "test")),
+                    metric_type=key,
+                    metric_name=key.replace("_", " "),
+                    metric_value=round(float(value), 4),
+                )
+            )
+    card_data = ModelCardData(
+        library_name="cgdiff",
+        license=config.get("license", "apache-2.0"),
+        tags=["anomaly-detection", "diffusion", "ddim", "texture", "cgdiff"],
+        pipeline_tag="image-segmentation",
+        model_name=repo_name,
+        eval_results=eval_results or None,
+    )
+    sampler = config.get("sampler", {})
+    scorer = config.get("scorer", {})
+    calibration = config.get("calibration", {}) or {}
+    lines = [
+        "---",
+        card_data.to_yaml(),
+        "---",
+        "",
+        f"# {repo_name}",
+        "",
+        "A texture anomaly detector made with cgdiff: a diffusion model trained",
+        "on normal images only reconstructs each image from a partially noised start, conditioned on the",
+        "image itself and sharpened by blur guidance; the pixel and feature difference between the image",
+        "and its reconstruction localises defects.",
+        "",
+        "```python",
+        "from cgdiff import Detector",
+        f'detector = Detector.from_pretrained("{config.get("hub_repo_id") or "path/to/this/folder"}")',
+        'result = detector.detect("image.png")[0]',
+        "print(result.score, result.is_anomalous)",
+        "```",
+        "",
+        "## Training",
+        "",
+    ]
+    for key in ("data", "description", "image_size", "crop_size", "unet_preset", "parameters", "steps", "batch_size",
+                "learning_rate", "seconds", "device", "command"):
+        if key in training:
+            value = training[key]
+            if key == "command":
+                lines.append(f"- {key}: `{value}`")
+            else:
+                lines.append(f"- {key}: {value}")
+    lines += ["", "## Settings stored in the checkpoint", "", f"- image size: {config.get('image_size')}"]
+    lines.append("- sampler: " + ", ".join(f"{k}={v}" for k, v in sampler.items()))
+    lines.append("- scorer: " + ", ".join(f"{k}={v}" for k, v in scorer.items()))
+    if calibration:
+        lines.append(
+            f"- calibration on {calibration.get('n_images')} normal images: pixel scale c = "
+            f"{calibration.get('pixel_scale', 0):.4g}, threshold = {calibration.get('threshold', 0):.4g}"
+        )
+    tuning = config.get("tuning")
+    if tuning:
+        lines += ["", "## Label-free tuning", "", f"- {tuning.get('summary', '')}".rstrip()]
+    if metrics:
+        lines += ["", "## Evaluation", ""]
+        if metrics.get("description"):
+            lines += [str(metrics["description"]), ""]
+        lines += ["| metric | value |", "|---|---|"]
+        for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "seconds_per_image", "n_images"):
+            if isinstance(metrics.get(key), (int, float)):
+                lines.append(f"| {key} | {metrics[key]:.4g} |")
+        if metrics.get("command"):
+            lines += ["", "Reproduce with:", "", "```bash", str(metrics["command"]), "```"]
+    lines += ["", "## Limits", "",
+              "Trained on the data above only: other textures, scales or lighting need their own model. The",
+              "threshold was calibrated on normal images; check it on your own normal samples before relying",
+              "on the verdict.", ""]
+    return ModelCard("\n".join(lines)).content
+
+
+def push_folder(folder: Path, repo_id: str, token: Optional[str] = None, private: bool = False,
+                commit_message: str = "Upload cgdiff detector") -> str:
+    """Upload a checkpoint folder (weights as safetensors, configs, card) to the Hub."""
+    from huggingface_hub import HfApi
+
+    check_checkpoint_files(folder)
+    if hub_offline():
+        raise CheckpointError("cannot push to the Hub: HF_HUB_OFFLINE=1 is set.")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        allow_patterns=HUB_ALLOW_PATTERNS,
+        ignore_patterns=HUB_IGNORE_PATTERNS,
+        commit_message=commit_message,
+    )
+    return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")

@@ -1,0 +1,173 @@
+"""Conditioned-guided reconstruction: the paper's three strategies, in one place.
+
+Notation as in the paper (and DESIGN.md): input y in [-1, 1], abar_t the cumulative product
+of (1 - beta). At every step t -> n of a K-step DDIM schedule from t0 down to 0:
+
+    e    = eps(x_t, t)
+    y_t  = sqrt(abar_t) y + sqrt(1 - abar_t) e                      conditioning (DDAD)
+    ê    = e - w sqrt(1 - abar_t) (y_t - x_t)
+    x0   = clip((x_t - sqrt(1 - abar_t) ê) / sqrt(abar_t), -1, 1)   blur guidance (SAG,
+    x_tb = sqrt(abar_t) blur(x0) + sqrt(1 - abar_t) ê                 global-blur form)
+    ê    = ê + s (ê - eps(x_tb, t))
+    x0   = (x_t - sqrt(1 - abar_t) ê) / sqrt(abar_t)                 DDIM update
+    c1   = eta sqrt((1 - abar_t / abar_n) (1 - abar_n) / (1 - abar_t)),  c2 = sqrt(1 - abar_n - c1^2)
+    x_n  = sqrt(abar_n) x0 + c1 z + c2 ê
+
+starting from the partial diffusion x = sqrt(abar_t0) y + sqrt(1 - abar_t0) z. The result is
+x at n = -1, where abar_-1 = 1. Each strategy switches off on its own: t0 >= T starts from
+pure noise, w = 0 removes the conditioning, s = 0 the blur guidance (and its model call).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SamplerConfig:
+    t0: int = 250  # start step; >= num_train_timesteps means a pure-noise start
+    steps: int = 10  # K: model steps, evenly spaced from t0 down to 0
+    w: float = 3.0  # conditioning weight
+    guidance_scale: float = 0.5  # s, blur guidance; 0 switches it off
+    blur_sigma: float = 1.0  # Gaussian blur of the predicted clean image (SAG: 1; its code: 3-9)
+    eta: float = 0.0  # 0: deterministic DDIM; 1: DDAD's stochastic choice
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "SamplerConfig":
+        checks = [
+            (isinstance(self.t0, int) and self.t0 >= 0, f"t0 must be a whole number >= 0, got {self.t0!r}"),
+            (isinstance(self.steps, int) and self.steps >= 1, f"steps must be a whole number >= 1, got {self.steps!r}"),
+            (math.isfinite(self.w) and self.w >= 0, f"w must be a finite number >= 0, got {self.w!r}"),
+            (
+                math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
+                f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}",
+            ),
+            (math.isfinite(self.blur_sigma) and self.blur_sigma > 0, f"blur_sigma must be > 0, got {self.blur_sigma!r}"),
+            (0.0 <= self.eta <= 1.0, f"eta must be in [0, 1], got {self.eta!r}"),
+            (isinstance(self.seed, int), f"seed must be a whole number, got {self.seed!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    def replace(self, **changes) -> "SamplerConfig":
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown sampler setting(s): {sorted(unknown)}")
+        values = asdict(self)
+        values.update({k: v for k, v in changes.items() if v is not None})
+        for name in ("t0", "steps", "seed"):
+            if isinstance(values[name], float) and values[name].is_integer():
+                values[name] = int(values[name])
+        return SamplerConfig(**values)
+
+    def model_calls(self) -> int:
+        """Denoiser evaluations per image: K, or 2K with blur guidance."""
+        return self.steps * (2 if self.guidance_scale > 0 else 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timesteps(t0: int, steps: int, num_train_timesteps: int) -> list[int]:
+    """K integer steps evenly spaced from t0 (clamped to T - 1) down to 0, no repeats."""
+    start = min(t0, num_train_timesteps - 1)
+    steps = min(steps, start + 1)
+    if steps == 1:
+        return [start]
+    return [round(start - i * start / (steps - 1)) for i in range(steps)]
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding; kernel size 2 * ceil(3 sigma) + 1."""
+    radius = max(1, math.ceil(3 * sigma))
+    coords = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    pad_h = min(radius, x.shape[-2] - 1)
+    pad_w = min(radius, x.shape[-1] - 1)
+    if pad_h < radius or pad_w < radius:  # tiny images: reflect cannot pad past the edge
+        x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    else:
+        x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    kx = kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1)
+    ky = kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1)
+    x = F.conv2d(x, kx, groups=c)
+    return F.conv2d(x, ky, groups=c)
+
+
+NoiseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _per_image_noise(shape, generators, device, dtype) -> torch.Tensor:
+    # One generator per image, all seeded alike: an image gets the same noise alone or in
+    # any batch, so its reconstruction (and score) does not depend on its neighbours.
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]).to(
+        device=device, dtype=dtype
+    )
+
+
+@torch.no_grad()
+def reconstruct(
+    eps_model: NoiseModel,
+    y: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    config: SamplerConfig,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> torch.Tensor:
+    """Reconstruct a batch y (B x 3 x H x W in [-1, 1]) without its anomalies.
+
+    `eps_model(x, t)` predicts the noise for a batch x at integer steps t (a B-long tensor).
+    `progress(done, total)` is called after every model step.
+    """
+    config.validate()
+    T = alphas_cumprod.shape[0]
+    abar = alphas_cumprod.to(device=y.device, dtype=torch.float64)
+    generators = [torch.Generator().manual_seed(config.seed) for _ in range(y.shape[0])]
+    noise = _per_image_noise(y.shape, generators, y.device, y.dtype)
+
+    # 1. Partial diffusion: start from y noised to t0 (pure noise when t0 >= T).
+    if config.t0 >= T:
+        x = noise
+    else:
+        a0 = abar[config.t0].item()
+        x = math.sqrt(a0) * y + math.sqrt(1 - a0) * noise
+
+    schedule = timesteps(config.t0, config.steps, T)
+    for i, t in enumerate(schedule):
+        a_t = abar[t].item()
+        a_n = abar[schedule[i + 1]].item() if i + 1 < len(schedule) else 1.0
+        sa, s1a = math.sqrt(a_t), math.sqrt(1 - a_t)
+        t_batch = torch.full((y.shape[0],), t, device=y.device, dtype=torch.long)
+
+        e = eps_model(x, t_batch)
+        # 2. Conditioning: pull the noise estimate toward the input's own noisy version.
+        if config.w > 0:
+            y_t = sa * y + s1a * e
+            e = e - config.w * s1a * (y_t - x)
+        # 3. Blur guidance: push away from what the model predicts for a blurred x0.
+        if config.guidance_scale > 0:
+            x0 = ((x - s1a * e) / sa).clamp(-1, 1)
+            x_tb = sa * gaussian_blur(x0, config.blur_sigma) + s1a * e
+            e = e + config.guidance_scale * (e - eps_model(x_tb, t_batch))
+
+        # DDIM update with the guided noise estimate.
+        x0 = (x - s1a * e) / sa
+        c1 = config.eta * math.sqrt(max(0.0, (1 - a_t / a_n) * (1 - a_n) / (1 - a_t))) if a_n < 1 else 0.0
+        c2 = math.sqrt(max(0.0, 1 - a_n - c1**2))
+        x = math.sqrt(a_n) * x0 + c2 * e
+        if c1 > 0:
+            x = x + c1 * _per_image_noise(y.shape, generators, y.device, y.dtype)
+        if progress is not None:
+            progress(i + 1, len(schedule))
+    return x.clamp(-1, 1)

@@ -1,0 +1,371 @@
+"""Training the denoiser on normal images, with Hugging Face Accelerate.
+
+    eps-prediction:  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,  t ~ U{0..T-1},
+                     loss = MSE(eps_theta(x_t, t), eps)
+
+AdamW, gradient clipping, an EMA of the weights (sampling uses the EMA), random crops and
+flips of the normal images (90-degree rotations only on request: grid and wood are not
+isotropic), bf16 autocast on a GPU. The same code runs on a CPU, one GPU, or several
+processes (`accelerate launch -m cgdiff train ...`).
+
+The output folder is the detector checkpoint; `training_state/` inside it holds what resuming
+needs (model, EMA, optimiser, RNG states, step). It is rewritten every `save_every` steps and
+when the process receives SIGTERM/SIGINT, always via a temporary folder and a rename, so a
+kill at any moment leaves the last good state in place.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .hub import CONFIG_NAME, atomic_replace_dir, temp_dir_beside
+from .images import ImageLike, to_batch
+from .model import UNET_PRESETS, build_scheduler, build_unet, count_parameters
+
+STATE_DIR = "training_state"
+LOG_NAME = "training_log.csv"
+MIN_FREE_BYTES = 200 * 1024 * 1024
+
+
+class TrainingError(RuntimeError):
+    """A problem found before or during training, with what to do about it."""
+
+
+@dataclass
+class TrainConfig:
+    image_size: int = 256  # images are resized to this square working size (as at test time)
+    crop_size: int = 64  # training crops of the resized images (textures are stationary)
+    unet_preset: str = "tiny"
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    max_steps: int = 2000
+    max_minutes: Optional[float] = None  # wall-clock budget for this run (resume continues)
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"  # "auto": bf16 on a GPU that has it, else fp32
+    save_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+    flips: bool = True
+    rotations: bool = False
+    unet_overrides: dict = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        if self.unet_preset not in UNET_PRESETS:
+            raise TrainingError(f"unknown U-Net preset '{self.unet_preset}'; choose one of {sorted(UNET_PRESETS)}.")
+        for name in ("image_size", "crop_size", "batch_size", "max_steps", "save_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise TrainingError(f"{name} must be a whole number >= 1, got {value!r}.")
+        factor = 2 ** (len(UNET_PRESETS[self.unet_preset]["block_out_channels"]) - 1)
+        for name in ("image_size", "crop_size"):
+            if getattr(self, name) % factor:
+                raise TrainingError(f"{name} must be a multiple of {factor} for the '{self.unet_preset}' U-Net.")
+        if self.crop_size > self.image_size:
+            raise TrainingError(f"crop_size {self.crop_size} is larger than image_size {self.image_size}.")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise TrainingError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if not 0 <= self.ema_decay < 1:
+            raise TrainingError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise TrainingError(f"max_minutes must be > 0, got {self.max_minutes}.")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise TrainingError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
+        return self
+
+
+class RandomCrops(Dataset):
+    """Random crops (and flips / rotations) of a small set of images held in memory.
+
+    Item i of epoch e is drawn from an RNG seeded by (seed, e, i): the data order is fixed by
+    the seed, whatever the number of processes, and resuming mid-epoch replays it exactly."""
+
+    def __init__(self, images: torch.Tensor, crop_size: int, length: int, seed: int, flips: bool, rotations: bool):
+        self.images = images  # N x 3 x S x S uint8
+        self.crop_size = crop_size
+        self.length = length
+        self.seed = seed
+        self.flips = flips
+        self.rotations = rotations
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        img = self.images[rng.integers(len(self.images))]
+        size = img.shape[-1]
+        top, left = rng.integers(0, size - self.crop_size + 1, size=2)
+        crop = img[:, top : top + self.crop_size, left : left + self.crop_size]
+        if self.flips:
+            if rng.random() < 0.5:
+                crop = crop.flip(-1)
+            if rng.random() < 0.5:
+                crop = crop.flip(-2)
+        if self.rotations:
+            crop = torch.rot90(crop, int(rng.integers(4)), dims=(-2, -1))
+        return crop.float() / 127.5 - 1.0
+
+
+def check_output_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Fail before any training if the output cannot be written or would clobber something."""
+    state = out / STATE_DIR
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"output '{out}' exists and is a file.")
+    if resume and not (state / "progress.json").is_file():
+        raise TrainingError(f"--resume: '{out}' holds no training state ({STATE_DIR}/progress.json) to resume from.")
+    if not resume and out.exists() and ((out / CONFIG_NAME).exists() or state.exists()) and not overwrite:
+        raise TrainingError(
+            f"'{out}' already holds a checkpoint or training state. Use --resume to continue it, "
+            "--overwrite to replace it, or choose another folder."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"cannot write to output folder '{out}': {e.strerror or e}.") from None
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise TrainingError(
+            f"only {free / 2**20:.0f} MB free on the disk of '{out}'; training checkpoints need at least "
+            f"{MIN_FREE_BYTES / 2**20:.0f} MB. Free some space or choose another folder."
+        )
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: the loop saves its state at the end of the current step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+
+def _save_state(accelerator, out: Path, step: int, config: TrainConfig, seconds: float) -> None:
+    """Atomically replace out/training_state with the current state (main process writes)."""
+    target = out / STATE_DIR
+    tmp = None
+    if accelerator.is_main_process:
+        tmp = temp_dir_beside(target)
+    tmp_name = [str(tmp) if tmp else ""]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(tmp_name)
+    accelerator.save_state(tmp_name[0])  # every process writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        progress = {"step": step, "seconds": seconds, "config": asdict(config)}
+        (Path(tmp_name[0]) / "progress.json").write_text(json.dumps(progress, indent=2))
+        atomic_replace_dir(Path(tmp_name[0]), target, keep_extra=False)
+    accelerator.wait_for_everyone()
+
+
+def train(
+    images: Sequence[ImageLike],
+    out: str | Path,
+    config: Optional[TrainConfig] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    info: Optional[dict[str, Any]] = None,
+    calibration_images: Optional[Sequence[ImageLike]] = None,
+    sampler=None,
+    scorer_config=None,
+    progress_bar: bool = True,
+):
+    """Train a denoiser on normal `images` and write a calibrated detector checkpoint to `out`.
+
+    Returns the Detector (on the main process; None on the others)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import UNet2DModel
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    config = (config or TrainConfig()).validate()
+    if resume:
+        saved = json.loads((out / STATE_DIR / "progress.json").read_text()) if (out / STATE_DIR / "progress.json").is_file() else None
+        if saved:
+            # The run's shape comes from the saved state; only the budget may change on resume.
+            keep = {k: getattr(config, k) for k in ("max_steps", "max_minutes", "save_every", "log_every")}
+            config = TrainConfig(**{**saved["config"], **keep}).validate()
+    check_output_folder(out, resume, overwrite)
+    if overwrite and not resume and (out / STATE_DIR).exists():
+        shutil.rmtree(out / STATE_DIR)
+
+    mixed = config.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mixed)
+    set_seed(config.seed, device_specific=True)
+
+    pixels = to_batch(list(images), config.image_size)
+    pixels = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    steps_per_epoch = 1000
+    dataset = RandomCrops(pixels, config.crop_size, steps_per_epoch * config.batch_size * accelerator.num_processes,
+                          config.seed, config.flips, config.rotations)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=True)
+
+    unet = build_unet(config.unet_preset, sample_size=config.crop_size, **config.unet_overrides)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4,
+                   model_cls=UNet2DModel, model_config=unet.config)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    scheduler = build_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
+
+    step, seconds_before = 0, 0.0
+    if resume:
+        accelerator.load_state(str(out / STATE_DIR))
+        progress = json.loads((out / STATE_DIR / "progress.json").read_text())
+        step, seconds_before = progress["step"], progress["seconds"]
+        accelerator.print(f"resuming from step {step}")
+
+    log_path = out / LOG_NAME
+    if accelerator.is_main_process and not (resume and log_path.exists()):
+        log_path.write_text("step,loss,learning_rate,seconds\n")
+    # Keep only the log rows the resumed state has seen (a kill may have logged past it).
+    if accelerator.is_main_process and resume:
+        rows = list(csv.reader(log_path.open()))
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        with log_path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+    stop = _StopFlag()
+    stop.install()
+    start_time = time.time()
+    bar = tqdm(total=config.max_steps, initial=step, desc="training", unit="step",
+               disable=not (progress_bar and accelerator.is_local_main_process), dynamic_ncols=True)
+    smoothed = None
+    stopping = False
+    reason = "max_steps reached"
+    try:
+        while step < config.max_steps and not stopping:
+            dataset.epoch = step // steps_per_epoch
+            done_in_epoch = step % steps_per_epoch
+            batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+            for x0 in batches:
+                noise = torch.randn_like(x0)
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+                abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+                x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+                with accelerator.autocast():
+                    pred = unet(x_t, t).sample
+                loss = F.mse_loss(pred.float(), noise)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at step {step}; lower --learning-rate or use fp32 "
+                        "(--mixed-precision no). The last saved state is kept."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.grad_clip > 0:
+                    accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                ema.step(accelerator.unwrap_model(unet).parameters())
+                step += 1
+
+                value = accelerator.gather(loss.detach()[None]).mean().item()
+                smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+                bar.update(1)
+                bar.set_postfix(loss=f"{smoothed:.4f}")
+                elapsed = time.time() - start_time
+                if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
+                    with log_path.open("a") as f:
+                        f.write(f"{step},{value:.6f},{config.learning_rate},{seconds_before + elapsed:.1f}\n")
+
+                # Every process must agree to stop on the same step (a signal reaches one).
+                over_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes
+                flag = torch.tensor([float(stop.raised or over_time)], device=accelerator.device)
+                if accelerator.num_processes > 1:
+                    flag = accelerator.reduce(flag, reduction="sum")
+                stopping = bool(flag.item() > 0)
+                if stopping or step % config.save_every == 0 or step >= config.max_steps:
+                    _save_state(accelerator, out, step, config, seconds_before + elapsed)
+                if stopping:
+                    reason = "stopped by signal" if stop.raised else f"time budget of {config.max_minutes} min reached"
+                if stopping or step >= config.max_steps:
+                    break
+    finally:
+        bar.close()
+        stop.uninstall()
+
+    seconds = seconds_before + time.time() - start_time
+    accelerator.print(f"{reason} at step {step} ({seconds / 60:.1f} min of training)")
+    accelerator.wait_for_everyone()
+    if stop.raised:
+        accelerator.print(f"state saved in {out / STATE_DIR}; continue with --resume")
+        raise KeyboardInterrupt("training interrupted; state saved")
+    if not accelerator.is_main_process:
+        return None
+
+    # The detector samples from the EMA weights.
+    from .detector import Detector
+    from .sampler import SamplerConfig
+    from .scorer import Scorer, ScorerConfig, resolve_backbone
+
+    final = build_unet(config.unet_preset, sample_size=config.crop_size, **config.unet_overrides)
+    ema.copy_to(final.parameters())
+    final = final.to(accelerator.device)
+    scorer_config = scorer_config or ScorerConfig()
+    scorer_config.backbone = resolve_backbone(scorer_config.backbone)
+    losses = [float(r[1]) for r in list(csv.reader(log_path.open()))[1:] if r]
+    training = {
+        "data": (info or {}).get("data", f"{len(images)} images"),
+        "n_images": len(images),
+        "image_size": config.image_size,
+        "crop_size": config.crop_size,
+        "unet_preset": config.unet_preset,
+        "parameters": count_parameters(final),
+        "steps": step,
+        "batch_size": config.batch_size * accelerator.num_processes,
+        "learning_rate": config.learning_rate,
+        "seconds": round(seconds, 1),
+        "device": f"{accelerator.device.type} x {accelerator.num_processes}",
+        "final_loss": round(float(np.mean(losses[-10:])), 5) if losses else None,
+        "config": asdict(config),
+    }
+    training.update({k: v for k, v in (info or {}).items() if k not in training})
+    detector = Detector(final, Scorer(scorer_config).to(accelerator.device), sampler or SamplerConfig(),
+                        config.image_size, info={"training": training})
+    calib = calibration_images if calibration_images is not None else images
+    accelerator.print(f"calibrating on {len(calib)} normal images ...")
+    detector.calibrate(calib)
+    detector.save_pretrained(out, overwrite=True)
+    accelerator.print(f"saved detector to {out} (threshold {detector.threshold:.4g})")
+    return detector
+
