@@ -1,0 +1,40 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+LEATHER = Path(os.environ.get("CGDIFF_LEATHER", REPO.parent / "shared" / "data" / "mvtec_leather_mini" / "leather"))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def leather_root() -> Path:
+    """The real MVTec AD leather subset (read in place, never copied into the repo)."""
+    if not (LEATHER / "train" / "good").is_dir():
+        pytest.skip(f"MVTec leather subset not found at {LEATHER} (set CGDIFF_LEATHER to its path)")
+    return LEATHER
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from cgdiff.scorer import build_backbone
+
+    return build_backbone("efficientnet-lite0")
+
+
+@pytest.fixture()
+def tiny_detector(backbone):
+    """An untrained tiny detector (random U-Net, real backbone) at 32 px, calibrated on noise."""
+    from cgdiff.detector import Detector
+    from cgdiff.model import build_unet
+    from cgdiff.sampler import SamplerConfig
+    from cgdiff.scorer import Scorer, ScorerConfig
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", sample_size=32)
+    det = Detector(unet, Scorer(ScorerConfig(), backbone), SamplerConfig(steps=3), image_size=32)
+    det.calibrate(torch.rand(3, 3, 32, 32) * 2 - 1)
+    return det
