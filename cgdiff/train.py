@@ -327,6 +327,13 @@ def train(
     seconds = seconds_before + time.time() - start_time
     accelerator.print(f"{reason} at step {step} ({seconds / 60:.1f} min of training)")
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        # Data-parallel processes must hold one and the same model: check it, don't assume it.
+        checksum = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(unet).parameters()]).sum()
+        sums = accelerator.gather(checksum[None].to(accelerator.device)).cpu()
+        if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-9, atol=0):
+            raise TrainingError(f"the {accelerator.num_processes} processes ended with different weights: {sums.tolist()}")
+        accelerator.print(f"all {accelerator.num_processes} processes hold the same weights (checksum {sums[0]:.6f})")
     if stop.raised:
         accelerator.print(f"state saved in {out / STATE_DIR}; continue with --resume")
         raise KeyboardInterrupt("training interrupted; state saved")

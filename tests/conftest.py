@@ -7,7 +7,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 LEATHER = Path(os.environ.get("CGDIFF_LEATHER", REPO.parent / "shared" / "data" / "mvtec_leather_mini" / "leather"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

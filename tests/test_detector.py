@@ -1,0 +1,207 @@
+"""Detector: scoring, calibration, batch independence, checkpoint format and bad checkpoints."""
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cgdiff.detector import FORMAT_VERSION, Detector
+from cgdiff.hub import CheckpointError
+from cgdiff.scorer import Scorer, ScorerConfig
+
+
+def test_detect_returns_a_consistent_result_per_image(tiny_detector):
+    images = [np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8) for i in range(3)]
+    results = tiny_detector.detect(images)
+    assert len(results) == 3
+    for r in results:
+        assert r.image.shape == r.reconstruction.shape == (32, 32, 3) and r.image.dtype == np.uint8
+        assert r.anomaly_map.shape == (32, 32) and r.anomaly_map.dtype == np.float32
+        assert r.score == pytest.approx(float(r.anomaly_map.max()))
+        assert r.is_anomalous == bool(r.mask.any())  # verdict and mask agree by construction
+        assert r.verdict in ("normal", "anomalous")
+
+
+def test_an_image_scores_the_same_alone_or_in_any_batch(tiny_detector):
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    together = tiny_detector.detect(x, batch_size=4)
+    pairs = tiny_detector.detect(x.flip(0), batch_size=2)[::-1]
+    for i in range(4):
+        alone = tiny_detector.detect(x[i : i + 1])[0]
+        for other in (together[i], pairs[i]):
+            assert alone.score == pytest.approx(other.score, rel=1e-4, abs=1e-6)
+            np.testing.assert_allclose(alone.anomaly_map, other.anomaly_map, rtol=1e-3, atol=1e-5)
+
+
+def test_identical_images_give_a_zero_map_and_a_difference_is_localised(backbone):
+    scorer = Scorer(ScorerConfig(map_sigma=2.0), backbone)
+    y = torch.rand(1, 3, 64, 64) * 2 - 1
+    d_p, d_f = scorer.distances(y, y.clone())
+    assert d_p.abs().max() == 0 and d_f.abs().max() < 1e-5
+    x_rec = y.clone()
+    x_rec[..., 40:52, 8:20] = -y[..., 40:52, 8:20]
+    amap = scorer.combine(*scorer.distances(y, x_rec), pixel_scale=1.0)[0]
+    row, col = np.unravel_index(int(amap.argmax()), amap.shape)
+    assert 36 <= row <= 56 and 4 <= col <= 24
+
+
+def test_calibration_uses_normal_images_only_and_follows_its_definition(backbone):
+    scorer = Scorer(ScorerConfig(), backbone)
+    g = torch.Generator().manual_seed(0)
+    d_p = torch.rand(5, 32, 32, generator=g) * 0.1
+    d_f = torch.rand(5, 32, 32, generator=g) * 0.6
+    cal = scorer.calibrate(d_p, d_f, threshold_sigmas=3.0)
+    assert cal.pixel_scale == pytest.approx(float(d_f.max() / d_p.max()))
+    scores = scorer.combine(d_p, d_f, cal.pixel_scale).flatten(1).amax(1)
+    assert cal.n_images == 5
+    assert cal.threshold >= float(scores.max()) - 1e-6  # known-good data is never flagged
+    assert cal.threshold == pytest.approx(max(float(scores.max()), float(scores.mean() + 3 * scores.double().std())), rel=1e-5)
+
+
+def test_per_call_overrides_change_the_result_and_unknown_ones_are_refused(tiny_detector):
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    base = tiny_detector.detect(x)[0]
+    assert tiny_detector.detect(x, w=0.0)[0].score != pytest.approx(base.score)
+    assert tiny_detector.detect(x, pixel_weight=0.0)[0].score != pytest.approx(base.score)
+    assert tiny_detector.detect(x)[0].score == pytest.approx(base.score)  # overrides do not stick
+    with pytest.raises(ValueError, match="unknown setting"):
+        tiny_detector.detect(x, noise_level=3)
+    with pytest.raises(ValueError, match="steps"):
+        tiny_detector.detect(x, steps=0)
+
+
+def test_save_and_load_round_trip(tiny_detector, tmp_path):
+    tiny_detector.info["metrics"] = {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7, "dataset": "unit"}
+    path = tiny_detector.save_pretrained(tmp_path / "ckpt")
+    assert (path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (path / "scheduler" / "scheduler_config.json").is_file()
+    config = json.loads((path / "cgdiff.json").read_text())
+    assert config["format_version"] == FORMAT_VERSION and config["image_size"] == 32
+    assert config["sampler"]["steps"] == 3 and config["calibration"]["threshold"] > 0
+    card = (path / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: cgdiff" in card and "aupro" in card
+    loaded = Detector.from_pretrained(path, device="cpu")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    a, b = tiny_detector.detect(x), loaded.detect(x)
+    for ra, rb in zip(a, b):
+        assert ra.score == pytest.approx(rb.score, rel=1e-5)
+        assert ra.threshold == rb.threshold
+
+
+def test_save_never_overwrites_by_accident_and_keeps_extra_files(tiny_detector, tmp_path):
+    path = tiny_detector.save_pretrained(tmp_path / "ckpt")
+    (path / "training_state").mkdir()
+    (path / "training_state" / "progress.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        tiny_detector.save_pretrained(path)
+    tiny_detector.sampler = tiny_detector.sampler.replace(w=1.5)
+    tiny_detector.save_pretrained(path, overwrite=True)
+    assert json.loads((path / "cgdiff.json").read_text())["sampler"]["w"] == 1.5
+    assert (path / "training_state" / "progress.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary leftovers
+
+
+def test_an_interrupted_save_leaves_the_old_checkpoint_intact(tiny_detector, tmp_path, monkeypatch):
+    path = tiny_detector.save_pretrained(tmp_path / "ckpt")
+    before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr("cgdiff.detector.render_model_card", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_detector.save_pretrained(path, overwrite=True)
+    after = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    Detector.from_pretrained(path, device="cpu")
+
+
+@pytest.fixture()
+def saved(tiny_detector, tmp_path):
+    return tiny_detector.save_pretrained(tmp_path / "ckpt")
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "cgdiff.json").read_text())
+    for dotted, value in changes.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        if value is KeyError:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    (path / "cgdiff.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(format_version=FORMAT_VERSION + 1), "newer cgdiff"),
+        (dict(format_version="1"), "format_version"),
+        (dict(image_size="256"), "image_size"),
+        (dict(image_size=10**6), "image_size"),
+        (dict(sampler=KeyError), "missing sampler"),
+        (dict(sampler__w="three"), "sampler.w"),
+        (dict(sampler__steps=2.5), "sampler.steps"),
+        (dict(sampler__attention=1), "unknown sampler"),
+        (dict(scorer__backbone=3), "backbone"),
+        (dict(calibration__threshold=None), "calibration.threshold"),
+        (dict(calibration__pixel_scale=KeyError), "calibration must hold"),
+    ],
+)
+def test_bad_configs_are_refused_by_name(saved, changes, message):
+    _edit_config(saved, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        Detector.from_pretrained(saved, device="cpu")
+
+
+def test_missing_files_invalid_json_absurd_unet_and_pickles_are_refused(saved, tmp_path):
+    def fresh_copy():
+        target = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(saved, target)
+        return target
+
+    broken = fresh_copy()
+    (broken / "cgdiff.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        Detector.from_pretrained(broken, device="cpu")
+
+    broken = fresh_copy()
+    unet_cfg = json.loads((broken / "unet" / "config.json").read_text())
+    (broken / "unet" / "config.json").write_text(json.dumps({**unet_cfg, "block_out_channels": [100000, 2]}))
+    with pytest.raises(CheckpointError, match="block_out_channels"):
+        Detector.from_pretrained(broken, device="cpu")
+
+    broken = fresh_copy()
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").rename(broken / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle weights are not loaded"):
+        Detector.from_pretrained(broken, device="cpu")
+
+    broken = fresh_copy()
+    (broken / "cgdiff.json").unlink()
+    with pytest.raises(CheckpointError, match="missing cgdiff.json"):
+        Detector.from_pretrained(broken, device="cpu")
+
+
+def test_corrupt_weights_are_reported(tiny_detector, tmp_path):
+    path = tiny_detector.save_pretrained(tmp_path / "ckpt")
+    (path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="cannot load the U-Net"):
+        Detector.from_pretrained(path, device="cpu")
+
+
+def test_hub_ids_fail_fast_and_clearly_when_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    start = time.time()
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE=1.*local checkpoint folder"):
+        Detector.from_pretrained("someone/no-such-detector")
+    assert time.time() - start < 10
+    with pytest.raises(CheckpointError, match="neither an existing checkpoint folder nor"):
+        Detector.from_pretrained("./no/such/folder/at/all")
