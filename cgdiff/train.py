@@ -228,7 +228,9 @@ def train(
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
+    # Without a GPU, cpu=True lets torchrun-launched processes form a gloo (MULTI_CPU) group.
+    has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not has_accelerator)
     set_seed(config.seed, device_specific=True)
 
     pixels = to_batch(list(images), config.image_size)
@@ -236,7 +238,10 @@ def train(
     steps_per_epoch = 1000
     dataset = RandomCrops(pixels, config.crop_size, steps_per_epoch * config.batch_size * accelerator.num_processes,
                           config.seed, config.flips, config.rotations)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=True)
+    # Its own generator: creating the loader's iterator (again, on resume) must not draw from
+    # the global RNG that the noise and timesteps come from.
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=True,
+                        generator=torch.Generator().manual_seed(config.seed))
 
     unet = build_unet(config.unet_preset, sample_size=config.crop_size, **config.unet_overrides)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -1,0 +1,109 @@
+"""Training: output, resume without losing progress, refusals, and data-parallel processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cgdiff.detector import Detector
+from cgdiff.train import STATE_DIR, TrainConfig, TrainingError, train
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
+
+
+def config(**kw):
+    base = dict(image_size=32, crop_size=16, batch_size=2, max_steps=8, save_every=4, log_every=1, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(path):
+    return load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_training_writes_a_loadable_calibrated_checkpoint(images, tmp_path):
+    out = tmp_path / "run"
+    det = train(images, out, config(), progress_bar=False, info={"data": "three noise images"})
+    assert det.calibration is not None and det.threshold > 0
+    assert (out / STATE_DIR / "progress.json").is_file()
+    log = (out / "training_log.csv").read_text().splitlines()
+    assert log[0] == "step,loss,learning_rate,seconds" and len(log) == 9
+    saved = json.loads((out / "cgdiff.json").read_text())
+    assert saved["training"]["steps"] == 8 and saved["training"]["data"] == "three noise images"
+    loaded = Detector.from_pretrained(out, device="cpu")
+    assert loaded.detect(images[0])[0].score == pytest.approx(det.detect(images[0])[0].score, rel=1e-5)
+
+
+def test_resume_continues_exactly_where_it_stopped(images, tmp_path):
+    straight = tmp_path / "straight"
+    train(images, straight, config(), progress_bar=False)
+    parts = tmp_path / "parts"
+    train(images, parts, config(max_steps=4), progress_bar=False)
+    assert json.loads((parts / STATE_DIR / "progress.json").read_text())["step"] == 4
+    train(images, parts, config(max_steps=8), resume=True, progress_bar=False)
+    a, b = weights(straight), weights(parts)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    losses = lambda p: [r.split(",")[1] for r in (p / "training_log.csv").read_text().splitlines()[1:]]  # noqa: E731
+    assert losses(straight) == losses(parts)
+
+
+def test_refuses_to_clobber_or_resume_nothing(images, tmp_path):
+    out = tmp_path / "run"
+    train(images, out, config(max_steps=2), progress_bar=False)
+    with pytest.raises(TrainingError, match="--resume.*--overwrite"):
+        train(images, out, config(max_steps=2), progress_bar=False)
+    with pytest.raises(TrainingError, match="no training state"):
+        train(images, tmp_path / "empty", config(), resume=True, progress_bar=False)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(TrainingError, match="cannot write to output folder"):
+        train(images, blocker / "run", config(), progress_bar=False)
+
+
+def test_a_full_disk_is_reported_before_training(images, tmp_path, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
+    with pytest.raises(TrainingError, match="MB free"):
+        train(images, tmp_path / "run", config(), progress_bar=False)
+    assert not (tmp_path / "run" / STATE_DIR).exists()
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(TrainingError, match="multiple of 8"):
+        TrainConfig(image_size=60).validate()
+    with pytest.raises(TrainingError, match="preset"):
+        TrainConfig(unet_preset="huge").validate()
+    with pytest.raises(TrainingError, match="crop_size"):
+        TrainConfig(image_size=32, crop_size=64).validate()
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_model(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # `--multi_gpu` makes accelerate start a torchrun group; without GPUs it runs on gloo (MULTI_CPU).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(HERE / "data_parallel_train.py"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "all 2 processes hold the same weights" in proc.stdout + proc.stderr
+    saved = json.loads((out / "cgdiff.json").read_text())
+    assert saved["training"]["device"] == "cpu x 2"
+    assert saved["training"]["batch_size"] == 4  # 2 per process
+    assert json.loads((out / STATE_DIR / "progress.json").read_text())["step"] == 6
