@@ -208,6 +208,23 @@ class Detector:
         self.calibration = self.scorer.calibrate(torch.cat(d_p), torch.cat(d_f), threshold_sigmas)
         return self.calibration
 
+    def adapt_backbone(
+        self, normal_images: Any, epochs: int = 8, batch_size: int = 4, progress: bool = False, **kwargs: Any
+    ) -> list[float]:
+        """DDAD's optional domain adaptation of the feature extractor on normal images, then
+        recalibration (the feature distances change). Returns the loss per epoch."""
+        from .scorer import adapt_backbone
+
+        x = self.prepare(normal_images)
+        x_rec = torch.cat([self.reconstruct(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+        with torch.enable_grad():
+            history = adapt_backbone(self.scorer.backbone, x, x_rec, epochs=epochs, batch_size=batch_size,
+                                     progress=progress, **kwargs)
+        self.info["backbone_adaptation"] = {"epochs": epochs, "n_images": int(x.shape[0]),
+                                            "loss": [round(v, 5) for v in history]}
+        self.calibrate(x, batch_size=batch_size)
+        return history
+
     # ------------------------------------------------------------------------- persistence
     def config_dict(self) -> dict[str, Any]:
         return {

@@ -231,3 +231,61 @@ class Scorer(nn.Module):
             normal_scores=[round(float(s), 6) for s in scores],
         )
 
+
+
+def adapt_backbone(
+    backbone: FeatureExtractor,
+    inputs: torch.Tensor,
+    reconstructions: torch.Tensor,
+    epochs: int = 8,
+    learning_rate: float = 1e-4,
+    regularisation: float = 0.1,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
+    """DDAD's domain adaptation of the feature extractor on normal images (in place).
+
+        loss = (1 - cos(F(x_rec), F(y))) + lambda [(1 - cos(F(y), F0(y))) + (1 - cos(F(x_rec), F0(x_rec)))]
+
+    F0 is the frozen pretrained copy; cosines are per position, averaged over positions and
+    layers. BatchNorm statistics stay frozen (eval mode): only the weights move. Returns the
+    mean loss per epoch."""
+    import copy
+
+    from tqdm.auto import tqdm
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}.")
+    frozen = copy.deepcopy(backbone).eval()
+    backbone.eval()
+    params = [p for p in backbone.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    g = torch.Generator().manual_seed(seed)
+    n = inputs.shape[0]
+    history = []
+
+    def dist(a, b):
+        return sum((1 - F.cosine_similarity(fa, fb, dim=1)).mean() for fa, fb in zip(a, b)) / len(a)
+
+    for _ in tqdm(range(epochs), desc="adapting backbone", disable=not progress):
+        order = torch.randperm(n, generator=g)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            y, x_rec = inputs[idx], reconstructions[idx]
+            f_y, f_rec = backbone(y), backbone(x_rec)
+            with torch.no_grad():
+                f0_y, f0_rec = frozen(y), frozen(x_rec)
+            loss = dist(f_rec, f_y) + regularisation * (dist(f_y, f0_y) + dist(f_rec, f0_rec))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        history.append(total / n)
+    for p in params:
+        p.requires_grad_(False)
+    backbone.adapted = True
+    return history

@@ -205,3 +205,25 @@ def test_hub_ids_fail_fast_and_clearly_when_offline(monkeypatch, tmp_path):
     assert time.time() - start < 10
     with pytest.raises(CheckpointError, match="neither an existing checkpoint folder nor"):
         Detector.from_pretrained("./no/such/folder/at/all")
+
+
+def test_backbone_adaptation_lowers_its_loss_and_survives_save_and_load(tmp_path):
+    from cgdiff.model import build_unet
+    from cgdiff.sampler import SamplerConfig
+    from cgdiff.scorer import build_backbone
+
+    torch.manual_seed(0)
+    det = Detector(build_unet("tiny", sample_size=32), Scorer(ScorerConfig(), build_backbone()),
+                   SamplerConfig(steps=2), image_size=32)
+    normal = torch.rand(4, 3, 32, 32) * 2 - 1
+    history = det.adapt_backbone(normal, epochs=3, batch_size=2)
+    assert len(history) == 3 and history[-1] < history[0]
+    assert det.calibration is not None and det.info["backbone_adaptation"]["epochs"] == 3
+    path = det.save_pretrained(tmp_path / "adapted")
+    assert (path / "backbone.safetensors").is_file()
+    loaded = Detector.from_pretrained(path, device="cpu")
+    assert getattr(loaded.scorer.backbone, "adapted", False)
+    assert loaded.detect(normal[:1])[0].score == pytest.approx(det.detect(normal[:1])[0].score, rel=1e-5)
+    pristine = Detector.from_pretrained(path, device="cpu")
+    pristine.scorer.backbone = build_backbone()
+    assert pristine.detect(normal[:1])[0].score != pytest.approx(det.detect(normal[:1])[0].score, rel=1e-3)
