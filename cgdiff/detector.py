@@ -151,7 +151,7 @@ class Detector:
         """Anomaly maps A (B x H x W) for images and their reconstructions."""
         if self.calibration is None:
             raise RuntimeError("this detector is not calibrated yet: call detector.calibrate(normal_images).")
-        d_pixel, d_feat = self.scorer.distances(x, x_rec)
+        d_pixel, d_feat = self.scorer.distances(x, x_rec, scorer)
         return self.scorer.combine(d_pixel, d_feat, self.calibration.pixel_scale, scorer)
 
     @torch.no_grad()

@@ -179,14 +179,19 @@ class Scorer(nn.Module):
         self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
 
     @torch.no_grad()
-    def distances(self, y: torch.Tensor, x_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw (D_p, D_f), each B x H x W, before balancing and smoothing."""
+    def distances(
+        self, y: torch.Tensor, x_rec: torch.Tensor, config: Optional[ScorerConfig] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (D_p, D_f), each B x H x W, before balancing and smoothing.
+
+        `config` overrides the stored feature smoothing (same backbone) for one call."""
+        cfg = config or self.config
         d_pixel = (x_rec - y).abs().mean(dim=1)
-        if self.config.feature_weight == 0:
+        if cfg.feature_weight == 0:
             return d_pixel, torch.zeros_like(d_pixel)
         b = y.shape[0]
         feats = self.backbone(torch.cat([y, x_rec]).to(next(self.backbone.parameters()).dtype))
-        k = self.config.feature_smoothing
+        k = cfg.feature_smoothing
         d_feat = torch.zeros_like(d_pixel)
         for f in feats:
             f = f.float()
