@@ -271,7 +271,12 @@ class Detector:
     def from_pretrained(
         cls, name_or_path: str | Path, device: Optional[str | torch.device] = None, revision: Optional[str] = None
     ) -> "Detector":
-        """Load a checkpoint folder or Hub repo id. Weights load from safetensors only."""
+        """Load a checkpoint folder, a Hub repo id, or a registry name ("brick"). Weights load
+        from safetensors only."""
+        from .registry import resolve
+
+        if not Path(name_or_path).exists():
+            name_or_path = resolve(str(name_or_path))
         folder = resolve_checkpoint(name_or_path, revision=revision)
         check_checkpoint_files(folder)
         config = read_config(folder)
