@@ -1,0 +1,677 @@
+"""The `cgdiff` command (also `python -m cgdiff`).
+
+    cgdiff build-textures --out data/textures                      offline data, one command
+    cgdiff train    --data data/textures/brick --out checkpoints/brick
+    cgdiff evaluate --checkpoint checkpoints/brick --data data/textures/brick --json brick.json
+    cgdiff detect   --checkpoint checkpoints/brick photo.png --out results/
+
+Every sampler and scorer setting is an override flag of `evaluate` and `detect` (--t0 --steps
+--w --guidance-scale --blur-sigma --eta --seed --pixel-weight --feature-weight --map-sigma),
+so each ablation is one flag. The method lives in the package modules; this file only parses
+arguments, calls them and writes files. Errors a user can cause print one line
+`cgdiff: error: ...` and exit with status 2 (set CGDIFF_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .data import IMAGE_EXTENSIONS, LAYOUTS, TEXTURES, DatasetError, iter_images
+from .sampler import SamplerConfig
+from .scorer import OFFLINE_BACKBONE, PAPER_BACKBONE, ScorerConfig
+from .train import UNET_PRESETS, TrainConfig, TrainingError
+
+PROG = "cgdiff"
+TRAIN_ARGS_NAME = "train_args.json"  # beside the checkpoint: what `--resume` must keep
+
+# (flag, dest, type, help) of the settings stored in a checkpoint.
+SAMPLER_FLAGS = [
+    ("--t0", "t0", int, "start step of the partial diffusion (>= 1000: pure-noise start)"),
+    ("--steps", "steps", int, "K, denoising steps from t0 down to 0"),
+    ("--w", "w", float, "conditioning weight (0 switches the conditioning off)"),
+    ("--guidance-scale", "guidance_scale", float, "blur-guidance scale s (0 switches it off and halves the cost)"),
+    ("--blur-sigma", "blur_sigma", float, "Gaussian blur sigma of the blur guidance"),
+    ("--eta", "eta", float, "DDIM stochasticity in [0, 1] (0: deterministic)"),
+]
+SEED_FLAG = ("--seed", "seed", int, "seed of the sampler's noise")
+SCORER_FLAGS = [
+    ("--pixel-weight", "pixel_weight", float, "weight v of the pixel distance (0: feature distance only)"),
+    ("--feature-weight", "feature_weight", float, "weight of the feature distance (0: pixel distance only)"),
+    ("--map-sigma", "map_sigma", float, "Gaussian smoothing sigma of the anomaly map (0: none)"),
+]
+SETTING_KEYS = [dest for _, dest, _, _ in SAMPLER_FLAGS + [SEED_FLAG] + SCORER_FLAGS]
+
+
+class UsageError(Exception):
+    """A command line argparse cannot accept; reported as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- argparse
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows '(default: X)' for every option that has a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is False or default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(default, (list, tuple)):
+            return f"{text} (default: {' '.join(map(str, default))})"
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _number(kind: type, low: Optional[float] = None, name: str = "value", above: bool = False):
+    """An argparse type: a whole number or finite float, >= low (> low when `above`)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _number(int, 1, "positive whole number")
+whole = _number(int, None, "whole number")
+finite = _number(float, None, "number")
+positive_float = _number(float, 0, "positive number", above=True)
+
+
+def _add_setting_flags(group, defaults: Optional[dict] = None, seed: bool = True) -> None:
+    """Sampler / scorer flags. With `defaults`, help shows them; else 'the checkpoint's value'."""
+    flags = SAMPLER_FLAGS + ([SEED_FLAG] if seed else []) + SCORER_FLAGS
+    for flag, dest, kind, text in flags:
+        parse = whole if kind is int else finite
+        if defaults is None:
+            help_text = f"{text} (default: the checkpoint's value)"
+        else:
+            help_text = f"{text} (default: {defaults[dest]})"
+        group.add_argument(flag, dest=dest, type=parse, default=None, metavar="X" if kind is float else "N", help=help_text)
+
+
+def _add_common(p, device: bool = True) -> None:
+    if device:
+        p.add_argument("--device", default="auto", help="'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps'")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Texture anomaly detection with a conditioned-guided denoising diffusion model.",
+        epilog="Run 'cgdiff COMMAND --help' for the options of a command. Docs: README.md.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"cgdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # ---------------------------------------------------------------- train
+    t = TrainConfig()
+    p = sub.add_parser(
+        "train", help="train a detector on the normal images of a dataset",
+        description="Train the denoiser on the normal training images of ROOT/CLASS (MVTec AD, "
+        "DTD-Synthetic or a plain folder of images), calibrate the scorer on them, and write a "
+        "checkpoint folder. The sampler and scorer settings given here are stored in the "
+        "checkpoint as its defaults. Training state is saved every --save-every steps and on "
+        "Ctrl-C / SIGTERM; continue it with --resume.",
+    )
+    p.add_argument("--data", required=True, metavar="ROOT/CLASS", help="dataset folder of one category")
+    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint folder to write")
+    p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout")
+    p.add_argument("--image-size", type=positive_int, default=t.image_size, metavar="N",
+                   help="square working size images are resized to")
+    p.add_argument("--crop-size", type=positive_int, default=t.crop_size, metavar="N",
+                   help="size of the random training crops")
+    p.add_argument("--preset", default=t.unet_preset, choices=sorted(UNET_PRESETS), help="U-Net size")
+    p.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="N", help="crops per step (per process)")
+    p.add_argument("--lr", type=positive_float, default=t.learning_rate, metavar="X", help="learning rate (AdamW)")
+    p.add_argument("--max-steps", type=positive_int, default=t.max_steps, metavar="N", help="training steps in total")
+    p.add_argument("--max-minutes", type=positive_float, default=None, metavar="M",
+                   help="stop (with the state saved) after M minutes of this run (default: no limit)")
+    p.add_argument("--resume", action="store_true", help="continue the training state saved in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint or training state in --out")
+    p.add_argument("--seed", type=whole, default=t.seed, metavar="N", help="training seed (crops, noise, init)")
+    p.add_argument("--rotations", action="store_true", help="also rotate crops by 90 degrees (isotropic textures only)")
+    p.add_argument("--no-flips", action="store_true", help="do not flip crops")
+    p.add_argument("--mixed-precision", default=t.mixed_precision, choices=("auto", "no", "fp16", "bf16"),
+                   help="'auto': bf16 on a GPU that supports it, else fp32")
+    p.add_argument("--save-every", type=positive_int, default=t.save_every, metavar="N", help="save the training state every N steps")
+    p.add_argument("--backbone", default="auto", metavar="NAME",
+                   help=f"feature backbone: '{OFFLINE_BACKBONE}' (offline), a timm name such as "
+                   f"'{PAPER_BACKBONE}' (weights from the Hub), or 'auto' (the WideResNet when the Hub "
+                   "is reachable, else the offline one)")
+    g = p.add_argument_group("settings stored in the checkpoint (evaluate/detect can override them)")
+    _add_setting_flags(g, {**SamplerConfig().to_dict(), **ScorerConfig().to_dict()}, seed=False)
+    _add_common(p, device=False)
+
+    # ---------------------------------------------------------------- evaluate
+    p = sub.add_parser(
+        "evaluate", help="measure a detector on a labelled test set",
+        description="Reconstruct and score every test image of ROOT/CLASS and report image AUROC, "
+        "pixel AUROC, AUPRO (FPR <= 0.3) and F1-max, as fractions in [0, 1]. Maps are compared with "
+        "the masks at --mask-size x --mask-size (the paper's tables use 256) and are never normalised "
+        "with statistics of the test set. Every setting flag overrides the checkpoint's value for "
+        "this run only, so each ablation is one flag.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint folder or Hub repo id")
+    p.add_argument("--data", required=True, metavar="ROOT/CLASS", help="dataset folder of one category")
+    p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
+    p.add_argument("--save-maps", metavar="DIR", help="write a heat map and an overlay PNG per test image into DIR")
+    p.add_argument("--mask-size", type=_number(int, 8), default=256, metavar="N",
+                   help="resolution at which maps are compared with masks")
+    p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="images per batch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file / --save-maps folder")
+    p.add_argument("--record", action="store_true",
+                   help="store the metrics and this command in the checkpoint (cgdiff.json and model card); "
+                   "only with the checkpoint's own settings")
+    g = p.add_argument_group("overrides of the checkpoint's settings")
+    _add_setting_flags(g)
+    _add_common(p)
+
+    # ---------------------------------------------------------------- detect
+    p = sub.add_parser(
+        "detect", help="inspect images",
+        description="Inspect images (files, or folders of images) and print score, threshold and "
+        "verdict per image. With --out, write NAME_heatmap.png, NAME_overlay.png, "
+        "NAME_reconstruction.png and NAME_mask.png per image (at the detector's working size). "
+        "Images are resized to the detector's square working size.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint folder or Hub repo id")
+    p.add_argument("--out", metavar="DIR", help="folder for the PNGs")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
+    p.add_argument("--threshold", type=finite, default=None, metavar="X",
+                   help="decision threshold on the score (default: the checkpoint's calibrated one)")
+    p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="images per batch")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g = p.add_argument_group("overrides of the checkpoint's settings")
+    _add_setting_flags(g)
+    _add_common(p)
+
+    # ---------------------------------------------------------------- build-textures
+    p = sub.add_parser(
+        "build-textures", help="build an offline texture dataset with synthetic defects",
+        description="Cut scikit-image's texture photos into an MVTec-layout dataset per texture: "
+        "training tiles from the top of each photo, test tiles (normal, and with seeded synthetic "
+        "defects and exact masks) from the held-out bottom. No network needed.",
+    )
+    p.add_argument("--out", required=True, metavar="ROOT", help="folder to create ROOT/TEXTURE in")
+    p.add_argument("--textures", nargs="+", choices=TEXTURES, default=list(TEXTURES), metavar="NAME",
+                   help=f"which photos ({', '.join(TEXTURES)})")
+    p.add_argument("--tile-size", type=_number(int, 8), default=128, metavar="N", help="tile side in pixels")
+    p.add_argument("--train-stride", type=positive_int, default=None, metavar="N",
+                   help="step between training tiles (default: half the tile size)")
+    p.add_argument("--test-good", type=_number(int, 0), default=8, metavar="N", help="normal test tiles per texture")
+    p.add_argument("--test-defect", type=_number(int, 0), default=4, metavar="N",
+                   help="test tiles per defect kind and texture")
+    p.add_argument("--seed", type=whole, default=0, metavar="N", help="seed of tile positions and defects")
+    p.add_argument("--overwrite", action="store_true", help="replace texture folders this command built before")
+    return parser
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in SETTING_KEYS if getattr(args, k, None) is not None}
+
+
+def _device(name: str) -> Optional[str]:
+    if name == "auto":
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here.")
+    return name
+
+
+def _check_new_file(path: Optional[str], overwrite: bool, flag: str) -> Optional[Path]:
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        raise FileExistsError(f"{flag} '{p}' is a folder; give a file name.")
+    if p.exists() and not overwrite:
+        raise FileExistsError(f"{flag} '{p}' already exists; pass --overwrite to replace it.")
+    return p
+
+
+def _check_new_folder(path: Optional[str], overwrite: bool, flag: str) -> Optional[Path]:
+    if path is None:
+        return None
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise FileExistsError(f"{flag} '{p}' exists and is a file; give a folder.")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise FileExistsError(f"{flag} '{p}' is not empty; pass --overwrite to write into it anyway.")
+    return p
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Written beside the target and renamed into place: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    return shlex.join([PROG, *argv])
+
+
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    """Values that no checkpoint could make valid are reported before anything is loaded."""
+    sampler_keys = {f.name for f in fields(SamplerConfig)}
+    SamplerConfig().replace(**{k: v for k, v in overrides.items() if k in sampler_keys})
+    ScorerConfig(**{k: v for k, v in overrides.items() if k not in sampler_keys})
+
+
+def _load_detector(args: argparse.Namespace):
+    from .detector import Detector
+
+    device = _device(args.device)
+    _info(f"loading {args.checkpoint} ...")
+    detector = Detector.from_pretrained(args.checkpoint, device=device)
+    if detector.calibration is None:
+        raise ValueError(f"checkpoint '{args.checkpoint}' is not calibrated (no threshold); retrain or calibrate it.")
+    _info(f"detector: {detector.describe()}; device {detector.device}")
+    return detector
+
+
+def _settings_line(sampler: dict, scorer: dict, overrides: dict) -> str:
+    keys = [f"{k}={v}" for k, v in {**sampler, **scorer}.items()]
+    line = " ".join(keys)
+    if overrides:
+        line += f"  (overridden here: {', '.join(sorted(overrides))})"
+    return line
+
+
+def _fmt(value: Optional[float], digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .data import load_dataset
+    from .train import STATE_DIR, check_output_folder, train
+
+    out = Path(args.out)
+    command = _command_line(argv)
+    given = _overrides(args)
+    saved_args: dict[str, Any] = {}
+    if args.resume:
+        state = out / STATE_DIR / "progress.json"
+        if not state.is_file():
+            raise TrainingError(f"--resume: '{out}' holds no training state ({STATE_DIR}/progress.json) to resume from.")
+        if (out / TRAIN_ARGS_NAME).is_file():
+            saved_args = json.loads((out / TRAIN_ARGS_NAME).read_text())
+        _warn_fixed_on_resume(args, json.loads(state.read_text()).get("config", {}))
+
+    # Settings not given on a resume keep the values the run was started with.
+    sampler_values = {**SamplerConfig().to_dict(), **saved_args.get("sampler", {})}
+    scorer_values = {**ScorerConfig().to_dict(), **saved_args.get("scorer", {})}
+    sampler_values.update({k: v for k, v in given.items() if k in sampler_values})
+    scorer_values.update({k: v for k, v in given.items() if k in scorer_values})
+    backbone = args.backbone if not (args.resume and args.backbone == "auto" and "backbone" in saved_args) else saved_args["backbone"]
+    scorer_values["backbone"] = backbone
+    sampler = SamplerConfig(**sampler_values)
+    scorer = ScorerConfig(**scorer_values)
+
+    config = TrainConfig(
+        image_size=args.image_size, crop_size=args.crop_size, unet_preset=args.preset, batch_size=args.batch_size,
+        learning_rate=args.lr, max_steps=args.max_steps, max_minutes=args.max_minutes,
+        mixed_precision=args.mixed_precision, save_every=args.save_every, seed=args.seed,
+        flips=not args.no_flips, rotations=args.rotations,
+    )
+    if not args.resume:
+        config.validate()  # before reading the data: a bad value is reported at once
+    dataset = load_dataset(args.data, args.layout)
+    _info(f"data: {dataset.summary()}")
+    images = list(dataset.train)
+
+    record = {
+        "command": saved_args.get("command", command),
+        "data": saved_args.get("data", str(args.data)),
+        "sampler": sampler.to_dict(),
+        "scorer": {k: v for k, v in scorer.to_dict().items() if k != "backbone"},
+        "backbone": backbone,
+        "resumed_with": saved_args.get("resumed_with", []) + ([command] if args.resume else []),
+    }
+    info = {
+        "data": f"{dataset.category} ({dataset.layout} layout, {len(images)} normal training images): {args.data}",
+        "command": record["command"],
+    }
+    if record["resumed_with"]:
+        info["resumed_with"] = record["resumed_with"]
+
+    # Checked here too, so the record never lands in a folder train() would refuse.
+    check_output_folder(out, args.resume, args.overwrite)
+    _write_json(out / TRAIN_ARGS_NAME, record)
+    detector = train(images, out, config, resume=args.resume, overwrite=args.overwrite, info=info,
+                     sampler=sampler, scorer_config=scorer, progress_bar=not args.no_progress)
+    if detector is not None:
+        _info(f"next: cgdiff evaluate --checkpoint {shlex.quote(str(out))} --data {shlex.quote(str(args.data))}")
+    return 0
+
+
+def _warn_fixed_on_resume(args: argparse.Namespace, saved: dict) -> None:
+    """The shape of a resumed run comes from its saved state; say so when a flag asks otherwise."""
+    pairs = {"--image-size": ("image_size", args.image_size), "--crop-size": ("crop_size", args.crop_size),
+             "--preset": ("unet_preset", args.preset), "--batch-size": ("batch_size", args.batch_size),
+             "--lr": ("learning_rate", args.lr), "--seed": ("seed", args.seed)}
+    defaults = TrainConfig()
+    for flag, (key, value) in pairs.items():
+        if key in saved and value != saved[key] and value != getattr(defaults, key):
+            _info(f"note: {flag} {value} is ignored: the resumed run keeps {key} = {saved[key]}.")
+
+
+def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .data import load_dataset
+    from .evaluation import evaluate
+
+    overrides = _overrides(args)
+    if args.record and overrides:
+        raise ValueError(
+            f"--record stores metrics of the checkpoint's own settings; drop the overrides "
+            f"({', '.join('--' + k.replace('_', '-') for k in sorted(overrides))}) or drop --record."
+        )
+    if args.record and not Path(args.checkpoint).is_dir():
+        raise ValueError(f"--record needs a local checkpoint folder; '{args.checkpoint}' is not one.")
+    _check_overrides(overrides)
+    json_path = _check_new_file(args.json, args.overwrite, "--json")
+    maps_dir = _check_new_folder(args.save_maps, args.overwrite, "--save-maps")
+    dataset = load_dataset(args.data, args.layout)
+    _info(f"data: {dataset.summary()}")
+    detector = _load_detector(args)
+    detector.settings(**overrides)  # bad values are reported before the long part
+
+    result = evaluate(detector, dataset, mask_size=args.mask_size, batch_size=args.batch_size,
+                      progress=not args.no_progress, save_maps=maps_dir, **overrides)
+    result["command"] = _command_line(argv)
+    print(_evaluation_table(result))
+    if json_path is not None:
+        _write_json(json_path, result)
+        _info(f"wrote {json_path}")
+    if maps_dir is not None:
+        _info(f"wrote heat maps and overlays to {maps_dir}")
+    if args.record:
+        keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "n_images", "mask_size",
+                "seconds_per_image", "command")
+        detector.info["metrics"] = {
+            **{k: result[k] for k in keys},
+            "dataset": dataset.category,
+            "split": "test",
+            "device": result["device"],
+            "description": f"Test split of {dataset.summary()}; maps compared with masks at "
+            f"{args.mask_size} x {args.mask_size}.",
+        }
+        detector.info.pop("source", None)
+        detector.save_pretrained(args.checkpoint, overwrite=True)
+        _info(f"recorded the metrics in {Path(args.checkpoint) / 'cgdiff.json'} and its model card")
+    return 0
+
+
+def _evaluation_table(r: dict) -> str:
+    d = r["dataset"]
+    masks = (f"maps compared with masks at {r['mask_size']} x {r['mask_size']}" if r["mask_size"]
+             else "no masks: image metrics only")
+    lines = [
+        f"{d['category']} ({d['layout']}): {r['n_images']} test images ({r['n_normal']} normal, "
+        f"{r['n_anomalous']} anomalous); detector at {r['image_size']} px; {masks}",
+        "",
+        f"  {'image AUROC':<24}{_fmt(r['image_auroc'])}",
+        f"  {'pixel AUROC':<24}{_fmt(r['pixel_auroc'])}",
+        f"  {'AUPRO (FPR <= ' + format(r['aupro_fpr_limit'], 'g') + ')':<24}{_fmt(r['aupro'])}",
+        f"  {'image F1-max':<24}{_fmt(r['image_f1_max'])}",
+        f"  {'pixel F1-max':<24}{_fmt(r['pixel_f1_max'])}",
+        f"  {'seconds per image':<24}{r['seconds_per_image']:.3g}  (reconstruction "
+        f"{r['reconstruction_seconds_per_image']:.3g}, on {r['device']})",
+    ]
+    at = r.get("at_threshold")
+    if at:
+        lines.append(
+            f"  {'at the threshold':<24}{r['threshold']:.4g}: {at['true_positive_rate']:.0%} of anomalous and "
+            f"{at['false_positive_rate']:.0%} of normal images flagged"
+        )
+    lines += ["", "settings: " + _settings_line(r["sampler"], r["scorer"], r["overrides"])]
+    return "\n".join(lines)
+
+
+def _expand_images(items: Sequence[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = iter_images(p)
+            if not found:
+                raise DatasetError(f"folder '{p}' holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            paths.extend(found)
+        else:
+            paths.append(p)
+    return paths
+
+
+def _output_names(paths: Sequence[Path]) -> list[str]:
+    """One file-name stem per image: the file's stem, prefixed with its folder's name where
+    stems repeat (test/good/000.png, test/hole/000.png -> good_000, hole_000), and with its
+    position where even that repeats."""
+    stems = [p.stem for p in paths]
+    names = [s if stems.count(s) == 1 else f"{p.parent.name}_{s}" for p, s in zip(paths, stems)]
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+DETECT_OUTPUTS = ("heatmap", "overlay", "reconstruction", "mask")
+
+
+def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .images import load_image
+    from .viz import heatmap, mask_image, overlay
+
+    overrides = _overrides(args)
+    _check_overrides(overrides)
+    paths = _expand_images(args.images)
+    json_path = _check_new_file(args.json, args.overwrite, "--json")
+    out = Path(args.out) if args.out else None
+    names = _output_names(paths)
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"--out '{out}' exists and is a file; give a folder.")
+        clashes = [out / f"{n}_{kind}.png" for n in names for kind in DETECT_OUTPUTS]
+        clashes = [c for c in clashes if c.exists()]
+        if clashes and not args.overwrite:
+            raise FileExistsError(f"'{clashes[0]}' already exists ({len(clashes)} output file(s) would be replaced); "
+                                  "pass --overwrite or choose another --out.")
+    for p in paths:  # every image is checked before the long part
+        load_image(p)
+    detector = _load_detector(args)
+    detector.settings(**overrides)
+    if overrides and args.threshold is None:
+        _info("note: the threshold was calibrated with the checkpoint's own settings; with overrides the "
+              "verdict is only indicative (pass --threshold to set one).")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(paths), desc="detecting", unit="img", disable=args.no_progress, file=sys.stderr,
+               dynamic_ncols=True)
+    rows = []
+    try:
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start : start + args.batch_size]
+            results = detector.detect(chunk, batch_size=args.batch_size, threshold=args.threshold, **overrides)
+            for path, name, r in zip(chunk, names[start:], results):
+                written = []
+                if out is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    pictures = {
+                        "heatmap": heatmap(r.anomaly_map, r.threshold),
+                        "overlay": overlay(r.image, r.anomaly_map, r.threshold),
+                        "reconstruction": r.reconstruction,
+                        "mask": mask_image(r.mask),
+                    }
+                    for kind in DETECT_OUTPUTS:
+                        target = out / f"{name}_{kind}.png"
+                        Image.fromarray(np.ascontiguousarray(pictures[kind])).save(target)
+                        written.append(str(target))
+                rows.append({"image": str(path), "score": r.score, "threshold": r.threshold,
+                             "relative_score": r.relative_score, "verdict": r.verdict,
+                             "defect_fraction": float(r.mask.mean()), "seconds": r.seconds, "files": written})
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+    width = max(12, *(len(row["image"]) for row in rows))
+    print(f"{'image':<{width}}  {'score':>9}  {'threshold':>9}  {'score/thr':>9}  verdict")
+    for row in rows:
+        print(f"{row['image']:<{width}}  {row['score']:>9.4g}  {row['threshold']:>9.4g}  "
+              f"{row['relative_score']:>9.3f}  {row['verdict']}")
+    n_bad = sum(row["verdict"] == "anomalous" for row in rows)
+    _info(f"{n_bad} of {len(rows)} image(s) anomalous" + (f"; pictures in {out}" if out is not None else ""))
+    if json_path is not None:
+        sampler, scorer = detector.settings(**overrides)
+        _write_json(json_path, {
+            "checkpoint": str(args.checkpoint), "image_size": detector.image_size,
+            "sampler": sampler.to_dict(), "scorer": scorer.to_dict(), "overrides": overrides,
+            "command": _command_line(argv), "results": rows,
+        })
+        _info(f"wrote {json_path}")
+    return 0
+
+
+def cmd_build_textures(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .data import build_texture_dataset
+
+    root = Path(args.out)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"--out '{root}' exists and is a file; give a folder.")
+    for name in args.textures:
+        target = root / name
+        if target.exists() and any(target.iterdir()):
+            if not args.overwrite:
+                raise FileExistsError(f"'{target}' already exists; pass --overwrite to rebuild it.")
+            if not (target / "dataset.json").is_file():
+                raise FileExistsError(f"'{target}' exists and was not built by this command (no dataset.json); "
+                                      "refusing to replace it. Choose another --out.")
+            shutil.rmtree(target)
+    built = build_texture_dataset(root, textures=args.textures, tile_size=args.tile_size,
+                                  n_test_good=args.test_good, n_test_defect=args.test_defect, seed=args.seed,
+                                  train_stride=args.train_stride)
+    from .data import load_dataset
+
+    for name, folder in built.items():
+        print(load_dataset(folder, validate=False).summary())
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "detect": cmd_detect, "build-textures": cmd_build_textures}
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .scorer import BackboneUnavailable
+
+    return (ValueError, FileExistsError, TrainingError, BackboneUnavailable, OSError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("CGDIFF_DEBUG", "") not in ("", "0")
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version
+            return int(e.code or 0)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args, argv)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        detail = str(e) if str(e) else "interrupted"
+        hint = "; continue with --resume" if "state saved" in detail else ""
+        print(f"{PROG}: {detail}{hint}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        if _is_out_of_memory(e):
+            print(f"{PROG}: error: out of memory ({type(e).__name__}); lower --batch-size or --image-size.",
+                  file=sys.stderr)
+            return 2
+        if isinstance(e, _user_errors()):
+            message = " ".join(str(e).split()) or type(e).__name__
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(e, MemoryError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The `cgdiff` command end to end: build data, train, evaluate, detect; help; user errors."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cgdiff.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+COMMANDS = ("train", "evaluate", "detect", "build-textures")
+TRAIN = ["--image-size", "32", "--crop-size", "16", "--batch-size", "2", "--save-every", "2", "--steps", "2",
+         "--backbone", "efficientnet-lite0", "--no-progress"]
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A texture set built by the CLI and a detector trained on it by the CLI (a few steps)."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    assert main(["build-textures", "--out", str(data), "--textures", "gravel", "--tile-size", "64",
+                 "--train-stride", "128", "--test-good", "3", "--test-defect", "1", "--seed", "2"]) == 0
+    ckpt = root / "ckpt"
+    assert main(["train", "--data", str(data / "gravel"), "--out", str(ckpt), "--max-steps", "4", "--w", "2", *TRAIN]) == 0
+    return data / "gravel", ckpt
+
+
+def test_train_writes_a_checkpoint_that_records_how_it_was_made(trained):
+    data, ckpt = trained
+    config = json.loads((ckpt / "cgdiff.json").read_text())
+    assert config["training"]["steps"] == 4 and config["image_size"] == 32
+    assert config["training"]["command"].startswith("cgdiff train --data ")
+    assert str(data) in config["training"]["data"]
+    assert config["sampler"]["steps"] == 2 and config["sampler"]["w"] == 2.0  # stored defaults
+    assert config["scorer"]["backbone"] == "efficientnet-lite0"
+    assert config["calibration"]["threshold"] > 0
+    assert "cgdiff train" in (ckpt / "README.md").read_text()
+
+
+def test_evaluate_prints_a_table_and_writes_json(trained, tmp_path, capsys):
+    data, ckpt = trained
+    out_json, maps = tmp_path / "eval.json", tmp_path / "maps"
+    code, out, err = run(["evaluate", "--checkpoint", ckpt, "--data", data, "--json", out_json, "--save-maps", maps,
+                          "--mask-size", "64", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "image AUROC" in out and "AUPRO" in out and "masks at 64 x 64" in out
+    result = json.loads(out_json.read_text())
+    for key in METRICS:
+        assert 0.0 <= result[key] <= 1.0, key
+    assert result["n_images"] == 7 and result["mask_size"] == 64 and result["seconds_per_image"] > 0
+    assert result["sampler"]["w"] == 2.0 and result["overrides"] == {}
+    assert result["command"].startswith("cgdiff evaluate")
+    assert len(list(maps.rglob("*_heatmap.png"))) == len(list(maps.rglob("*_overlay.png"))) == 7
+
+    # Never overwritten silently; --overwrite replaces it.
+    before = out_json.read_text()
+    code, _, err = run(["evaluate", "--checkpoint", ckpt, "--data", data, "--json", out_json], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert out_json.read_text() == before
+
+    # Each ablation is one flag, for this run only.
+    code, out, err = run(["evaluate", "--checkpoint", ckpt, "--data", data, "--json", out_json, "--overwrite",
+                          "--w", "0", "--guidance-scale", "0", "--map-sigma", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    ablation = json.loads(out_json.read_text())
+    assert ablation["sampler"]["w"] == 0 and ablation["sampler"]["guidance_scale"] == 0
+    assert ablation["scorer"]["map_sigma"] == 2 and set(ablation["overrides"]) == {"w", "guidance_scale", "map_sigma"}
+    assert "overridden here" in out
+    assert json.loads((ckpt / "cgdiff.json").read_text())["sampler"]["w"] == 2.0  # the checkpoint is untouched
+
+
+def test_detect_writes_pictures_and_prints_a_verdict_per_image(trained, tmp_path, capsys):
+    data, ckpt = trained
+    images = [data / "test" / "good" / "000.png", data / "test" / "hole" / "000.png"]
+    out_dir, out_json = tmp_path / "det", tmp_path / "det.json"
+    code, out, err = run(["detect", "--checkpoint", ckpt, *images, "--out", out_dir, "--json", out_json,
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:2] == ["image", "score"] and len(lines) == 3
+    for line in lines[1:]:
+        assert line.split()[-1] in ("normal", "anomalous")
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert names == sorted(f"{stem}_{kind}.png" for stem in ("good_000", "hole_000")
+                           for kind in ("heatmap", "overlay", "reconstruction", "mask"))
+    assert Image.open(out_dir / "hole_000_overlay.png").size == (32, 32)
+    rows = json.loads(out_json.read_text())["results"]
+    assert [r["image"] for r in rows] == [str(p) for p in images]
+
+    # No silent overwrite; a folder stands for its images; an explicit threshold decides the verdict.
+    code, out, err = run(["detect", "--checkpoint", ckpt, *images, "--out", out_dir, "--no-progress"], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    code, out, err = run(["detect", "--checkpoint", ckpt, data / "test" / "good", "--threshold", "0",
+                          "--no-progress"], capsys)
+    assert code == 0 and out.count("anomalous") == 3
+
+
+def test_resume_keeps_the_stored_settings_and_record_fills_the_model_card(trained, tmp_path, capsys):
+    data, _ = trained
+    ckpt = tmp_path / "run"
+    code, _, err = run(["train", "--data", data, "--out", ckpt, "--max-steps", "2", "--w", "1", *TRAIN], capsys)
+    assert code == 0, err
+    code, _, err = run(["train", "--data", data, "--out", ckpt, "--max-steps", "4", "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    config = json.loads((ckpt / "cgdiff.json").read_text())
+    assert config["training"]["steps"] == 4
+    assert config["sampler"]["w"] == 1.0 and config["sampler"]["steps"] == 2  # not reset to the defaults
+    assert "--w 1" in config["training"]["command"] and "--resume" in config["training"]["resumed_with"][0]
+
+    code, _, err = run(["evaluate", "--checkpoint", ckpt, "--data", data, "--record", "--w", "3"], capsys)
+    assert code == 2 and "--record" in err
+    code, _, err = run(["evaluate", "--checkpoint", ckpt, "--data", data, "--record", "--no-progress"], capsys)
+    assert code == 0, err
+    metrics = json.loads((ckpt / "cgdiff.json").read_text())["metrics"]
+    assert 0 <= metrics["image_auroc"] <= 1 and metrics["mask_size"] == 256
+    assert "cgdiff evaluate" in (ckpt / "README.md").read_text()
+
+
+def test_help_of_every_command_is_complete(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and all(c in out for c in COMMANDS)
+    helps = {}
+    for command in COMMANDS:
+        code, helps[command], _ = run([command, "--help"], capsys)
+        assert code == 0 and helps[command].startswith(f"usage: cgdiff {command}")
+    flags = ("--t0", "--steps", "--w", "--guidance-scale", "--blur-sigma", "--eta", "--seed",
+             "--pixel-weight", "--feature-weight", "--map-sigma")
+    for command in ("evaluate", "detect"):
+        assert all(f in helps[command] for f in flags), command
+        assert "checkpoint's value" in helps[command]
+    assert "--mask-size N" in helps["evaluate"] and "(default: 256)" in helps["evaluate"]
+    for text in ("(default: 256)", "(default: tiny)", "(default: 0.0003)", "(default: 250)", "--resume",
+                 "--max-minutes", "--rotations", "--no-flips", "--mixed-precision", "--backbone"):
+        assert text in " ".join(helps["train"].split()), text
+    assert "(default: brick grass gravel)" in " ".join(helps["build-textures"].split())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "--checkpoint", "{ckpt}", "--data", "{tmp}/nowhere"], "does not exist"),
+        (["evaluate", "--checkpoint", "{tmp}/nowhere", "--data", "{data}"], "neither an existing checkpoint"),
+        (["detect", "--checkpoint", "{tmp}", "{data}/test/good/000.png"], "missing cgdiff.json"),
+        (["detect", "--checkpoint", "{ckpt}", "{tmp}/broken.png"], "not an image file"),
+        (["detect", "--checkpoint", "{ckpt}", "{tmp}/absent.png"], "does not exist"),
+        (["detect", "--checkpoint", "{ckpt}", "{data}/test/good/000.png", "--steps", "0"], "steps must be"),
+        (["detect", "--checkpoint", "{ckpt}", "{data}/test/good/000.png", "--w", "nan"], "finite"),
+        (["detect", "--checkpoint", "{ckpt}", "{data}/test/good/000.png", "--eta", "2"], "eta must be in"),
+        (["train", "--data", "{data}", "--out", "{ckpt}"], "--resume"),
+        (["train", "--data", "{data}", "--out", "{tmp}/new", "--image-size", "36"], "multiple of 8"),
+        (["train", "--data", "{data}", "--out", "{tmp}/new", "--lr", "-1"], "must be > 0"),
+        (["build-textures", "--out", "{data}/..", "--textures", "gravel"], "already exists"),
+        (["evaluate", "--data", "{data}"], "required: --checkpoint"),
+        (["explode"], "invalid choice"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(trained, tmp_path, capsys, argv, message):
+    data, ckpt = trained
+    (tmp_path / "broken.png").write_bytes(b"this is not a PNG")
+    argv = [a.format(data=data, ckpt=ckpt, tmp=tmp_path) for a in argv]
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("cgdiff: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err + out
+
+
+def test_python_m_cgdiff_help_works():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "cgdiff", "--help"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and "usage: cgdiff" in proc.stdout and not proc.stderr
+
+
+def test_the_module_entry_point_exits_with_the_status(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    monkeypatch.setattr(sys, "argv", ["cgdiff", "detect", "--checkpoint", str(tmp_path), str(tmp_path / "broken.png")])
+    sys.modules.pop("cgdiff.__main__", None)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("cgdiff", run_name="__main__")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cgdiff: error:") and len(err.splitlines()) == 1 and "Traceback" not in err
