@@ -48,6 +48,7 @@ SCORER_FLAGS = [
     ("--feature-weight", "feature_weight", float, "weight of the feature distance (0: pixel distance only)"),
     ("--map-sigma", "map_sigma", float, "Gaussian smoothing sigma of the anomaly map (0: none)"),
 ]
+CHECKPOINT_HELP = "checkpoint folder, registry name (checkpoints/registry.json) or Hub repo id"
 SETTING_KEYS = [dest for _, dest, _, _ in SAMPLER_FLAGS + [SEED_FLAG] + SCORER_FLAGS]
 
 
@@ -64,7 +65,8 @@ class _Formatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "%(default)" in text or default is None or default is False or default == argparse.SUPPRESS or not action.option_strings:
+        no_default = default is None or default is False or default == argparse.SUPPRESS
+        if "%(default)" in text or no_default or not action.option_strings:
             return text
         if isinstance(default, (list, tuple)):
             return f"{text} (default: {' '.join(map(str, default))})"
@@ -87,7 +89,8 @@ def _number(kind: type, low: Optional[float] = None, name: str = "value", above:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if low is not None and (value <= low if above else value < low):
@@ -113,12 +116,14 @@ def _add_setting_flags(group, defaults: Optional[dict] = None, seed: bool = True
             help_text = f"{text} (default: the checkpoint's value)"
         else:
             help_text = f"{text} (default: {defaults[dest]})"
-        group.add_argument(flag, dest=dest, type=parse, default=None, metavar="X" if kind is float else "N", help=help_text)
+        metavar = "X" if kind is float else "N"
+        group.add_argument(flag, dest=dest, type=parse, default=None, metavar=metavar, help=help_text)
 
 
 def _add_common(p, device: bool = True) -> None:
     if device:
-        p.add_argument("--device", default="auto", help="'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps'")
+        p.add_argument("--device", default="auto",
+                       help="'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps'")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -151,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-size", type=positive_int, default=t.crop_size, metavar="N",
                    help="size of the random training crops")
     p.add_argument("--preset", default=t.unet_preset, choices=sorted(UNET_PRESETS), help="U-Net size")
-    p.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="N", help="crops per step (per process)")
+    p.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="N",
+                   help="crops per step (per process)")
     p.add_argument("--lr", type=positive_float, default=t.learning_rate, metavar="X", help="learning rate (AdamW)")
     p.add_argument("--max-steps", type=positive_int, default=t.max_steps, metavar="N", help="training steps in total")
     p.add_argument("--max-minutes", type=positive_float, default=None, metavar="M",
@@ -163,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flips", action="store_true", help="do not flip crops")
     p.add_argument("--mixed-precision", default=t.mixed_precision, choices=("auto", "no", "fp16", "bf16"),
                    help="'auto': bf16 on a GPU that supports it, else fp32")
-    p.add_argument("--save-every", type=positive_int, default=t.save_every, metavar="N", help="save the training state every N steps")
+    p.add_argument("--save-every", type=positive_int, default=t.save_every, metavar="N",
+                   help="save the training state every N steps")
     p.add_argument("--backbone", default="auto", metavar="NAME",
                    help=f"feature backbone: '{OFFLINE_BACKBONE}' (offline), a timm name such as "
                    f"'{PAPER_BACKBONE}' (weights from the Hub), or 'auto' (the WideResNet when the Hub "
@@ -181,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with statistics of the test set. Every setting flag overrides the checkpoint's value for "
         "this run only, so each ablation is one flag.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint folder or Hub repo id")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, metavar="ROOT/CLASS", help="dataset folder of one category")
     p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
@@ -206,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Images are resized to the detector's square working size.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint folder or Hub repo id")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--out", metavar="DIR", help="folder for the PNGs")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     p.add_argument("--threshold", type=finite, default=None, metavar="X",
@@ -311,6 +318,17 @@ def _check_overrides(overrides: dict[str, Any]) -> None:
     ScorerConfig(**{k: v for k, v in overrides.items() if k not in sampler_keys})
 
 
+def _local_checkpoint(name: str) -> Path:
+    """The folder of a local checkpoint (a path or a bundled registry name)."""
+    from .registry import resolve
+
+    folder = Path(name) if Path(name).exists() else Path(resolve(name))
+    if not folder.is_dir():
+        raise ValueError(f"--record writes into the checkpoint, so it needs a local checkpoint folder; "
+                         f"'{name}' is not one.")
+    return folder
+
+
 def _load_detector(args: argparse.Namespace):
     from .detector import Detector
 
@@ -349,7 +367,9 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.resume:
         state = out / STATE_DIR / "progress.json"
         if not state.is_file():
-            raise TrainingError(f"--resume: '{out}' holds no training state ({STATE_DIR}/progress.json) to resume from.")
+            raise TrainingError(
+                f"--resume: '{out}' holds no training state ({STATE_DIR}/progress.json) to resume from."
+            )
         if (out / TRAIN_ARGS_NAME).is_file():
             saved_args = json.loads((out / TRAIN_ARGS_NAME).read_text())
         _warn_fixed_on_resume(args, json.loads(state.read_text()).get("config", {}))
@@ -359,7 +379,9 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     scorer_values = {**ScorerConfig().to_dict(), **saved_args.get("scorer", {})}
     sampler_values.update({k: v for k, v in given.items() if k in sampler_values})
     scorer_values.update({k: v for k, v in given.items() if k in scorer_values})
-    backbone = args.backbone if not (args.resume and args.backbone == "auto" and "backbone" in saved_args) else saved_args["backbone"]
+    backbone = args.backbone
+    if args.resume and backbone == "auto" and "backbone" in saved_args:
+        backbone = saved_args["backbone"]
     scorer_values["backbone"] = backbone
     sampler = SamplerConfig(**sampler_values)
     scorer = ScorerConfig(**scorer_values)
@@ -422,8 +444,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"--record stores metrics of the checkpoint's own settings; drop the overrides "
             f"({', '.join('--' + k.replace('_', '-') for k in sorted(overrides))}) or drop --record."
         )
-    if args.record and not Path(args.checkpoint).is_dir():
-        raise ValueError(f"--record needs a local checkpoint folder; '{args.checkpoint}' is not one.")
+    record_folder = _local_checkpoint(args.checkpoint) if args.record else None
     _check_overrides(overrides)
     json_path = _check_new_file(args.json, args.overwrite, "--json")
     maps_dir = _check_new_folder(args.save_maps, args.overwrite, "--save-maps")
@@ -453,8 +474,8 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"{args.mask_size} x {args.mask_size}.",
         }
         detector.info.pop("source", None)
-        detector.save_pretrained(args.checkpoint, overwrite=True)
-        _info(f"recorded the metrics in {Path(args.checkpoint) / 'cgdiff.json'} and its model card")
+        detector.save_pretrained(record_folder, overwrite=True)
+        _info(f"recorded the metrics in {record_folder / 'cgdiff.json'} and its model card")
     return 0
 
 

@@ -220,7 +220,9 @@ def score_reconstructions(
     compared with the masks at `recs.mask_size`. A set without both normal and anomalous
     images (normal images only, say) gets maps and scores, and None for every metric."""
     if detector.calibration is None:
-        raise ValueError("the detector is not calibrated (no pixel/feature balance): calibrate it on normal images first.")
+        raise ValueError(
+            "the detector is not calibrated (no pixel/feature balance): calibrate it on normal images first."
+        )
     config = _scorer_config(detector, scorer_config)
     d_p, d_f, distance_seconds = recs.distances(detector, config, batch_size)
     t_start = time.perf_counter()
@@ -354,7 +356,8 @@ def save_map_images(recs: Reconstructions, scored: ScoredSet, folder: str | Path
         if recs.masks is not None and recs.masks[i].any():
             gt = recs.masks[i]
             if gt.shape != (size, size):
-                gt = np.asarray(Image.fromarray(gt.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+                gt = Image.fromarray(gt.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
+                gt = np.asarray(gt) > 127
             over[mask_outline(gt, width=max(1, size // 128))] = (0, 255, 255)
         for suffix, picture in (("heatmap", heatmap(amap, threshold)), ("overlay", over)):
             target = out / f"{Path(path).stem}_{suffix}.png"
