@@ -47,6 +47,9 @@ def test_train_writes_a_checkpoint_that_records_how_it_was_made(trained):
     assert config["scorer"]["backbone"] == "efficientnet-lite0"
     assert config["calibration"]["threshold"] > 0
     assert "cgdiff train" in (ckpt / "README.md").read_text()
+    from cgdiff import Detector  # as the model card shows
+
+    assert Detector.from_pretrained(ckpt, device="cpu").sampler.w == 2.0
 
 
 def test_evaluate_prints_a_table_and_writes_json(trained, tmp_path, capsys):
