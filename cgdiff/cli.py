@@ -562,13 +562,22 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(paths), desc="detecting", unit="img", disable=args.no_progress, file=sys.stderr,
-               dynamic_ncols=True)
+    from .detector import _num_steps
+
+    steps = _num_steps(detector.settings(**overrides)[0])
+    n_chunks = math.ceil(len(paths) / args.batch_size)
+    bar = tqdm(total=n_chunks * steps, desc=f"detecting {len(paths)} image(s)", unit="step",
+               disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
     rows = []
     try:
-        for start in range(0, len(paths), args.batch_size):
+        for c, start in enumerate(range(0, len(paths), args.batch_size)):
             chunk = paths[start : start + args.batch_size]
-            results = detector.detect(chunk, batch_size=args.batch_size, threshold=args.threshold, **overrides)
+
+            def step(done: int, _total: int, base: int = c * steps) -> None:
+                bar.update(base + done - bar.n)
+
+            results = detector.detect(chunk, batch_size=args.batch_size, threshold=args.threshold, progress=step,
+                                      **overrides)
             for path, name, r in zip(chunk, names[start:], results):
                 written = []
                 if out is not None:
@@ -586,7 +595,6 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 rows.append({"image": str(path), "score": r.score, "threshold": r.threshold,
                              "relative_score": r.relative_score, "verdict": r.verdict,
                              "defect_fraction": float(r.mask.mean()), "seconds": r.seconds, "files": written})
-            bar.update(len(chunk))
     finally:
         bar.close()
 
