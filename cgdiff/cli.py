@@ -371,7 +371,10 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 f"--resume: '{out}' holds no training state ({STATE_DIR}/progress.json) to resume from."
             )
         if (out / TRAIN_ARGS_NAME).is_file():
-            saved_args = json.loads((out / TRAIN_ARGS_NAME).read_text())
+            try:
+                saved_args = json.loads((out / TRAIN_ARGS_NAME).read_text())
+            except ValueError as e:
+                raise TrainingError(f"'{out / TRAIN_ARGS_NAME}' is not valid JSON ({e}); fix or delete it.") from None
         _warn_fixed_on_resume(args, json.loads(state.read_text()).get("config", {}))
 
     # Settings not given on a resume keep the values the run was started with.
