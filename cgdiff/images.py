@@ -158,7 +158,9 @@ def load_image(source: ImageLike) -> Image.Image:
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns from 89 MP on; _check_size refuses from MAX_PIXELS (40 MP) on with the
+            # usual message, before anything is decoded. PIL's own error (above 179 MP) remains.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(stream)
             _check_size(img.width, img.height, what)
             img.load()
