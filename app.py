@@ -1,0 +1,709 @@
+"""cgdiff demo: find defects in texture images with a conditioned-guided diffusion model.
+
+    python app.py                                    # http://127.0.0.1:7860, bundled models
+    python app.py --host 0.0.0.0 --port 7860 --concurrency 2 --queue-size 32 --max-upload 20mb
+
+Every option can also be set in the environment (the command line wins):
+
+    CGDIFF_APP_HOST, CGDIFF_APP_PORT             where to listen (else GRADIO_SERVER_NAME /
+                                                 GRADIO_SERVER_PORT, else 127.0.0.1:7860)
+    CGDIFF_APP_CONCURRENCY   (1)                 inference requests run at once; others wait
+    CGDIFF_APP_QUEUE_SIZE    (32)                requests that may wait; beyond, "queue full"
+    CGDIFF_APP_MAX_UPLOAD    (20mb)              largest accepted upload
+    CGDIFF_APP_MAX_BATCH     (16)                images per batch request
+    CGDIFF_APP_MAX_MODELS    (4)                 detectors kept in memory (least recently used go)
+    CGDIFF_CHECKPOINTS                           folder with registry.json (default: checkpoints/)
+
+`import app` builds the interface as `app.demo` without serving it; `app.launch()` serves it
+with the settings above. The app holds no method code: detection, maps and pictures all come
+from the `cgdiff` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import io
+import math
+import os
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+from cgdiff import __version__
+from cgdiff.detector import Detection, Detector
+from cgdiff.hub import CheckpointError
+from cgdiff.images import ImageError, load_image
+from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoints, registry_problems
+from cgdiff.scorer import BackboneUnavailable
+from cgdiff.viz import heatmap, mask_image, overlay
+
+# ------------------------------------------------------------------------------ settings
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name} must be a whole number, got {value!r}") from None
+
+
+@dataclass
+class AppConfig:
+    host: Optional[str] = None
+    port: Optional[int] = None
+    concurrency: int = 1
+    queue_size: int = 32
+    max_upload: str = "20mb"
+    max_batch: int = 16
+    max_models: int = 4
+
+    @classmethod
+    def from_env(cls) -> "AppConfig":
+        port = os.environ.get("CGDIFF_APP_PORT", "").strip()
+        return cls(
+            host=os.environ.get("CGDIFF_APP_HOST") or None,
+            port=int(port) if port else None,
+            concurrency=_env_int("CGDIFF_APP_CONCURRENCY", cls.concurrency),
+            queue_size=_env_int("CGDIFF_APP_QUEUE_SIZE", cls.queue_size),
+            max_upload=os.environ.get("CGDIFF_APP_MAX_UPLOAD", cls.max_upload).strip() or cls.max_upload,
+            max_batch=_env_int("CGDIFF_APP_MAX_BATCH", cls.max_batch),
+            max_models=_env_int("CGDIFF_APP_MAX_MODELS", cls.max_models),
+        )
+
+
+CONFIG = AppConfig.from_env()
+OUTPUT_DIR = Path(tempfile.gettempdir()) / "cgdiff-app"  # batch downloads; pruned after an hour
+OUTPUT_MAX_AGE_S = 3600
+
+# Sampler and scorer settings the user can change, with the control's label.
+SAMPLER_KEYS = ("t0", "steps", "w", "guidance_scale", "blur_sigma", "eta")
+CALIBRATED_KEYS = SAMPLER_KEYS + ("pixel_weight",)
+SHORT_NAMES = {"t0": "t0", "steps": "K", "w": "w", "guidance_scale": "s", "blur_sigma": "blur sigma",
+               "eta": "eta", "pixel_weight": "v"}
+
+
+
+def esc(text: Any) -> str:
+    """Text shown inside HTML or Markdown: markup characters escaped, quotes kept readable."""
+    return html.escape(str(text), quote=False)
+
+
+# ------------------------------------------------------------------------------- models
+
+
+class ModelCache:
+    """Detectors by name, each loaded once and kept (the least recently used go beyond
+    `max_models`). One load runs at a time, so a burst of model switches cannot fill the
+    memory; requests for a loaded model never wait for a load."""
+
+    def __init__(self, max_models: int):
+        self.max_models = max(1, max_models)
+        self._models: OrderedDict[str, Detector] = OrderedDict()
+        self._lock = threading.Lock()  # guards _models
+        self._load_lock = threading.Lock()  # one load at a time
+        self.loads = 0  # how many times a checkpoint was read (tests check models load once)
+
+    def _cached(self, key: str) -> Optional[Detector]:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        return None
+
+    def get(self, name: str) -> Detector:
+        key = (name or "").strip()
+        if not key:
+            raise CheckpointError("no model chosen: pick one from the list or type a Hub repo id or folder.")
+        detector = self._cached(key)
+        if detector is not None:
+            return detector
+        with self._load_lock:
+            detector = self._cached(key)  # loaded while this request waited
+            if detector is not None:
+                return detector
+            detector = Detector.from_pretrained(key)
+            if detector.calibration is None:
+                raise CheckpointError(f"'{key}' holds an uncalibrated detector (no threshold); calibrate it first.")
+            with self._lock:
+                self.loads += 1
+                self._models[key] = detector
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
+        return detector
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+
+MODELS = ModelCache(CONFIG.max_models)
+LOAD_ERRORS = (CheckpointError, BackboneUnavailable, OSError, ValueError)
+
+
+def model_defaults(name: str, detector: Detector) -> dict[str, Any]:
+    s, sc = detector.sampler, detector.scorer.config
+    return {"model": name, "t0": s.t0, "steps": s.steps, "w": s.w, "guidance_scale": s.guidance_scale,
+            "blur_sigma": s.blur_sigma, "eta": s.eta, "pixel_weight": sc.pixel_weight, "seed": s.seed,
+            "threshold_scale": 1.0, "threshold": detector.threshold}
+
+
+def model_info(name: str, detector: Detector) -> str:
+    entry = next((e for e in known_checkpoints() if e.name == name), None)
+    training = detector.info.get("training", {})
+    metrics = detector.info.get("metrics", {})
+    lines = [f"**{esc(name)}**" + (f": {esc(entry.description)}" if entry and entry.description else "")]
+    lines.append(f"{esc(detector.describe())}.")
+    cal = detector.calibration
+    lines.append(f"Threshold {cal.threshold:.4g}, calibrated on {cal.n_images} normal images.")
+    if training.get("data"):
+        lines.append(f"Trained on {esc(str(training['data']))}"
+                     + (f" for {training['steps']} steps." if training.get("steps") else "."))
+    shown = [f"{k.replace('_', ' ')} {metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro")
+             if isinstance(metrics.get(k), (int, float))]
+    if shown:
+        lines.append("Measured: " + ", ".join(shown) + ".")
+    return "  \n".join(lines)
+
+
+def model_choices() -> list[tuple[str, str]]:
+    return [(f"{e.name} ({'bundled' if e.bundled else 'Hub: ' + str(e.repo_id)})", e.name) for e in known_checkpoints()]
+
+
+def example_rows() -> tuple[list[list[str]], list[str]]:
+    """[image path, model name] for every example of every bundled model, with labels."""
+    rows, labels = [], []
+    for entry in known_checkpoints():
+        paths = entry.examples()
+        kinds = [p.stem.rsplit("_", 1)[0] for p in paths]  # normal_000 -> normal, defect_scratch_000 -> defect_scratch
+        seen: dict[str, int] = {}
+        for path, kind in zip(paths, kinds):
+            seen[kind] = seen.get(kind, 0) + 1
+            number = f" {seen[kind]}" if kinds.count(kind) > 1 else ""
+            rows.append([str(path), entry.name])
+            labels.append(f"{entry.name}: {kind.replace('_', ' ')}{number}")
+    return rows, labels
+
+
+# ------------------------------------------------------------------------------- inputs
+
+
+def upload_image(**kwargs: Any) -> gr.Image:
+    """A gr.Image that hands the uploaded file over untouched (as a path).
+
+    gr.Image decodes uploads with PIL before the app sees them: a file that is not an image,
+    a corrupt one or a huge one then fails inside Gradio with a message about its temporary
+    file. Passing the file on lets `cgdiff.images.load_image` check it and say what is wrong,
+    and keeps 16-bit and transparent images intact for its conversions. (An instance-level
+    override: a gr.Image subclass would make Gradio write a type stub beside this file.)"""
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)
+    decode = component.preprocess
+
+    def preprocess(payload):
+        if payload is not None and getattr(payload, "path", None) and not str(payload.url or "").startswith("data:"):
+            return str(payload.path)
+        try:
+            return decode(payload)  # a data URL (some pastes): Gradio decodes it
+        except Exception as e:  # noqa: BLE001 - a data URL that does not decode
+            raise gr.Error(f"The pasted image could not be read ({type(e).__name__}).") from None
+
+    component.preprocess = preprocess
+    return component
+
+
+def read_upload(path: Any, what: str = "the image") -> Image.Image:
+    """Decode an uploaded file; ImageError messages name the file by its original name."""
+    if path is None or (isinstance(path, str) and not path.strip()):
+        raise ImageError("no image yet: upload one, paste one, use the webcam, or click an example.")
+    try:
+        return load_image(path)
+    except ImageError as e:
+        message = str(e)
+        if isinstance(path, (str, os.PathLike)):
+            message = message.replace(f"'{path}'", f"'{Path(path).name}'")
+        raise ImageError(message) from None
+
+
+def overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed) -> dict[str, Any]:
+    """Control values -> detect() overrides; empty numbers mean 'the checkpoint's value'."""
+    values = {"t0": t0, "steps": steps, "w": w, "guidance_scale": guidance_scale, "blur_sigma": blur_sigma,
+              "eta": eta, "pixel_weight": pixel_weight, "seed": seed}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{SHORT_NAMES.get(key, key)} must be a finite number, got {value}.")
+        out[key] = int(round(value)) if key in ("t0", "steps", "seed") else value
+    return out
+
+
+def calibration_note(defaults: dict[str, Any], overrides: dict[str, Any]) -> str:
+    """A short note when sampler or balance settings differ from those the threshold was
+    calibrated at; empty otherwise."""
+    changed = [k for k in CALIBRATED_KEYS if k in overrides and k in defaults
+               and not math.isclose(float(overrides[k]), float(defaults[k]), rel_tol=1e-6, abs_tol=1e-9)]
+    if not changed:
+        return ""
+    at = ", ".join(f"{SHORT_NAMES[k]}={defaults[k]:g}" for k in CALIBRATED_KEYS if k in defaults)
+    moved = ", ".join(SHORT_NAMES[k] for k in changed)
+    return (f"Note: you changed {moved}. The threshold and the pixel/feature balance were calibrated at "
+            f"this model's defaults ({at}); scores may shift, so read the verdict as indicative, or press "
+            "*Reset to model defaults*.")
+
+
+# ------------------------------------------------------------------------------ outputs
+
+VERDICT_STYLE = {
+    "anomalous": ("#b42318", "#fef3f2", "ANOMALOUS: defect found"),
+    "normal": ("#067647", "#ecfdf3", "NORMAL: no defect found"),
+    "error": ("#93370d", "#fffaeb", "Cannot inspect this input"),
+    "idle": ("#344054", "#f9fafb", "No result yet"),
+}
+
+
+def verdict_html(kind: str, detail: str = "") -> str:
+    fg, bg, title = VERDICT_STYLE[kind]
+    return (
+        f'<div class="cgdiff-verdict" data-verdict="{kind}" style="border:2px solid {fg};background:{bg};'
+        f'color:{fg};border-radius:10px;padding:12px 16px;">'
+        f'<div style="font-size:1.45em;font-weight:700;">{esc(title)}</div>'
+        f'<div style="margin-top:4px;color:#101828;">{detail}</div></div>'
+    )
+
+
+def describe_result(result: Detection, threshold_scale: float, seconds_total: float, steps: int) -> str:
+    relation = ">" if result.is_anomalous else "&le;"
+    fraction = float(result.mask.mean())
+    parts = [
+        f"Score <b>{result.score:.4g}</b> {relation} threshold <b>{result.threshold:.4g}</b> "
+        f"({result.relative_score:.2f}&times; the threshold"
+        + (f"; threshold set to {threshold_scale:g}&times; the calibrated one" if threshold_scale != 1 else "")
+        + ").",
+    ]
+    if result.is_anomalous:
+        parts.append(f"Predicted defect area: {100 * fraction:.1f}% of the image.")
+    parts.append(f"Time: {result.seconds:.2f} s for {steps} denoising steps and scoring "
+                 f"({seconds_total:.2f} s in all).")
+    return "<br>".join(parts)
+
+
+def pictures(result: Detection) -> list[np.ndarray]:
+    return [
+        result.image,
+        result.reconstruction,
+        heatmap(result.anomaly_map, result.threshold),
+        overlay(result.image, result.anomaly_map, result.threshold),
+        mask_image(result.mask),
+    ]
+
+
+def result_details(name: str, result: Detection, overrides: dict[str, Any], threshold_scale: float,
+                   seconds_total: float, note: str) -> dict[str, Any]:
+    return {
+        "model": name,
+        "verdict": result.verdict,
+        "score": round(result.score, 6),
+        "threshold": round(result.threshold, 6),
+        "relative_score": round(result.relative_score, 4),
+        "threshold_scale": threshold_scale,
+        "defect_fraction": round(float(result.mask.mean()), 5),
+        "seconds": round(result.seconds, 3),
+        "seconds_total": round(seconds_total, 3),
+        "settings": overrides,
+        "note": note,
+    }
+
+
+def prune_outputs() -> None:
+    if not OUTPUT_DIR.is_dir():
+        return
+    cutoff = time.time() - OUTPUT_MAX_AGE_S
+    for path in OUTPUT_DIR.iterdir():
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def _threshold_scale(value: Any) -> float:
+    scale = 1.0 if value is None or value == "" else float(value)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the threshold scale must be a number above 0, got {value!r}.")
+    return scale
+
+
+def _progress_callback(progress: gr.Progress, label: str):
+    def report(done: int, total: int) -> None:
+        progress((done, total), desc=label, unit="steps")
+
+    return report
+
+
+def select_model(name: str, current: str, defaults: dict):
+    """Model picker changed: load the model (once) and load its defaults into the controls.
+    A model that cannot be loaded leaves the previous one in place and says why."""
+    name = (name or "").strip()
+    keep = [gr.update()] * 10  # the nine controls and the calibration note
+    if not name or name == current:
+        return [gr.update(), *keep, gr.update(), gr.update(), current, defaults]
+    try:
+        detector = MODELS.get(name)
+    except LOAD_ERRORS as e:
+        message = f"Cannot use model '{name}': {e}"
+        gr.Warning(message, duration=15)
+        status = f"**{esc(message)}**  \nStill using **{esc(current or 'no model')}**."
+        return [gr.update(value=current), *keep, gr.update(), status, current, defaults]
+    d = model_defaults(name, detector)
+    return [gr.update(), *control_values(d), model_info(name, detector), "", name, d]
+
+
+def control_values(d: dict[str, Any]) -> list[Any]:
+    """Values for the ten controls (t0 ... seed, then the threshold slider's label)."""
+    return [
+        d["t0"], d["steps"], d["w"], d["guidance_scale"], d["blur_sigma"], d["eta"], d["pixel_weight"],
+        gr.update(value=1.0, info=f"1 = the calibrated threshold {d['threshold']:.4g}"),
+        d["seed"], "",
+    ]
+
+
+def reset_controls(defaults: dict):
+    if not defaults:
+        return [gr.update()] * 10
+    return control_values(defaults)
+
+
+def note_for(defaults: dict, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight):
+    try:
+        overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, None)
+    except (TypeError, ValueError):
+        return ""
+    return calibration_note(defaults or {}, overrides)
+
+
+def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
+            progress=gr.Progress()):
+    """Inspect one image; returns the verdict, five pictures and the details."""
+    started = time.perf_counter()
+    blank = [None] * 5
+    try:
+        picture = read_upload(image)
+        detector = MODELS.get(model)
+        overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
+        scale = _threshold_scale(threshold_scale)
+        sampler, _ = detector.settings(**overrides)
+        result = detector.detect(picture, threshold=scale * detector.threshold,
+                                 progress=_progress_callback(progress, "Denoising"), **overrides)[0]
+    except LOAD_ERRORS as e:  # ImageError, CheckpointError and bad settings are all ValueErrors
+        message = str(e)
+        gr.Warning(message, duration=12)
+        return [verdict_html("error", esc(message)), *blank, {"verdict": "error", "error": message}]
+    seconds_total = time.perf_counter() - started
+    note = calibration_note(model_defaults(model, detector), overrides)
+    detail = describe_result(result, scale, seconds_total, sampler.steps)
+    details = result_details(model.strip(), result, overrides, scale, seconds_total, note)
+    return [verdict_html(result.verdict, detail), *pictures(result), details]
+
+
+def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
+                  progress=gr.Progress()):
+    """Inspect several images: a table of scores and verdicts, the overlays, and a zip of all maps."""
+    headers = BATCH_HEADERS
+    paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
+    if not paths:
+        return [[], [], None, "Add some images first (drop several files at once)."]
+    if len(paths) > CONFIG.max_batch:
+        message = f"{len(paths)} files: a batch takes at most {CONFIG.max_batch}. Split them into smaller batches."
+        gr.Warning(message)
+        return [[], [], None, message]
+    try:
+        detector = MODELS.get(model)
+        overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
+        scale = _threshold_scale(threshold_scale)
+        detector.settings(**overrides)
+    except LOAD_ERRORS as e:
+        gr.Warning(str(e))
+        return [[], [], None, esc(str(e))]
+
+    rows: list[list[Any]] = []
+    good: list[tuple[int, str, torch.Tensor]] = []
+    for i, path in enumerate(paths):
+        name = Path(path).name
+        try:
+            # Each file is decoded once and kept only at the working size, so a batch of big
+            # photos does not hold them all in memory.
+            good.append((i, name, detector.prepare(read_upload(path))))
+            rows.append([name, "", None, None, None, None, None, ""])
+        except ImageError as e:
+            rows.append([name, "error", None, None, None, None, None, str(e)])
+    gallery, results = [], []
+    if good:
+        results = detector.detect(torch.cat([g[2] for g in good]), threshold=scale * detector.threshold,
+                                  progress=_progress_callback(progress, f"Denoising {len(good)} images"), **overrides)
+    prune_outputs()
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    archive = OUTPUT_DIR / f"cgdiff-maps-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.zip"
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(headers)
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for (i, name, _), result in zip(good, results):
+            fraction = 100 * float(result.mask.mean())
+            rows[i] = [name, result.verdict, round(result.score, 5), round(result.threshold, 5),
+                       round(result.relative_score, 3), round(fraction, 2), round(result.seconds, 2), ""]
+            stem = f"{i:03d}_{Path(name).stem}"
+            images = pictures(result)
+            for kind, array in zip(("input", "reconstruction", "heatmap", "overlay", "mask"), images):
+                zf.writestr(f"{stem}/{kind}.png", png_bytes(array))
+            buffer = io.BytesIO()
+            np.save(buffer, result.anomaly_map.astype(np.float32))
+            zf.writestr(f"{stem}/anomaly_map.npy", buffer.getvalue())
+            gallery.append((images[3], f"{name}: {result.verdict} ({result.relative_score:.2f}x)"))
+        for row in rows:
+            writer.writerow(row)
+        zf.writestr("scores.csv", table.getvalue())
+        zf.writestr("README.txt", (
+            f"cgdiff {__version__}, model '{model}', settings {overrides or 'as stored in the checkpoint'}, "
+            f"threshold {scale:g} x calibrated.\nPer image: input, reconstruction, heat map (fixed scale, "
+            "mid-scale = threshold), overlay, predicted mask (PNG) and the raw anomaly map (float32 .npy).\n"))
+    n_bad = sum(1 for r in rows if r[1] == "error")
+    n_anomalous = sum(1 for r in results if r.is_anomalous)
+    status = f"{len(results)} images inspected: {n_anomalous} anomalous, {len(results) - n_anomalous} normal."
+    if n_bad:
+        status += f" {n_bad} file(s) could not be read (see the message column)."
+    return [rows, gallery, str(archive), status]
+
+
+def detect_api(image, model):
+    """API: inspect one image with the model's stored settings and calibrated threshold.
+    `model`: a bundled name, Hub repo id or folder (empty: the default model)."""
+    name = (model or "").strip() or (DEFAULT.name if DEFAULT else "")
+    try:
+        detector = MODELS.get(name)
+        result = detector.detect(read_upload(image))[0]
+    except LOAD_ERRORS as e:
+        raise gr.Error(str(e)) from None
+    return result_details(name, result, {}, 1.0, result.seconds, "")
+
+
+# ------------------------------------------------------------------------------- layout
+
+DEFAULT = default_checkpoint()
+
+INTRO = """\
+# cgdiff: texture anomaly detection with a diffusion model
+
+A diffusion model trained on **normal** texture images only rebuilds each image without its
+defects: the input is partly noised (start step t0), then denoised in K steps while being
+pulled toward the input (conditioning weight w) and sharpened (blur guidance s). Where the input
+and its reconstruction differ, in pixels and in pretrained CNN features, there is a defect.
+Pick a model and an example (or upload your own image) and press **Inspect**.
+"""
+
+CSS = """
+/* Results are small (the model's working size): fill the frame instead of showing a thumbnail. */
+.cgdiff-pic img { width: 100%; height: 100%; object-fit: contain; }
+"""
+
+
+BATCH_HEADERS = ["file", "verdict", "score", "threshold", "x thr", "area %", "seconds", "message"]
+PIC = dict(format="png", interactive=False, height=230, elem_classes=["cgdiff-pic"])
+
+
+def build_demo() -> gr.Blocks:
+    defaults: dict[str, Any] = {}
+    info = "No model is available yet."
+    status = ""
+    start_name = DEFAULT.name if DEFAULT else ""
+    if DEFAULT is not None:
+        try:
+            detector = MODELS.get(DEFAULT.name)
+            defaults = model_defaults(DEFAULT.name, detector)
+            info = model_info(DEFAULT.name, detector)
+        except LOAD_ERRORS as e:
+            status = f"**The default model '{esc(DEFAULT.name)}' cannot be loaded:** {esc(str(e))}"
+            start_name = ""
+    else:
+        problems = "; ".join(registry_problems())
+        status = (f"No bundled models found in {esc(str(checkpoints_dir()))}"
+                  + (f" ({esc(problems)})" if problems else "")
+                  + ". Type a Hub repo id or a checkpoint folder in the model box.")
+    d = defaults or {"t0": 250, "steps": 10, "w": 3.0, "guidance_scale": 0.5, "blur_sigma": 1.0, "eta": 0.0,
+                     "pixel_weight": 1.0, "seed": 0, "threshold": float("nan")}
+    rows, labels = example_rows()
+
+    with gr.Blocks(title="cgdiff: texture anomaly detection") as demo:
+        current = gr.State(start_name)
+        defaults_state = gr.State(defaults)
+        gr.Markdown(INTRO)
+        with gr.Row():
+            model = gr.Dropdown(
+                model_choices(), value=start_name or None, allow_custom_value=True, label="Model",
+                info="A bundled model, or type a Hub repo id (owner/name) or a checkpoint folder and press Enter.",
+                scale=2, elem_id="model",
+            )
+            with gr.Column(scale=3):
+                info_md = gr.Markdown(info, elem_id="model-info")
+                status_md = gr.Markdown(status, elem_id="model-status")
+
+        with gr.Accordion("Method settings (defaults come from the chosen model)", open=False, elem_id="settings"):
+            with gr.Row():
+                t0 = gr.Slider(1, 999, value=d["t0"], step=1, label="Noise level: start step t0",
+                               info="How far the input is noised before denoising (of 1000).")
+                steps = gr.Slider(1, 50, value=d["steps"], step=1, label="Denoising steps K",
+                                  info="Model steps from t0 down to 0; time grows with K.")
+                w = gr.Slider(0, 20, value=d["w"], step=0.1, label="Conditioning weight w",
+                              info="Pull toward the input; too high copies defects back.")
+            with gr.Row():
+                guidance_scale = gr.Slider(0, 3, value=d["guidance_scale"], step=0.05, label="Blur-guidance scale s",
+                                           info="0 switches it off (and halves the model calls).")
+                blur_sigma = gr.Slider(0.1, 10, value=d["blur_sigma"], step=0.1, label="Blur sigma",
+                                       info="Gaussian blur of the predicted clean image.")
+                eta = gr.Slider(0, 1, value=d["eta"], step=0.05, label="eta",
+                                info="0: deterministic DDIM; 1: stochastic steps.")
+            with gr.Row():
+                pixel_weight = gr.Slider(0, 5, value=d["pixel_weight"], step=0.05, label="Pixel / feature balance v",
+                                         info="Weight of the pixel difference against the feature difference.")
+                threshold_scale = gr.Slider(
+                    0.25, 4, value=1.0, step=0.01, label="Threshold (x the calibrated one)",
+                    info=(f"1 = the calibrated threshold {d['threshold']:.4g}" if defaults else "1 = the calibrated threshold"),
+                )
+                seed = gr.Number(value=d["seed"], precision=0, label="Seed", info="Noise of the partial diffusion.")
+            with gr.Row():
+                reset = gr.Button("Reset to model defaults", variant="secondary", elem_id="reset")
+                note_md = gr.Markdown("", elem_id="calibration-note")
+        controls = [t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed]
+        calibrated_controls = [t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight]
+
+        with gr.Tabs():
+            with gr.Tab("Inspect an image", id="inspect"):
+                with gr.Row():
+                    with gr.Column(scale=2, min_width=280):
+                        image = upload_image(sources=["upload", "clipboard", "webcam"],
+                                            label="Image to inspect", height=320, elem_id="input-image")
+                        run = gr.Button("Inspect", variant="primary", elem_id="run")
+                        if rows:
+                            gr.Examples(rows, inputs=[image, model], example_labels=labels, cache_examples=False,
+                                        label="Examples (generated defects; clicking one also picks its model)",
+                                        examples_per_page=12)
+                    with gr.Column(scale=3, min_width=360):
+                        verdict = gr.HTML(verdict_html("idle", "Upload an image or click an example, then press Inspect."),
+                                          elem_id="verdict")
+                        with gr.Row():
+                            seen = gr.Image(label="Input (as the model sees it)", **PIC)
+                            recon = gr.Image(label="Reconstruction", **PIC)
+                            heat = gr.Image(label="Heat map (mid-scale = threshold)", **PIC)
+                        with gr.Row():
+                            over = gr.Image(label="Overlay (outline: predicted defect)", **PIC)
+                            mask = gr.Image(label="Predicted defect mask", **PIC)
+                        with gr.Accordion("Details", open=False):
+                            details = gr.JSON(label="Result", elem_id="details")
+
+            with gr.Tab("Batch", id="batch"):
+                gr.Markdown(f"Inspect up to {CONFIG.max_batch} images at once with the model and settings above; "
+                            "download every map as a zip.")
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=260):
+                        files = gr.File(file_count="multiple", label="Images", elem_id="batch-files")
+                        run_batch = gr.Button("Inspect all", variant="primary", elem_id="run-batch")
+                        batch_status = gr.Markdown("", elem_id="batch-status")
+                        archive = gr.File(label="Maps and scores (zip)", interactive=False)
+                    with gr.Column(scale=2, min_width=360):
+                        table = gr.Dataframe(
+                            headers=BATCH_HEADERS,
+                            datatype=["str", "str", "number", "number", "number", "number", "number", "str"],
+                            label="Scores (x thr: score / threshold; area: predicted defect pixels)",
+                            interactive=False, wrap=True,
+                            column_widths=["18%", "10%", "8%", "9%", "7%", "7%", "6%", "35%"],
+                        )
+                        gallery = gr.Gallery(label="Overlays", columns=4, height=320, format="png",
+                                             object_fit="contain")
+
+        gr.Markdown(f"cgdiff {__version__}. The verdict compares the image score (maximum of the anomaly map) "
+                    "with a threshold calibrated on normal images of the model's texture; colours in the heat "
+                    "map use a fixed scale, so they mean the same in every image.")
+
+        # Events. Inference runs through one queue with the configured concurrency: extra
+        # requests wait their turn instead of running at once. Choosing a model does not wait
+        # behind inference (the cache loads one model at a time).
+        model.change(select_model, [model, current, defaults_state],
+                     [model, *controls, note_md, info_md, status_md, current, defaults_state],
+                     api_name="select_model", concurrency_limit=None, concurrency_id="models")
+        reset.click(reset_controls, defaults_state, [*controls, note_md], api_name="reset", queue=False)
+        for control in calibrated_controls:
+            control.change(note_for, [defaults_state, *calibrated_controls], note_md, queue=False,
+                           show_progress="hidden", api_visibility="private")
+        run.click(inspect, [image, model, *controls], [verdict, seen, recon, heat, over, mask, details],
+                  api_name="inspect", concurrency_id="inference")
+        run_batch.click(inspect_batch, [files, model, *controls], [table, gallery, archive, batch_status],
+                        api_name="batch", concurrency_id="inference")
+        # API only: one image with the model's stored settings (no control values needed).
+        api_button = gr.Button(visible=False)
+        api_button.click(detect_api, [image, model], details, api_name="detect", concurrency_id="inference")
+    return demo
+
+
+demo = build_demo()
+
+
+# ------------------------------------------------------------------------------- serving
+
+
+def launch(config: Optional[AppConfig] = None, **kwargs: Any):
+    """Serve `demo` with the queue, concurrency and upload limits of `config` (default: the
+    environment). Extra keyword arguments go to `demo.launch`."""
+    config = config or CONFIG
+    demo.queue(default_concurrency_limit=max(1, config.concurrency), max_size=config.queue_size or None)
+    options: dict[str, Any] = dict(
+        server_name=config.host, server_port=config.port, max_file_size=config.max_upload,
+        allowed_paths=[str(checkpoints_dir())], css=CSS, show_error=True,
+    )
+    options.update(kwargs)
+    return demo.launch(**options)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    env = AppConfig.from_env()
+    parser = argparse.ArgumentParser(description="Serve the cgdiff demo.")
+    parser.add_argument("--host", default=env.host, help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=env.port, help="port (default 7860, or the next free one)")
+    parser.add_argument("--concurrency", type=int, default=env.concurrency, help="inference requests run at once")
+    parser.add_argument("--queue-size", type=int, default=env.queue_size, help="requests that may wait (0: no limit)")
+    parser.add_argument("--max-upload", default=env.max_upload, help="largest upload, e.g. 20mb")
+    parser.add_argument("--max-batch", type=int, default=env.max_batch, help="images per batch request")
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    args = parser.parse_args(argv)
+    CONFIG.max_batch = args.max_batch
+    config = AppConfig(host=args.host, port=args.port, concurrency=args.concurrency, queue_size=args.queue_size,
+                       max_upload=args.max_upload, max_batch=args.max_batch, max_models=env.max_models)
+    launch(config, share=args.share or None)
+
+
+if __name__ == "__main__":
+    main()
