@@ -1,0 +1,420 @@
+"""The Gradio app, served on 127.0.0.1 and driven as users drive it: with gradio_client and
+with a real browser (headless Chromium). Runs against the bundled checkpoints of the
+registry ($CGDIFF_CHECKPOINTS points elsewhere)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cgdiff.registry import known_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_UPLOAD = "2mb"
+FAST = 2  # denoising steps where a test is about plumbing, not detection quality
+
+BUNDLED = [e for e in known_checkpoints() if e.bundled and e.examples()]
+pytestmark = pytest.mark.skipif(not BUNDLED, reason="no bundled checkpoints with examples in the registry")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    sys.path.insert(0, str(REPO))
+    try:
+        import app
+    finally:
+        sys.path.remove(str(REPO))
+    return app
+
+
+@pytest.fixture(scope="module")
+def server(app_module):
+    config = app_module.AppConfig(host="127.0.0.1", port=_free_port(), concurrency=1, queue_size=16,
+                                  max_upload=MAX_UPLOAD, max_batch=8)
+    app_module.CONFIG.max_batch = config.max_batch
+    _, url, _ = app_module.launch(config, prevent_thread_lock=True, quiet=True)
+    yield url
+    app_module.demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def _examples(entry, prefix: str) -> list[Path]:
+    return [p for p in entry.examples() if p.name.startswith(prefix)]
+
+
+def _controls(app, name: str) -> list:
+    """A model's defaults as control values: t0, K, w, s, sigma, eta, v, threshold scale, seed."""
+    d = app.model_defaults(name, app.MODELS.get(name))
+    return [d[k] for k in ("t0", "steps", "w", "guidance_scale", "blur_sigma", "eta", "pixel_weight")] + [1.0, d["seed"]]
+
+
+def _inspect(client, image, model, controls, **changes):
+    from gradio_client import handle_file
+
+    names = ["t0", "steps", "w", "guidance_scale", "blur_sigma", "eta", "pixel_weight", "threshold_scale", "seed"]
+    values = dict(zip(names, controls))
+    values.update(changes)
+    out = client.predict(handle_file(str(image)), model, *[values[n] for n in names], api_name="/inspect")
+    verdict_html, pictures, details = out[0], out[1:6], out[6]
+    return verdict_html, pictures, details
+
+
+def _value(output):
+    """An output as the client returns it: a plain value, or an update dict holding one."""
+    if isinstance(output, dict) and output.get("__type__") == "update":
+        return output.get("value")
+    return output
+
+
+def _png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------- detection
+
+
+@pytest.mark.parametrize("entry", BUNDLED, ids=[e.name for e in BUNDLED])
+def test_defect_examples_score_higher_and_normal_ones_pass(client, entry):
+    from gradio_client import handle_file
+
+    normals, defects = _examples(entry, "normal"), _examples(entry, "defect")
+    assert normals and defects, f"{entry.name} ships examples of both kinds"
+    normal = [client.predict(handle_file(str(p)), entry.name, api_name="/detect") for p in normals]
+    defect = [client.predict(handle_file(str(p)), entry.name, api_name="/detect") for p in defects]
+    assert all(r["verdict"] == "normal" for r in normal), normal
+    assert max(r["score"] for r in defect) > max(r["score"] for r in normal)
+    assert any(r["verdict"] == "anomalous" for r in defect), defect
+    for r in defect:
+        if r["verdict"] == "anomalous":
+            assert 0 < r["defect_fraction"] < 0.5  # a region, not the whole image
+
+
+def test_the_mask_covers_the_defect(client, app_module, tmp_path):
+    """A defect with a known mask, made from a normal example: the predicted mask lies on it."""
+    from cgdiff.data import SyntheticDefects
+
+    entry = BUNDLED[0]
+    base = np.asarray(Image.open(_examples(entry, "normal")[0]).convert("RGB"))
+    image, truth = SyntheticDefects(seed=3, area=(0.08, 0.12)).apply(base, "texture")
+    path = _png(tmp_path / "foreign_texture.png", image)
+    verdict, pictures, details = _inspect(client, path, entry.name, _controls(app_module, entry.name))
+    assert details["verdict"] == "anomalous" and 'data-verdict="anomalous"' in verdict
+    predicted = np.asarray(Image.open(pictures[4]).convert("L")) > 127
+    size = predicted.shape[0]
+    truth = np.asarray(Image.fromarray(truth).resize((size, size), Image.Resampling.NEAREST))
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(truth, iterations=max(2, size // 32))
+    assert predicted.any()
+    assert (predicted & near).sum() / predicted.sum() > 0.6, "the predicted mask is mostly on the defect"
+    assert (predicted & truth).sum() / truth.sum() > 0.2, "and covers a good part of it"
+    heat = np.asarray(Image.open(pictures[2]).convert("L")).astype(float)
+    assert heat[near].mean() > heat[~near].mean()
+
+
+def test_controls_change_the_result_and_the_note_says_when_off_calibration(client, app_module):
+    entry = BUNDLED[0]
+    normal = _examples(entry, "normal")[0]
+    controls = _controls(app_module, entry.name)
+    _, _, base = _inspect(client, normal, entry.name, controls, steps=FAST)
+    assert base["settings"]["steps"] == FAST and "calibrated" in base["note"]
+    _, _, no_w = _inspect(client, normal, entry.name, controls, steps=FAST, w=0.0)
+    assert no_w["score"] != pytest.approx(base["score"], rel=1e-4)
+    _, _, v0 = _inspect(client, normal, entry.name, controls, steps=FAST, pixel_weight=0.0)
+    assert v0["score"] != pytest.approx(base["score"], rel=1e-4)
+    _, _, seed = _inspect(client, normal, entry.name, controls, steps=FAST, seed=123)
+    assert seed["score"] != pytest.approx(base["score"], rel=1e-6)
+    # The threshold control moves the decision, not the score.
+    low = base["score"] / base["threshold"] * 0.5
+    verdict, pictures, strict = _inspect(client, normal, entry.name, controls, steps=FAST, threshold_scale=max(low, 0.25))
+    assert strict["score"] == pytest.approx(base["score"], rel=1e-6)
+    assert strict["threshold"] < base["threshold"]
+    if strict["score"] > strict["threshold"]:
+        assert strict["verdict"] == "anomalous" and "ANOMALOUS" in verdict
+        assert np.asarray(Image.open(pictures[4])).max() == 255
+    # At the model's own settings there is no note.
+    _, _, at_defaults = _inspect(client, normal, entry.name, controls)
+    assert at_defaults["note"] == "" and at_defaults["settings"]["steps"] == controls[1]
+    # The note also appears in the settings panel as the sliders move (no request needed).
+    defaults = app_module.model_defaults(entry.name, app_module.MODELS.get(entry.name))
+    assert app_module.note_for(defaults, *controls[:7]) == ""
+    assert "calibrated" in app_module.note_for(defaults, controls[0] + 100, *controls[1:7])
+
+
+def test_models_load_once(client, app_module):
+    entry = BUNDLED[0]
+    normal = _examples(entry, "normal")[0]
+    controls = _controls(app_module, entry.name)
+    for _ in range(2):
+        _inspect(client, normal, entry.name, controls, steps=1)
+        for other in BUNDLED:
+            client.predict(other.name, api_name="/select_model")
+    loads = app_module.MODELS.loads
+    for _ in range(2):
+        for other in BUNDLED:
+            client.predict(other.name, api_name="/select_model")
+            _inspect(client, normal, entry.name, controls, steps=1)
+    assert app_module.MODELS.loads == loads
+
+
+def test_choosing_a_model_loads_its_defaults_into_the_controls(client, app_module):
+    if len(BUNDLED) < 2:
+        pytest.skip("needs two bundled models to switch between")
+    client.reset_session()
+    for entry in BUNDLED[1:] + BUNDLED[:1]:
+        out = [_value(o) for o in client.predict(entry.name, api_name="/select_model")]
+        expected = _controls(app_module, entry.name)
+        assert out[1:8] == pytest.approx(expected[:7]) and out[8] == 1.0 and out[9] == expected[8]
+        assert entry.name in out[11] and "Threshold" in out[11]  # the model card line
+
+
+def test_an_unreachable_hub_model_says_why_and_the_bundled_ones_keep_working(client, monkeypatch):
+    from gradio_client import handle_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the server runs in this process
+    client.reset_session()  # the picker starts on the default model
+    out = client.predict("nobody-here/no-such-cgdiff-model", api_name="/select_model")
+    model, status = _value(out[0]), out[12]
+    assert model == BUNDLED[0].name, "the picker goes back to the working model"
+    assert "Cannot use model 'nobody-here/no-such-cgdiff-model'" in status and "HF_HUB_OFFLINE" in status
+    with pytest.raises(Exception, match="neither an existing checkpoint folder"):
+        client.predict(handle_file(str(_examples(BUNDLED[0], "normal")[0])), "not a model", api_name="/detect")
+    ok = client.predict(handle_file(str(_examples(BUNDLED[0], "normal")[0])), BUNDLED[0].name, api_name="/detect")
+    assert ok["verdict"] == "normal"
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    good = np.asarray(Image.open(_examples(BUNDLED[0], "normal")[0]).convert("RGB"))
+    files = {"not_an_image": d / "notes.png", "corrupted": d / "corrupted.png", "tiny": d / "tiny.png",
+             "huge": d / "huge.png"}
+    files["not_an_image"].write_text("this is a text file, not a picture\n")
+    buffer = io.BytesIO()
+    Image.fromarray(good).save(buffer, format="PNG")
+    files["corrupted"].write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    _png(files["tiny"], np.zeros((1, 1, 3), np.uint8))
+    Image.new("L", (10000, 10000), 128).save(files["huge"])  # 100 MP, a small file
+    rgba = np.dstack([good, np.full(good.shape[:2], 200, np.uint8)])
+    files["rgba"] = _png(d / "rgba.png", rgba, "RGBA")
+    grey16 = (good.mean(axis=2) * 257).astype(np.uint16)
+    files["grey16"] = d / "grey16.png"
+    Image.fromarray(grey16).save(files["grey16"])
+    assert Image.open(files["grey16"]).mode.startswith("I;16") or Image.open(files["grey16"]).mode == "I"
+    return files
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("not_an_image", "not an image file"),
+        ("corrupted", "could not be decoded"),
+        ("tiny", "too small to inspect"),
+        ("huge", "above the 40 MP limit"),
+        ("rgba", None),
+        ("grey16", None),
+    ],
+)
+def test_bad_uploads_get_a_readable_message_and_the_app_keeps_serving(client, app_module, bad_files, kind, message):
+    entry = BUNDLED[0]
+    controls = _controls(app_module, entry.name)
+    verdict, pictures, details = _inspect(client, bad_files[kind], entry.name, controls, steps=1)
+    if message is None:  # odd but valid images are converted and inspected
+        assert details["verdict"] in ("normal", "anomalous") and all(pictures)
+    else:
+        assert details["verdict"] == "error" and message in details["error"], details
+        assert 'data-verdict="error"' in verdict and message in verdict
+        assert "/tmp/gradio" not in details["error"], "the message names the user's file, not a temp path"
+        assert not any(pictures)
+    _, _, after = _inspect(client, _examples(entry, "normal")[0], entry.name, controls, steps=1)
+    assert after["verdict"] in ("normal", "anomalous")
+
+
+def test_uploads_over_the_size_limit_are_refused(client, server, tmp_path):
+    import httpx
+    from gradio_client import handle_file
+
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    with big.open("rb") as f:
+        response = httpx.post(f"{server.rstrip('/')}/gradio_api/upload", files={"files": ("big.png", f, "image/png")})
+    assert response.status_code == 413 and "maximum allowed size" in response.text
+    still = client.predict(handle_file(str(_examples(BUNDLED[0], "normal")[0])), BUNDLED[0].name, api_name="/detect")
+    assert still["verdict"] == "normal"
+
+
+# -------------------------------------------------------------------------------- batch
+
+
+def test_batch_gives_a_table_and_a_zip_of_maps(client, app_module, bad_files):
+    from gradio_client import handle_file
+
+    entry = BUNDLED[0]
+    controls = _controls(app_module, entry.name)
+    paths = [_examples(entry, "normal")[0], _examples(entry, "defect")[0], bad_files["not_an_image"]]
+    controls[1] = FAST
+    table, gallery, archive, status = client.predict([handle_file(str(p)) for p in paths], entry.name, *controls,
+                                                     api_name="/batch")
+    rows = table["data"]
+    assert [r[0] for r in rows] == [p.name for p in paths]
+    assert rows[0][1] in ("normal", "anomalous") and rows[1][1] in ("normal", "anomalous")
+    assert rows[2][1] == "error" and "not an image file" in rows[2][7]
+    assert len(gallery) == 2 and "2 images inspected" in status and "1 file(s) could not be read" in status
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+        assert {"scores.csv", "000_normal_000/heatmap.png", "000_normal_000/anomaly_map.npy",
+                "001_" + paths[1].stem + "/mask.png"} <= names
+        amap = np.load(io.BytesIO(zf.read("000_normal_000/anomaly_map.npy")))
+        assert amap.ndim == 2 and amap.dtype == np.float32
+        assert float(amap.max()) == pytest.approx(rows[0][2], rel=1e-3)
+
+
+def test_batch_size_is_limited(client, app_module):
+    from gradio_client import handle_file
+
+    entry = BUNDLED[0]
+    paths = [handle_file(str(_examples(entry, "normal")[0]))] * 9  # the test server allows 8
+    _, _, archive, status = client.predict(paths, entry.name, *_controls(app_module, entry.name), api_name="/batch")
+    assert archive is None and "at most 8" in status
+
+
+# ------------------------------------------------------------------------------ serving
+
+
+def test_simultaneous_requests_wait_their_turn(client, app_module, monkeypatch):
+    """The server runs with concurrency 1: inference requests never overlap."""
+    from gradio_client import handle_file
+
+    entry = BUNDLED[0]
+    detector = app_module.MODELS.get(entry.name)
+    original = detector.detect
+    lock = __import__("threading").Lock()
+    active, peak = [0], [0]
+
+    def counting(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.2)
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(detector, "detect", counting)
+    image = handle_file(str(_examples(entry, "normal")[0]))
+    jobs = [client.submit(image, entry.name, *_controls(app_module, entry.name)[:1], 1,
+                          *_controls(app_module, entry.name)[2:], api_name="/inspect") for _ in range(3)]
+    jobs.append(client.submit(image, entry.name, api_name="/detect"))
+    results = [job.result(timeout=120) for job in jobs]
+    assert all(r[-1]["verdict"] in ("normal", "anomalous") for r in results[:3])
+    assert results[3]["verdict"] in ("normal", "anomalous")
+    assert peak[0] == 1, f"{peak[0]} inference requests ran at once"
+
+
+def test_queue_and_upload_limits_are_configured(app_module, server):
+    demo = app_module.demo
+    assert demo._queue.default_concurrency_limit == 1 and demo._queue.max_size == 16
+    assert demo.max_file_size == 2 * 1024 * 1024
+    heavy = [fn for fn in demo.fns.values() if fn.api_name in ("inspect", "batch", "detect")]
+    assert len(heavy) == 3 and {fn.concurrency_id for fn in heavy} == {"inference"}
+    assert {fn.concurrency_limit for fn in heavy} == {"default"}  # i.e. the queue's limit
+
+
+def test_requirements_for_spaces_cover_the_package_dependencies():
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [ln.split("#")[0].strip() for ln in (REPO / "requirements.txt").read_text().splitlines()]
+    required = {ln.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower().replace("_", "-")
+                for ln in lines if ln and not ln.startswith("-")}
+    names = {d.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower().replace("_", "-") for d in declared}
+    assert names <= required, f"requirements.txt lacks {sorted(names - required)}"
+
+
+# ------------------------------------------------------------------------------ browser
+
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.browser
+def test_in_a_real_browser(server, bad_files, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium chromium-driver)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    entry = BUNDLED[0]
+    defect = _examples(entry, "defect")[0]
+    errors: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server, wait_until="domcontentloaded")
+            page.wait_for_selector("#run", timeout=30_000)
+            assert entry.name in page.locator("#model-info").inner_text()
+
+            upload = page.locator("#input-image input[type=file]")
+            upload.set_input_files(str(defect))
+            page.wait_for_selector("#input-image img", timeout=15_000)
+            page.click("#run")
+            verdict = page.locator(".cgdiff-verdict[data-verdict='anomalous'], .cgdiff-verdict[data-verdict='normal']")
+            verdict.wait_for(timeout=60_000)
+            text = verdict.inner_text()
+            assert "ANOMALOUS" in text or "NORMAL" in text
+            assert "Score" in text and "threshold" in text and "Time" in text
+            page.wait_for_timeout(500)
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            assert page.locator(".toast-body.error, .error-message").count() == 0, "the page shows an error"
+
+            # A file that is not an image: a readable message on the page, and the app goes on.
+            page.locator("#input-image button[aria-label='Remove Image']").first.click()
+            upload.set_input_files(str(bad_files["not_an_image"]))
+            page.wait_for_timeout(500)
+            page.click("#run")
+            page.locator(".cgdiff-verdict[data-verdict='error']").wait_for(timeout=30_000)
+            assert "not an image file" in page.locator(".cgdiff-verdict").inner_text()
+
+            # A file over the upload limit: the page says so before sending it.
+            big = tmp_path / "big.png"
+            big.write_bytes(os.urandom(3 * 1024 * 1024))
+            page.locator("#input-image button[aria-label='Remove Image']").first.click()
+            upload.set_input_files(str(big))
+            toast = page.locator(".toast-body", has_text="exceed the maximum allowed size")
+            toast.wait_for(timeout=10_000)
+            assert "big.png" in toast.inner_text()
+        finally:
+            browser.close()
+    assert not errors, errors
