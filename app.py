@@ -626,8 +626,8 @@ def build_demo() -> gr.Blocks:
                             details = gr.JSON(label="Result", elem_id="details")
 
             with gr.Tab("Batch", id="batch"):
-                gr.Markdown(f"Inspect up to {CONFIG.max_batch} images at once with the model and settings above; "
-                            "download every map as a zip.")
+                gr.Markdown("Inspect several images at once with the model and settings above, and download "
+                            "every map (heat map, overlay, mask, raw anomaly map) with a table of scores as a zip.")
                 with gr.Row():
                     with gr.Column(scale=1, min_width=260):
                         files = gr.File(file_count="multiple", label="Images", elem_id="batch-files")
