@@ -165,6 +165,25 @@ def test_controls_change_the_result_and_the_note_says_when_off_calibration(clien
     assert "calibrated" in app_module.note_for(defaults, controls[0] + 100, *controls[1:7])
 
 
+def test_progress_follows_the_denoising_steps(client, app_module):
+    from gradio_client import handle_file
+
+    entry = BUNDLED[0]
+    controls = _controls(app_module, entry.name)
+    controls[1] = 6
+    job = client.submit(handle_file(str(_examples(entry, "normal")[0])), entry.name, *controls, api_name="/inspect")
+    seen = []
+    while not job.done():
+        status = job.status()
+        seen += [(p.index, p.length, p.desc) for p in status.progress_data or []]
+        time.sleep(0.02)
+    assert job.result()[-1]["verdict"] in ("normal", "anomalous")
+    assert seen, "no progress was reported"
+    assert {length for _, length, _ in seen} == {6} and all(desc == "Denoising" for *_, desc in seen)
+    indexes = [i for i, _, _ in seen]
+    assert indexes == sorted(indexes) and 1 <= indexes[-1] <= 6
+
+
 def test_models_load_once(client, app_module):
     entry = BUNDLED[0]
     normal = _examples(entry, "normal")[0]
