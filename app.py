@@ -98,7 +98,6 @@ SHORT_NAMES = {"t0": "t0", "steps": "K", "w": "w", "guidance_scale": "s", "blur_
                "eta": "eta", "pixel_weight": "v"}
 
 
-
 def esc(text: Any) -> str:
     """Text shown inside HTML or Markdown: markup characters escaped, quotes kept readable."""
     return html.escape(str(text), quote=False)

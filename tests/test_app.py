@@ -5,7 +5,6 @@ registry ($CGDIFF_CHECKPOINTS points elsewhere)."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import socket
