@@ -223,6 +223,10 @@ def test_an_unreachable_hub_model_says_why_and_the_bundled_ones_keep_working(cli
         client.predict(handle_file(str(_examples(BUNDLED[0], "normal")[0])), "not a model", api_name="/detect")
     ok = client.predict(handle_file(str(_examples(BUNDLED[0], "normal")[0])), BUNDLED[0].name, api_name="/detect")
     assert ok["verdict"] == "normal"
+    # A typed checkpoint folder works like a bundled name.
+    folder = str(BUNDLED[-1].path)
+    out = client.predict(folder, api_name="/select_model")
+    assert _value(out[0]) in (None, folder) and out[12] == "" and "Threshold" in out[11]
 
 
 # ---------------------------------------------------------------------------- bad input
