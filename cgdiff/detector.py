@@ -141,8 +141,11 @@ class Detector:
     def reconstruct(
         self, x: torch.Tensor, sampler: Optional[SamplerConfig] = None,
         progress: Optional[Callable[[int, int], None]] = None,
+        trace: Optional[Callable[[dict], None]] = None,
     ) -> torch.Tensor:
-        return reconstruct(self._eps, x, self.alphas_cumprod, sampler or self.sampler, progress)
+        """Reconstructions of a batch x (B x 3 x S x S in [-1, 1], see `prepare`); `trace` sees
+        every step's tensors (see `cgdiff.sampler.reconstruct`)."""
+        return reconstruct(self._eps, x, self.alphas_cumprod, sampler or self.sampler, progress, trace)
 
     @torch.no_grad()
     def score_maps(

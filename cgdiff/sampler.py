@@ -124,11 +124,17 @@ def reconstruct(
     alphas_cumprod: torch.Tensor,
     config: SamplerConfig,
     progress: Optional[Callable[[int, int], None]] = None,
+    trace: Optional[Callable[[dict], None]] = None,
 ) -> torch.Tensor:
     """Reconstruct a batch y (B x 3 x H x W in [-1, 1]) without its anomalies.
 
     `eps_model(x, t)` predicts the noise for a batch x at integer steps t (a B-long tensor).
     `progress(done, total)` is called after every model step.
+    `trace(step)` is called after every model step with a dict of the step's tensors, for
+    inspection and teaching: "t", "next_t" (-1 at the end), "x_t" (the state the step started
+    from; at the first step, the partial-diffusion start), "x0" (the clean-image estimate of
+    the final noise estimate ê), "x0_blurred" (the blurred estimate the guidance compared
+    with, or None when it is off) and "x_next" (the state after the step).
     """
     config.validate()
     T = alphas_cumprod.shape[0]
@@ -156,18 +162,24 @@ def reconstruct(
             y_t = sa * y + s1a * e
             e = e - config.w * s1a * (y_t - x)
         # 3. Blur guidance: push away from what the model predicts for a blurred x0.
+        x0_blurred = None
         if config.guidance_scale > 0:
             x0 = ((x - s1a * e) / sa).clamp(-1, 1)
-            x_tb = sa * gaussian_blur(x0, config.blur_sigma) + s1a * e
+            x0_blurred = gaussian_blur(x0, config.blur_sigma)
+            x_tb = sa * x0_blurred + s1a * e
             e = e + config.guidance_scale * (e - eps_model(x_tb, t_batch))
 
         # DDIM update with the guided noise estimate.
         x0 = (x - s1a * e) / sa
         c1 = config.eta * math.sqrt(max(0.0, (1 - a_t / a_n) * (1 - a_n) / (1 - a_t))) if a_n < 1 else 0.0
         c2 = math.sqrt(max(0.0, 1 - a_n - c1**2))
+        x_t = x
         x = math.sqrt(a_n) * x0 + c2 * e
         if c1 > 0:
             x = x + c1 * _per_image_noise(y.shape, generators, y.device, y.dtype)
+        if trace is not None:
+            trace({"t": t, "next_t": schedule[i + 1] if i + 1 < len(schedule) else -1, "x_t": x_t,
+                   "x0": x0, "x0_blurred": x0_blurred, "x_next": x})
         if progress is not None:
             progress(i + 1, len(schedule))
     return x.clamp(-1, 1)

@@ -185,3 +185,24 @@ def test_model_calls_per_strategy():
 def test_bad_settings_are_refused_with_a_message(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplerConfig(**bad)
+
+
+def test_trace_shows_each_step_without_changing_the_result():
+    y = torch.rand(2, 3, 16, 16) * 1.6 - 0.8
+    eps = smooth_eps_model()
+    cfg = SamplerConfig(t0=250, steps=4, w=2.0, guidance_scale=0.5, seed=3)
+    steps = []
+    traced = reconstruct(eps, y, ABAR, cfg, trace=steps.append)
+    torch.testing.assert_close(traced, reconstruct(eps, y, ABAR, cfg))
+    assert [s["t"] for s in steps] == timesteps(250, 4, 1000)
+    assert [s["next_t"] for s in steps] == timesteps(250, 4, 1000)[1:] + [-1]
+    # The first state is the partial-diffusion start: y noised to t0 with the seed's noise.
+    z = torch.stack([torch.randn(y.shape[1:], generator=torch.Generator().manual_seed(3)) for _ in range(2)])
+    torch.testing.assert_close(steps[0]["x_t"], ABAR[250].sqrt() * y + (1 - ABAR[250]).sqrt() * z)
+    for before, after in zip(steps, steps[1:]):
+        assert after["x_t"] is before["x_next"]
+    torch.testing.assert_close(steps[-1]["x_next"].clamp(-1, 1), traced)
+    assert all(s["x0_blurred"] is not None and s["x0"].shape == y.shape for s in steps)
+    no_guidance = []
+    reconstruct(eps, y, ABAR, cfg.replace(guidance_scale=0.0), trace=no_guidance.append)
+    assert all(s["x0_blurred"] is None for s in no_guidance)
