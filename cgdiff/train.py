@@ -25,7 +25,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -87,6 +87,41 @@ class TrainConfig:
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise TrainingError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
         return self
+
+
+@dataclass
+class TrainStatus:
+    """What `train(callback=...)` is given every `callback_every` steps (main process only):
+    progress, timing, and the current EMA weights for a look at reconstructions mid-training."""
+
+    step: int
+    max_steps: int
+    loss: float  # the smoothed training loss
+    seconds: float  # training time so far, resumed runs included (time in callbacks excluded)
+    interval_steps: int  # steps since the previous call
+    interval_seconds: float  # and the time they took
+    config: TrainConfig
+    _ema: Any = field(repr=False, default=None)
+    _device: Any = field(repr=False, default=None)
+
+    def ema_unet(self):
+        """A copy of the EMA denoiser (what the detector will sample from), in eval mode."""
+        with torch.random.fork_rng(devices=[]):  # the throwaway init must not move training's RNG
+            unet = build_unet(self.config.unet_preset, sample_size=self.config.crop_size,
+                              **self.config.unet_overrides)
+        self._ema.copy_to(unet.parameters())
+        return unet.to(self._device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Any, sampler=None) -> torch.Tensor:
+        """Reconstructions (B x 3 x S x S in [-1, 1], on the CPU) of image-likes at the working
+        size, by the EMA denoiser with `sampler` (default: SamplerConfig())."""
+        from .sampler import SamplerConfig, reconstruct
+
+        unet = self.ema_unet()
+        y = to_batch(images, self.config.image_size).to(self._device)
+        alphas = build_scheduler().alphas_cumprod
+        return reconstruct(lambda x, t: unet(x, t).sample, y, alphas, sampler or SamplerConfig()).cpu()
 
 
 class RandomCrops(Dataset):
@@ -203,9 +238,14 @@ def train(
     sampler=None,
     scorer_config=None,
     progress_bar: bool = True,
+    callback: Optional[Callable[[TrainStatus], None]] = None,
+    callback_every: int = 100,
 ):
     """Train a denoiser on normal `images` and write a calibrated detector checkpoint to `out`.
 
+    callback(status): called on the main process every `callback_every` steps and at
+    `max_steps` with a `TrainStatus` (loss, timing, the EMA weights); its time is not counted
+    as training time, and it leaves the training's random streams alone.
     Returns the Detector (on the main process; None on the others)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -215,6 +255,8 @@ def train(
 
     out = Path(out)
     config = (config or TrainConfig()).validate()
+    if not isinstance(callback_every, int) or callback_every < 1:
+        raise TrainingError(f"callback_every must be a whole number >= 1, got {callback_every!r}.")
     if resume:
         saved = json.loads((out / STATE_DIR / "progress.json").read_text()) if (out / STATE_DIR / "progress.json").is_file() else None
         if saved:
@@ -273,6 +315,8 @@ def train(
     stop = _StopFlag()
     stop.install()
     start_time = time.time()
+    callback_seconds = 0.0  # time spent in callbacks, not training
+    last_call = (step, 0.0)
     bar = tqdm(total=config.max_steps, initial=step, desc="training", unit="step",
                disable=not (progress_bar and accelerator.is_local_main_process), dynamic_ncols=True)
     smoothed = None
@@ -308,7 +352,16 @@ def train(
                 smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
                 bar.update(1)
                 bar.set_postfix(loss=f"{smoothed:.4f}")
-                elapsed = time.time() - start_time
+                elapsed = time.time() - start_time - callback_seconds
+                if callback is not None and accelerator.is_main_process and (
+                    step % callback_every == 0 or step >= config.max_steps
+                ):
+                    t_call = time.time()
+                    callback(TrainStatus(step, config.max_steps, smoothed, seconds_before + elapsed,
+                                         step - last_call[0], elapsed - last_call[1], config, ema,
+                                         accelerator.device))
+                    callback_seconds += time.time() - t_call
+                    last_call = (step, elapsed)
                 if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
                     with log_path.open("a") as f:
                         f.write(f"{step},{value:.6f},{config.learning_rate},{seconds_before + elapsed:.1f}\n")
@@ -329,7 +382,7 @@ def train(
         bar.close()
         stop.uninstall()
 
-    seconds = seconds_before + time.time() - start_time
+    seconds = seconds_before + time.time() - start_time - callback_seconds
     accelerator.print(f"{reason} at step {step} ({seconds / 60:.1f} min of training)")
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:

@@ -107,3 +107,22 @@ def test_two_processes_train_one_model(tmp_path):
     assert saved["training"]["device"] == "cpu x 2"
     assert saved["training"]["batch_size"] == 4  # 2 per process
     assert json.loads((out / STATE_DIR / "progress.json").read_text())["step"] == 6
+
+
+def test_callback_sees_progress_and_ema_reconstructions_without_changing_training(images, tmp_path):
+    calls = []
+
+    def look(status):
+        rec = status.reconstruct(images[:2])
+        calls.append((status.step, status.interval_steps, status.loss, status.seconds, tuple(rec.shape)))
+
+    train(images, tmp_path / "plain", config(), progress_bar=False)
+    train(images, tmp_path / "watched", config(), progress_bar=False, callback=look, callback_every=3)
+    assert [c[:2] for c in calls] == [(3, 3), (6, 3), (8, 2)]
+    assert all(c[2] > 0 and c[4] == (2, 3, 32, 32) for c in calls)
+    assert calls[0][3] <= calls[1][3] <= calls[2][3]
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "watched")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    with pytest.raises(TrainingError, match="callback_every"):
+        train(images, tmp_path / "bad", config(), progress_bar=False, callback=look, callback_every=0)
