@@ -145,7 +145,8 @@ class Detector:
     ) -> torch.Tensor:
         """Reconstructions of a batch x (B x 3 x S x S in [-1, 1], see `prepare`); `trace` sees
         every step's tensors (see `cgdiff.sampler.reconstruct`)."""
-        return reconstruct(self._eps, x, self.alphas_cumprod, sampler or self.sampler, progress, trace)
+        extra = {"trace": trace} if trace is not None else {}
+        return reconstruct(self._eps, x, self.alphas_cumprod, sampler or self.sampler, progress, **extra)
 
     @torch.no_grad()
     def score_maps(
