@@ -242,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test tiles per defect kind and texture")
     p.add_argument("--seed", type=whole, default=0, metavar="N", help="seed of tile positions and defects")
     p.add_argument("--overwrite", action="store_true", help="replace texture folders this command built before")
+
+    # ---------------------------------------------------------------- push
+    p = sub.add_parser(
+        "push", help="upload a checkpoint folder to the Hugging Face Hub",
+        description="Upload a checkpoint folder (weights as safetensors, configs, model card, example "
+        "images; never training_state/) to a Hub model repo, creating it if needed. Log in first with "
+        "`hf auth login` or set HF_TOKEN.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="local checkpoint folder or bundled registry name")
+    p.add_argument("repo_id", metavar="OWNER/NAME", help="Hub model repo to upload to")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--message", default="Upload cgdiff detector", help="commit message (default: %(default)s)")
     return parser
 
 
@@ -644,7 +656,33 @@ def cmd_build_textures(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "detect": cmd_detect, "build-textures": cmd_build_textures}
+def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .detector import read_config
+    from .hub import check_checkpoint_files, looks_like_repo_id, push_folder, render_model_card
+    from .registry import resolve
+
+    folder = Path(args.checkpoint) if Path(args.checkpoint).exists() else Path(resolve(args.checkpoint))
+    if not folder.is_dir():
+        raise ValueError(f"'{args.checkpoint}' is not a local checkpoint folder.")
+    if not looks_like_repo_id(args.repo_id):
+        raise ValueError(f"'{args.repo_id}' is not a Hub repo id (OWNER/NAME).")
+    check_checkpoint_files(folder)
+    config = read_config(folder)
+    if config.get("hub_repo_id") != args.repo_id:
+        # The card's usage snippet names the repo; refresh it for this upload.
+        config["hub_repo_id"] = args.repo_id
+        for name, text in (("cgdiff.json", json.dumps(config, indent=2) + "\n"),
+                           ("README.md", render_model_card(config, config.get("name") or folder.name))):
+            tmp = folder / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, folder / name)
+    url = push_folder(folder, args.repo_id, private=args.private, commit_message=args.message)
+    print(f"pushed {folder} to {url}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "detect": cmd_detect, "build-textures": cmd_build_textures,
+            "push": cmd_push}
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -93,7 +93,11 @@ class Detector:
         self.calibration = calibration
         self.info: dict[str, Any] = dict(info or {})  # training, metrics, tuning, ... (JSON-able)
         self.alphas_cumprod = build_scheduler().alphas_cumprod
+        # The fast path (see use_fast_path); all off: the reference path, plain fp32 eager.
         self.autocast_dtype: Optional[torch.dtype] = None
+        self.channels_last = False
+        self._fast_unet: Optional[torch.nn.Module] = None
+        self._compiled = False
         factor = downsampling_factor(unet)
         if self.image_size % factor:
             raise ValueError(f"image_size {self.image_size} must be a multiple of {factor} for this U-Net.")
@@ -106,7 +110,44 @@ class Detector:
     def to(self, device: str | torch.device) -> "Detector":
         self.unet.to(device)
         self.scorer.to(device)
+        if self._fast_unet is not None:
+            self._fast_unet.to(device)
         return self
+
+    def use_fast_path(
+        self,
+        autocast_dtype: Optional[torch.dtype] = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_options: Optional[dict[str, Any]] = None,
+    ) -> "Detector":
+        """Speed-ups of the U-Net calls, each switchable; calling it with no arguments restores
+        the reference path (fp32, eager, contiguous), which `self.unet` always stays.
+
+        autocast_dtype: torch.bfloat16 or torch.float16 mixed precision (GPU / MPS only; the CPU
+            keeps fp32). channels_last: NHWC layout for a copy of the U-Net and its inputs.
+        compile: `torch.compile` the U-Net (or its channels-last copy); `compile_options` go to
+            torch.compile, e.g. {"mode": "max-autotune"} or {"backend": "eager"}.
+        `cgdiff bench --speed` measures each against the reference and reports the largest
+        difference in score they cause."""
+        import copy
+
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = bool(channels_last)
+        fast: Optional[torch.nn.Module] = None
+        if channels_last:
+            fast = copy.deepcopy(self.unet).to(memory_format=torch.channels_last)
+        if compile:
+            fast = torch.compile(fast if fast is not None else self.unet, **(compile_options or {}))
+        self._fast_unet = fast
+        self._compiled = bool(compile)
+        return self
+
+    def fast_path(self) -> dict[str, Any]:
+        """The speed-ups in use (all off / None on the reference path)."""
+        return {"autocast_dtype": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None,
+                "channels_last": self.channels_last,
+                "compile": self._compiled}
 
     @property
     def threshold(self) -> float:
@@ -128,10 +169,13 @@ class Detector:
 
     # ---------------------------------------------------------------------------- inference
     def _eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        unet = self._fast_unet if self._fast_unet is not None else self.unet
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.autocast_dtype is not None and x.device.type != "cpu":
             with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-                return self.unet(x, t).sample.float()
-        return self.unet(x, t).sample
+                return unet(x, t).sample.float()
+        return unet(x, t).sample
 
     def prepare(self, images: Any) -> torch.Tensor:
         """Image-likes (or a B x 3 x H x W tensor in [-1, 1]) -> batch at the working size."""
@@ -273,7 +317,8 @@ class Detector:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, device: Optional[str | torch.device] = None, revision: Optional[str] = None
+        cls, name_or_path: str | Path, device: Optional[str | torch.device] = None, revision: Optional[str] = None,
+        **hub_options: Any,
     ) -> "Detector":
         """Load a checkpoint folder, a Hub repo id, or a registry name ("brick"). Weights load
         from safetensors only."""
@@ -281,7 +326,7 @@ class Detector:
 
         if not Path(name_or_path).exists():
             name_or_path = resolve(str(name_or_path))
-        folder = resolve_checkpoint(name_or_path, revision=revision)
+        folder = resolve_checkpoint(name_or_path, revision=revision, **hub_options)
         check_checkpoint_files(folder)
         config = read_config(folder)
         unet_config = _read_json(folder / "unet" / "config.json")
@@ -315,14 +360,15 @@ class Detector:
         return detector.to(device)
 
     def push_to_hub(self, repo_id: str, token: Optional[str] = None, private: bool = False,
-                    commit_message: str = "Upload cgdiff detector") -> str:
+                    commit_message: str = "Upload cgdiff detector", endpoint: Optional[str] = None) -> str:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / repo_id.split("/")[-1]
             self.info["hub_repo_id"] = repo_id
             self.save_pretrained(folder)
-            return push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
+            return push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message,
+                               endpoint=endpoint)
 
     def describe(self) -> str:
         s = self.sampler

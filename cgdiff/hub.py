@@ -36,8 +36,15 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(REPO_ID_RE.match(name)) and not name.startswith((".", "/", "~"))
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> Path:
-    """A local checkpoint folder for a path or a Hub repo id (downloaded with snapshot_download)."""
+def resolve_checkpoint(
+    name_or_path: str | os.PathLike,
+    revision: Optional[str] = None,
+    endpoint: Optional[str] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
+) -> Path:
+    """A local checkpoint folder for a path or a Hub repo id (downloaded with snapshot_download).
+
+    `endpoint` and `cache_dir` default to huggingface_hub's own (HF_ENDPOINT, HF_HOME)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -65,6 +72,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: Optional[str] 
                 allow_patterns=HUB_ALLOW_PATTERNS,
                 local_files_only=hub_offline(),
                 library_name="cgdiff",
+                endpoint=endpoint,
+                cache_dir=cache_dir,
             )
         )
     except (RepositoryNotFoundError, GatedRepoError):
@@ -221,14 +230,14 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
 
 
 def push_folder(folder: Path, repo_id: str, token: Optional[str] = None, private: bool = False,
-                commit_message: str = "Upload cgdiff detector") -> str:
+                commit_message: str = "Upload cgdiff detector", endpoint: Optional[str] = None) -> str:
     """Upload a checkpoint folder (weights as safetensors, configs, card) to the Hub."""
     from huggingface_hub import HfApi
 
     check_checkpoint_files(folder)
     if hub_offline():
         raise CheckpointError("cannot push to the Hub: HF_HUB_OFFLINE=1 is set.")
-    api = HfApi(token=token)
+    api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(
         repo_id=repo_id,
