@@ -54,6 +54,7 @@ __all__ = [
     "perlin_noise",
     "SyntheticDefects",
     "build_texture_dataset",
+    "download_archive",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -155,6 +156,25 @@ class AnomalyDataset:
             pil = Image.fromarray(mask.astype(np.uint8) * 255)
             mask = np.asarray(pil.resize((size, size), Image.Resampling.NEAREST)) > 127
         return mask
+
+    def subset(self, max_train: int | None = None, max_test: int | None = None) -> "AnomalyDataset":
+        """A smaller copy for quick runs: the first `max_train` training images, and at most
+        `max_test` test samples taken in turn from each group (normal first, then each defect
+        type), so both labels and as many defect types as fit are kept. None: keep all."""
+        for name, value in (("max_train", max_train), ("max_test", max_test)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1 or None, got {value!r}.")
+        train = self.train if max_train is None else self.train[:max_train]
+        test = self.test
+        if max_test is not None and max_test < len(test):
+            groups: dict[str, list[int]] = {}
+            for i, s in sorted(enumerate(test), key=lambda item: (item[1].label, item[1].defect_type)):
+                groups.setdefault(s.defect_type if s.label else "", []).append(i)
+            keep: list[int] = []
+            for rank in range(max(len(g) for g in groups.values())):
+                keep += [g[rank] for g in groups.values() if rank < len(g)]
+            test = [test[i] for i in sorted(keep[:max_test])]
+        return AnomalyDataset(self.root, self.layout, self.category, list(train), list(test), dict(self._sizes))
 
     def summary(self) -> str:
         n_good = sum(1 for s in self.test if not s.label)
@@ -505,6 +525,54 @@ class SyntheticDefects:
             out[weak] = np.where(b < 128, b + self.min_change, b - self.min_change)
         out[~mask] = base[~mask]
         return out.astype(np.uint8), mask
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def download_archive(url: str, dest: str | Path, progress: bool = True) -> Path:
+    """Download an archive (zip, tar, tar.gz, tar.xz, ...) from `url` and unpack it into
+    `dest`; returns `dest`. The download is kept as dest/NAME and not fetched again while it is
+    there; tar members that would land outside `dest` are refused."""
+    import tarfile
+    import urllib.parse
+    import urllib.request
+    import zipfile
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    archive = dest / name
+    if not archive.is_file():
+        partial = archive.with_name(archive.name + ".part")
+        with urllib.request.urlopen(url) as response, partial.open("wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            from tqdm.auto import tqdm
+
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}", disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        partial.replace(archive)
+    root = dest.resolve()
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for member in z.namelist():
+                if not (root / member).resolve().is_relative_to(root):
+                    raise DatasetError(f"'{archive}' holds a path outside the destination: {member}")
+            z.extractall(dest)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as t:
+            members = [m for m in t.getmembers() if m.isfile() or m.isdir()]  # datasets need no links
+            for m in members:
+                if not (root / m.name).resolve().is_relative_to(root):
+                    raise DatasetError(f"'{archive}' holds a path outside the destination: {m.name}")
+            t.extractall(dest, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    else:
+        archive.unlink()  # e.g. a login page instead of the data: do not keep it as the download
+        raise DatasetError(f"the download from {url} is not a zip or tar archive (deleted); download the data "
+                           f"yourself and unpack it into '{dest}'.")
+    return dest
 
 
 # --------------------------------------------------------------------------- texture dataset

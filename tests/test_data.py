@@ -357,3 +357,53 @@ def test_build_texture_dataset(tmp_path):
 def test_build_texture_dataset_rejects_a_too_small_holdout(tmp_path):
     with pytest.raises(ValueError, match="at least one tile high"):
         build_texture_dataset(tmp_path, textures=("grass",), tile_size=128, holdout_fraction=0.1)
+
+
+# --------------------------------------------------------------------------- subsets and downloads
+
+
+def test_subset_keeps_both_labels_and_spreads_over_defect_types(tmp_path):
+    ds = load_dataset(make_mvtec(tmp_path / "carpet"))
+    small = ds.subset(max_train=1, max_test=3)
+    assert [p.name for p in small.train] == ["000.png"]
+    assert [(s.defect_type, s.path.name) for s in small.test] == [("good", "000.png"), ("cut", "000.png"),
+                                                                   ("poke", "000.png")]
+    assert [s.defect_type for s in ds.subset(max_test=4).test] == ["good", "cut", "cut", "poke"]
+    assert ds.subset().test == ds.test and len(ds.test) == 5  # the original is left alone
+    assert ds.subset(max_test=2).test_labels().tolist() == [0, 1]
+    with pytest.raises(ValueError, match="max_test"):
+        ds.subset(max_test=0)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "gztar", "xztar"])
+def test_download_archive_unpacks_and_keeps_the_download(tmp_path, fmt):
+    import shutil
+
+    from cgdiff.data import download_archive
+
+    make_mvtec(tmp_path / "src" / "carpet")
+    archive = shutil.make_archive(str(tmp_path / "mvtec"), fmt, tmp_path / "src")
+    dest = download_archive(Path(archive).as_uri(), tmp_path / "data", progress=False)
+    got, original = load_dataset(dest / "carpet"), load_dataset(tmp_path / "src" / "carpet")
+    assert [p.name for p in got.train] == [p.name for p in original.train] and got.defect_types == ["cut", "poke"]
+    assert len(got.test) == len(original.test) and got.has_masks
+    assert (dest / Path(archive).name).is_file()
+
+
+def test_download_archive_refuses_what_is_not_an_archive_or_escapes(tmp_path):
+    import tarfile
+
+    from cgdiff.data import download_archive
+
+    page = tmp_path / "login.html"
+    page.write_text("<html>accept the licence first</html>")
+    with pytest.raises(DatasetError, match="not a zip or tar archive"):
+        download_archive(page.as_uri(), tmp_path / "data", progress=False)
+    assert not (tmp_path / "data" / "login.html").exists()  # not kept as if it were the data
+    evil = tmp_path / "evil.tar"
+    (tmp_path / "x.txt").write_text("x")
+    with tarfile.open(evil, "w") as t:
+        t.add(tmp_path / "x.txt", arcname="../outside.txt")
+    with pytest.raises(DatasetError, match="outside the destination"):
+        download_archive(evil.as_uri(), tmp_path / "data2", progress=False)
+    assert not (tmp_path / "outside.txt").exists()
