@@ -43,3 +43,40 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, alpha:
 def mask_image(mask: np.ndarray) -> np.ndarray:
     """Bool mask -> white-on-black uint8 H x W x 3 picture."""
     return np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
+
+
+def image_grid(rows, titles=None, row_labels=None, size: float = 2.2, suptitle: str | None = None):
+    """A matplotlib Figure showing images in rows (for notebooks and reports).
+
+    rows: a list of rows, each a list of images: uint8 H x W x 3, or H x W arrays (masks, or
+    other arrays shown in grey on their own range; turn anomaly maps into pictures with
+    `heatmap` first, so that their colours keep the threshold-relative scale). titles: the
+    same shape as rows (or one list, for the first row); row_labels: one per row."""
+    import matplotlib.pyplot as plt
+
+    rows = [list(r) for r in rows]
+    n_rows, n_cols = len(rows), max((len(r) for r in rows), default=0)
+    if n_rows == 0 or n_cols == 0:
+        raise ValueError("image_grid needs at least one image.")
+    if titles is not None and titles and not isinstance(titles[0], (list, tuple)):
+        titles = [list(titles)]
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size * n_cols, size * n_rows + (0.4 if suptitle else 0)),
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(row):
+                ax.axis("off")
+                continue
+            image = np.asarray(row[j])
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+            if titles is not None and i < len(titles) and j < len(titles[i]):
+                ax.set_title(str(titles[i][j]), fontsize=9)
+            if row_labels is not None and j == 0 and i < len(row_labels):
+                ax.set_ylabel(str(row_labels[i]), fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
