@@ -45,13 +45,15 @@ def mask_image(mask: np.ndarray) -> np.ndarray:
     return np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
 
 
-def image_grid(rows, titles=None, row_labels=None, size: float = 2.2, suptitle: str | None = None):
+def image_grid(rows, titles=None, row_labels=None, size: float = 2.2, suptitle: str | None = None,
+               grey_range: tuple[float, float] | None = None):
     """A matplotlib Figure showing images in rows (for notebooks and reports).
 
     rows: a list of rows, each a list of images: uint8 H x W x 3, or H x W arrays (masks, or
     other arrays shown in grey on their own range; turn anomaly maps into pictures with
     `heatmap` first, so that their colours keep the threshold-relative scale). titles: the
-    same shape as rows (or one list, for the first row); row_labels: one per row."""
+    same shape as rows (or one list, for the first row); row_labels: one per row.
+    grey_range: (low, high) for every H x W array, so they share one scale."""
     import matplotlib.pyplot as plt
 
     rows = [list(r) for r in rows]
@@ -71,7 +73,9 @@ def image_grid(rows, titles=None, row_labels=None, size: float = 2.2, suptitle: 
                 ax.axis("off")
                 continue
             image = np.asarray(row[j])
-            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+            grey = image.ndim == 2
+            low, high = grey_range if grey and grey_range is not None else (None, None)
+            ax.imshow(image, cmap="gray" if grey else None, vmin=low, vmax=high, interpolation="nearest")
             if titles is not None and i < len(titles) and j < len(titles[i]):
                 ax.set_title(str(titles[i][j]), fontsize=9)
             if row_labels is not None and j == 0 and i < len(row_labels):

@@ -29,5 +29,8 @@ def test_image_grid_lays_out_rows_with_titles_and_labels():
     assert len(axes) == 4 and axes[0].get_title() == "a" and axes[1].get_title() == "b"
     assert axes[0].get_ylabel() == "one" and axes[2].get_ylabel() == "two" and not axes[3].axison
     plt.close(fig)
+    fig = image_grid([[np.full((4, 4), 0.1), np.full((4, 4), 0.2)]], grey_range=(0.0, 1.0))
+    assert [ax.images[0].get_clim() for ax in fig.axes] == [(0.0, 1.0), (0.0, 1.0)]
+    plt.close(fig)
     with pytest.raises(ValueError, match="at least one image"):
         image_grid([])
