@@ -254,6 +254,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", metavar="OWNER/NAME", help="Hub model repo to upload to")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--message", default="Upload cgdiff detector", help="commit message (default: %(default)s)")
+
+    # ---------------------------------------------------------------- bench
+    from .bench import QUALITY_METHODS
+
+    p = sub.add_parser(
+        "bench", help="benchmark quality (ablations, peers) and speed",
+        description="--quality: the full method (the checkpoint's settings), each ablation and the peers "
+        "(AnoDDPM-style reconstruction, PatchCore-style nearest neighbours on the same backbone, anomalib "
+        "where installed) on the same test images: image/pixel AUROC, AUPRO, F1-max, fit time, seconds per "
+        "image. --speed: per-image latency at the app's settings with the time outside the U-Net and "
+        "backbone calls, throughput against batch and image size, paper scale, peak memory, and on a GPU "
+        "the fast path (autocast, channels_last, torch.compile) against fp32 eager. Prints Markdown tables; "
+        "--out also writes bench.json, bench.md and plots. See benchmarks/README.md.",
+    )
+    p.add_argument("--quality", action="store_true", help="run the quality benchmark")
+    p.add_argument("--speed", action="store_true", help="run the speed benchmark")
+    p.add_argument("--pair", nargs=2, action="append", metavar=("CKPT", "DATA"),
+                   help="(quality) a checkpoint and the dataset category it was trained for; repeatable. DATA may "
+                   "be a root of categories (MVTec AD, DTD-Synthetic) with CKPT a folder of checkpoints named "
+                   "like the categories")
+    p.add_argument("--textures", metavar="DIR", help="(quality) the scikit-image texture set in DIR (built there "
+                   "if missing), each texture with the bundled checkpoint of its name")
+    p.add_argument("--methods", nargs="+", choices=list(QUALITY_METHODS), default=list(QUALITY_METHODS),
+                   metavar="NAME", help=f"(quality) rows to run: {' '.join(QUALITY_METHODS)}")
+    p.add_argument("--coreset-ratio", type=positive_float, default=1.0, metavar="X",
+                   help="(quality) PatchCore-style memory bank kept by coreset subsampling, in (0, 1]")
+    p.add_argument("--mask-size", type=_number(int, 8), default=256, metavar="N",
+                   help="(quality) resolution at which maps are compared with masks")
+    p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="(quality) images per batch")
+    p.add_argument("--checkpoint", action="append", metavar="CKPT",
+                   help="(speed) checkpoint to time; repeatable (default: the bundled checkpoints, the app's models)")
+    p.add_argument("--batch-sizes", nargs="+", type=positive_int, metavar="N",
+                   help="(speed) batch sizes of the sweep (default: 1 2 4 8; on a GPU 1 8 32 64)")
+    p.add_argument("--image-sizes", nargs="+", type=positive_int, metavar="N",
+                   help="(speed) image sizes of the sweep (default: 64 128 256)")
+    p.add_argument("--repeats", type=positive_int, default=2, metavar="N", help="(speed) timed runs per measurement")
+    p.add_argument("--no-paper-scale", action="store_true", help="(speed) skip DDAD's U-Net at 256 px")
+    p.add_argument("--gpu-batch-size", type=positive_int, default=32, metavar="N",
+                   help="(speed) batch of the GPU fast-path comparison at paper scale")
+    p.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help="(speed) torch.compile mode of the GPU fast path, e.g. max-autotune (default: torch's)")
+    p.add_argument("--out", metavar="DIR", help="write bench.json, bench.md and PNG plots into DIR")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    _add_common(p)
     return parser
 
 
@@ -681,8 +725,69 @@ def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from . import bench
+
+    if not (args.quality or args.speed):
+        raise UsageError("choose --quality, --speed or both (see 'cgdiff bench --help')")
+    out = _check_new_folder(args.out, args.overwrite, "--out")
+    device = _device(args.device)
+    results: dict[str, Any] = {"command": _command_line(argv)}
+    pairs, notes = [], []
+    if args.quality:
+        for ckpt, data in args.pair or []:
+            found, skipped = bench.expand_pairs(ckpt, data)
+            pairs += found
+            notes += skipped
+        if args.textures:
+            found, skipped = bench.texture_pairs(args.textures)
+            pairs += found
+            notes += skipped
+        if not pairs:
+            raise ValueError("--quality needs data: --pair CKPT DATA and/or --textures DIR"
+                             + (f" ({'; '.join(notes)})" if notes else ""))
+    checkpoints = list(args.checkpoint or [])
+    if args.speed and not checkpoints:
+        from .registry import known_checkpoints
+
+        checkpoints = [str(e.path) for e in known_checkpoints() if e.bundled]
+        if not checkpoints:
+            raise ValueError("--speed: no bundled checkpoints to time; give --checkpoint CKPT.")
+    sections = []
+    if args.quality:
+        quality = bench.run_quality(pairs, args.methods, args.mask_size, args.batch_size, args.coreset_ratio, device,
+                                    progress=not args.no_progress, log=_info)
+        quality["notes"] = notes
+        results["quality"] = quality
+        sections.append("## Quality\n\n" + bench.render_quality(quality) + "".join(f"\n\n{n}" for n in notes))
+    if args.speed:
+        speed = bench.run_speed(checkpoints, device, args.batch_sizes, args.image_sizes, args.repeats,
+                                paper_scale=not args.no_paper_scale, gpu_batch_size=args.gpu_batch_size,
+                                compile_mode=args.compile_mode, log=_info)
+        results["speed"] = speed
+        sections.append("## Speed\n\n" + bench.render_speed(speed))
+    import torch
+
+    results["machine"] = bench.machine_info(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    m = results["machine"]
+    header = (f"`{results['command']}` on {m['date']}: {m['cpu']} ({m['cpu_cores']} cores, torch threads "
+              f"{m['torch_threads']}), {m['gpu'] or 'no GPU'}, torch {m['torch']}, cgdiff {m['cgdiff']}")
+    text = header + "\n\n" + "\n\n".join(sections)
+    print(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "bench.json", results)
+        (out / "bench.md").write_text(text + "\n")
+        if args.quality:
+            bench.plot_quality(results["quality"]["rows"], out / "quality.png")
+        if args.speed and results["speed"]["sweeps"]:
+            bench.plot_speed(results["speed"]["sweeps"], out / "speed.png")
+        _info(f"wrote bench.json, bench.md and plots to {out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "detect": cmd_detect, "build-textures": cmd_build_textures,
-            "push": cmd_push}
+            "push": cmd_push, "bench": cmd_bench}
 
 
 # ----------------------------------------------------------------------------- entry point
