@@ -128,10 +128,16 @@ class RandomCrops(Dataset):
     """Random crops (and flips / rotations) of a small set of images held in memory.
 
     Item i of epoch e is drawn from an RNG seeded by (seed, e, i): the data order is fixed by
-    the seed, whatever the number of processes, and resuming mid-epoch replays it exactly."""
+    the seed, whatever the number of processes, and resuming mid-epoch replays it exactly.
+    `rows`: crops stay inside the first `rows` rows of every image (a held-out stripe below
+    them is never seen); None: the whole image."""
 
-    def __init__(self, images: torch.Tensor, crop_size: int, length: int, seed: int, flips: bool, rotations: bool):
+    def __init__(self, images: torch.Tensor, crop_size: int, length: int, seed: int, flips: bool, rotations: bool,
+                 rows: Optional[int] = None):
         self.images = images  # N x 3 x S x S uint8
+        self.rows = images.shape[-2] if rows is None else int(rows)
+        if not crop_size <= self.rows <= images.shape[-2]:
+            raise TrainingError(f"the training region ({self.rows} rows) must hold a {crop_size} px crop.")
         self.crop_size = crop_size
         self.length = length
         self.seed = seed
@@ -146,7 +152,7 @@ class RandomCrops(Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, index))
         img = self.images[rng.integers(len(self.images))]
         size = img.shape[-1]
-        top, left = rng.integers(0, size - self.crop_size + 1, size=2)
+        top, left = rng.integers(0, [self.rows - self.crop_size + 1, size - self.crop_size + 1])
         crop = img[:, top : top + self.crop_size, left : left + self.crop_size]
         if self.flips:
             if rng.random() < 0.5:
@@ -240,6 +246,7 @@ def train(
     progress_bar: bool = True,
     callback: Optional[Callable[[TrainStatus], None]] = None,
     callback_every: int = 100,
+    holdout_rows: int = 0,  # bottom rows (at the working size) never cropped: a stripe kept for tuning
 ):
     """Train a denoiser on normal `images` and write a calibrated detector checkpoint to `out`.
 
@@ -279,7 +286,7 @@ def train(
     pixels = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     steps_per_epoch = 1000
     dataset = RandomCrops(pixels, config.crop_size, steps_per_epoch * config.batch_size * accelerator.num_processes,
-                          config.seed, config.flips, config.rotations)
+                          config.seed, config.flips, config.rotations, rows=config.image_size - int(holdout_rows))
     # Its own generator: creating the loader's iterator (again, on resume) must not draw from
     # the global RNG that the noise and timesteps come from.
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=True,
