@@ -211,7 +211,9 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
         )
     tuning = config.get("tuning")
     if tuning:
-        lines += ["", "## Label-free tuning", "", f"- {tuning.get('summary', '')}".rstrip()]
+        from .tune import model_card_section
+
+        lines += ["", "## Label-free tuning", "", *model_card_section(tuning)]
     if metrics:
         lines += ["", "## Evaluation", ""]
         if metrics.get("description"):

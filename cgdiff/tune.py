@@ -1,0 +1,860 @@
+"""Label-free tuning: choose the sampler and scorer settings on synthetic defects.
+
+The result of the method hangs on a few settings (above all the conditioning weight w), and
+choosing them by looking at test results flatters the numbers. `tune` chooses them from
+normal images only:
+
+1. Validation set. Normal images that training did not see, each once as it is and a few
+   times with seeded synthetic defects (`cgdiff.data.SyntheticDefects`: Perlin-shaped
+   foreign texture, colour shifts, scratches, holes) with exact masks. The normal images are,
+   in order of preference:
+     - images `cgdiff train --holdout N` kept out of training;
+     - the stripe `cgdiff train --holdout-stripe F` kept out of every image: defects are
+       placed in the stripe and only its pixels are scored;
+     - training-folder images that the checkpoint's training record does not list;
+     - otherwise the training images themselves. Training used all of them, so the
+       validation then measures in-sample normals (optimistic); the result says so.
+   Test images and test masks are never read: only ROOT/CLASS/train/good (or the top level
+   of a plain image folder) is listed.
+2. Search, within a time budget (`budget_s`), picking by validation AUPRO:
+     - the stored settings first (the reference);
+     - coarse: one setting at a time (blur-guidance scale s, w, t0, K, blur sigma), each
+       over a coarse grid around the best point so far;
+     - refinement: the neighbours of the best value on a finer grid, repeated while the
+       best point moves and time is left.
+   Every sampler setting is first run on half of the validation images; it is finished on
+   the other half only if its AUPRO there is within `race_margin` of the best point's
+   (clearly bad settings cost half). For every reconstruction the pixel/feature balance is
+   searched on the same reconstructions (cached backbone distances), with the balance c
+   calibrated on the validation's normal images as `Detector.calibrate` does.
+   The choice: the highest AUPRO, and among the points within `tie_tolerance` of it the one
+   with the fewest model calls (then the higher AUPRO).
+3. The chosen settings become the detector's own, it is recalibrated on normal images (c and
+   the threshold belong to the settings), and `detector.info["tuning"]` records the choice,
+   the validation scores, which images / regions were used, and the whole search table.
+
+    from cgdiff import Detector
+    from cgdiff.tune import tune, plot_front
+
+    detector = Detector.from_pretrained("checkpoints/brick")
+    result = tune(detector, "data/textures/brick", budget_s=600)
+    plot_front(result, "checkpoints/brick/tuning_front.png")
+    detector.save_pretrained("checkpoints/brick", overwrite=True)
+
+The command line: `cgdiff tune --checkpoint CKPT --data ROOT/CLASS`, or `cgdiff train ... --tune`.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .data import DEFECT_KINDS, AnomalyDataset, DatasetError, Sample, SyntheticDefects, iter_images
+from .images import load_image, to_uint8
+from .metrics import aupro, image_auroc, pixel_auroc
+from .sampler import SamplerConfig
+from .scorer import Scorer, ScorerConfig
+
+__all__ = ["ValidationSet", "TuneResult", "DEFAULT_GRIDS", "BALANCES", "training_folder_images",
+           "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout",
+           "model_card_section", "FRONT_PLOT_NAME"]
+
+FRONT_PLOT_NAME = "tuning_front.png"
+AUPRO_FPR_LIMIT = 0.3
+
+# Searched sampler settings, each with a coarse grid (first pass) and a finer one (refinement
+# around the best value). The blur-guidance scale goes first: s = 0 halves the cost of every
+# later evaluation when it ties; then w, the most influential, then t0, K and sigma.
+DEFAULT_GRIDS: dict[str, dict[str, tuple]] = {
+    "guidance_scale": {"coarse": (0.0, 0.5, 1.0), "fine": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)},
+    "w": {"coarse": (0.0, 1.0, 3.0, 11.0), "fine": (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 11.0)},
+    "t0": {"coarse": (125, 250, 500), "fine": (60, 90, 125, 175, 250, 350, 500, 700)},
+    "steps": {"coarse": (5, 10, 20), "fine": (3, 5, 7, 10, 15, 20)},
+    "blur_sigma": {"coarse": (1.0, 3.0), "fine": (0.5, 1.0, 2.0, 3.0, 5.0)},
+}
+# Pixel/feature balance (pixel_weight v, feature_weight), searched on every reconstruction:
+# feature term only, v from 1/4 to 4, pixel term only.
+BALANCES: tuple[tuple[float, float], ...] = ((0.0, 1.0), (0.25, 1.0), (0.5, 1.0), (1.0, 1.0), (2.0, 1.0),
+                                             (4.0, 1.0), (1.0, 0.0))
+SAMPLER_SEARCHED = tuple(DEFAULT_GRIDS)
+TABLE_KEYS = ("t0", "steps", "w", "guidance_scale", "blur_sigma", "pixel_weight", "feature_weight")
+
+Clock = Callable[[], float]
+
+
+class OutOfTime(Exception):
+    """Raised inside a reconstruction when the search budget is spent (the pass is dropped)."""
+
+
+# ----------------------------------------------------------------------------- holdout
+
+
+def training_folder_images(root: str | Path) -> list[Path]:
+    """The normal training images of a dataset folder, found without looking at its test
+    split: ROOT/CLASS/train/good (MVTec AD, DTD-Synthetic) or the images at the top level of
+    a plain folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder '{root}' does not exist or is not a folder.")
+    folder = root / "train" / "good"
+    images = iter_images(folder) if folder.is_dir() else iter_images(root)
+    if not images:
+        raise DatasetError(
+            f"'{root}' has no normal training images (expected ROOT/CLASS/train/good/*.png or images "
+            "at the top level of a plain folder)."
+        )
+    return images
+
+
+def split_holdout(images: Sequence[Path], n: int, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """(training images, held-out images): `n` images chosen by `seed`, the order kept."""
+    images = list(images)
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"the number of held-out images must be a whole number >= 0, got {n!r}.")
+    if n >= len(images):
+        raise ValueError(
+            f"cannot hold out {n} of {len(images)} training images: at least one must be left to train on "
+            "(use --holdout-stripe to keep a stripe of every image instead)."
+        )
+    chosen = set(np.random.default_rng(seed).choice(len(images), size=n, replace=False).tolist()) if n else set()
+    return ([p for i, p in enumerate(images) if i not in chosen], [p for i, p in enumerate(images) if i in chosen])
+
+
+def holdout_stripe_rows(image_size: int, fraction: float, crop_size: int) -> int:
+    """Rows (at the working size) of the bottom stripe kept out of training."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--holdout-stripe must be a fraction in (0, 1), got {fraction}.")
+    rows = int(round(image_size * fraction))
+    if rows < 8:
+        raise ValueError(f"a holdout stripe of {fraction:g} is only {rows} rows at {image_size} px; use a larger one.")
+    if image_size - rows < crop_size:
+        raise ValueError(
+            f"a holdout stripe of {fraction:g} leaves {image_size - rows} rows for training, fewer than the "
+            f"crop size {crop_size}; use a smaller stripe or --crop-size."
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- validation set
+
+
+@dataclass
+class ValidationSet:
+    """Synthetic-defect validation images at the detector's working size."""
+
+    images: np.ndarray  # N x S x S x 3 uint8
+    masks: np.ndarray  # N x S x S bool
+    labels: np.ndarray  # N, 0 normal / 1 with a synthetic defect
+    rows: tuple[int, int]  # scored rows [r0, r1) (the whole image, or the held-out stripe)
+    source: str  # holdout images | holdout stripe | unseen training-folder images | training images
+    in_sample: bool  # True when the normal images were used in training
+    normal_paths: list[Path]  # the normal images the set was made from
+    kinds: list[str]  # per image: "normal" or the defect kind
+    origins: list[int]  # per image: index into normal_paths
+    seed: int
+    calibration_paths: list[Path] = field(default_factory=list)  # normal images for recalibration
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def halves(self) -> tuple[np.ndarray, np.ndarray]:
+        """Two index sets with normal and defect images in both (every other one of each)."""
+        first = np.zeros(len(self), dtype=bool)
+        for label in (0, 1):
+            idx = np.flatnonzero(self.labels == label)
+            first[idx[::2]] = True
+        return np.flatnonzero(first), np.flatnonzero(~first)
+
+    def describe(self) -> dict[str, Any]:
+        r0, r1 = self.rows
+        return {
+            "source": self.source,
+            "in_sample": self.in_sample,
+            "images": [p.name for p in self.normal_paths],
+            "rows": [r0, r1],
+            "image_size": self.image_size,
+            "n_normal": int((self.labels == 0).sum()),
+            "n_anomalous": int(self.labels.sum()),
+            "defect_kinds": sorted({k for k in self.kinds if k != "normal"}),
+            "seed": self.seed,
+            "defect_fraction": round(float(self.masks[self.labels == 1, r0:r1].mean()), 4) if self.labels.any() else 0.0,
+        }
+
+    def note(self) -> str:
+        d = self.describe()
+        n = len(self.normal_paths)
+        made_from = {
+            "holdout images": f"{n} training images held out of training",
+            "holdout stripe": f"the stripe of rows {d['rows'][0]}-{d['rows'][1]} held out of training in {n} "
+                              "training images (only its pixels are scored)",
+            "unseen training-folder images": f"{n} training-folder images that training did not use",
+            "training images": f"{n} training images",
+        }.get(self.source, f"{n} {self.source}")
+        text = f"validation: {d['n_normal']} normal + {d['n_anomalous']} synthetic-defect images made from {made_from}"
+        if self.in_sample:
+            text += (" -- training used all of them, so the validation measures in-sample normals and its "
+                     "scores are optimistic (train with --holdout N or --holdout-stripe F for an "
+                     "out-of-sample validation)")
+        return text
+
+
+def _holdout_record(detector) -> dict[str, Any]:
+    return dict((detector.info.get("training") or {}).get("holdout") or {})
+
+
+def validation_set(
+    detector,
+    root: str | Path,
+    seed: int = 0,
+    n_normal: int = 4,
+    n_anomalous: int = 12,
+    kinds: Sequence[str] = DEFECT_KINDS,
+) -> ValidationSet:
+    """Build the validation set for `detector` from the normal training images of `root`
+    (never its test split); which normal images, see the module docstring."""
+    if n_normal < 1 or n_anomalous < 1:
+        raise ValueError("the validation set needs at least one normal and one anomalous image.")
+    for k in kinds:
+        if k not in DEFECT_KINDS:
+            raise ValueError(f"unknown defect kind '{k}'; use one of {', '.join(DEFECT_KINDS)}.")
+    folder_images = training_folder_images(root)
+    by_name = {p.name: p for p in folder_images}
+    size = detector.image_size
+    holdout = _holdout_record(detector)
+    training = detector.info.get("training") or {}
+    rows = (0, size)
+    if holdout.get("images"):
+        missing = [n for n in holdout["images"] if n not in by_name]
+        if missing:
+            raise DatasetError(
+                f"the checkpoint held out {', '.join(missing[:5])} for tuning, but '{root}' has no such "
+                "training image: pass the dataset the checkpoint was trained on."
+            )
+        sources, source, in_sample = [by_name[n] for n in holdout["images"]], "holdout images", False
+    elif holdout.get("stripe_rows"):
+        r0, r1 = holdout["stripe_rows"]
+        if holdout.get("image_size", size) != size or not 0 < r0 < r1 <= size:
+            raise DatasetError(f"the checkpoint's holdout stripe {holdout['stripe_rows']} does not fit its "
+                               f"working size {size}.")
+        sources, source, in_sample, rows = folder_images, "holdout stripe", False, (int(r0), int(r1))
+    else:
+        seen = set(training.get("images") or [])
+        unseen = [p for p in folder_images if seen and p.name not in seen]
+        if unseen:
+            sources, source, in_sample = unseen, "unseen training-folder images", False
+        else:
+            sources, source, in_sample = folder_images, "training images", True
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(sources))
+    defects = SyntheticDefects(seed=int(rng.integers(2**31)))
+    picked: dict[int, np.ndarray] = {}
+
+    def image(i: int) -> np.ndarray:
+        if i not in picked:
+            picked[i] = to_uint8(detector.prepare(sources[i]).cpu())[0]
+        return picked[i]
+
+    images, masks, labels, kinds_out, origins = [], [], [], [], []
+    r0, r1 = rows
+    for j in range(n_normal):
+        i = int(order[j % len(sources)])
+        images.append(image(i))
+        masks.append(np.zeros((size, size), dtype=bool))
+        labels.append(0)
+        kinds_out.append("normal")
+        origins.append(i)
+    for j in range(n_anomalous):
+        i = int(order[(n_normal + j) % len(sources)])
+        kind = kinds[j % len(kinds)]
+        base = image(i).copy()
+        region, region_mask = defects.apply(np.ascontiguousarray(base[r0:r1]), kind)
+        base[r0:r1] = region
+        mask = np.zeros((size, size), dtype=bool)
+        mask[r0:r1] = region_mask
+        images.append(base)
+        masks.append(mask)
+        labels.append(1)
+        kinds_out.append(kind)
+        origins.append(i)
+    used = sorted(set(origins))
+    remap = {i: n for n, i in enumerate(used)}
+    return ValidationSet(
+        images=np.stack(images), masks=np.stack(masks), labels=np.array(labels, dtype=np.int64), rows=rows,
+        source=source, in_sample=in_sample, normal_paths=[sources[i] for i in used], kinds=kinds_out,
+        origins=[remap[i] for i in origins], seed=seed, calibration_paths=list(folder_images),
+    )
+
+
+def _write_validation(vset: ValidationSet, folder: Path) -> list[Sample]:
+    """PNG files (lossless) for `reconstruct_dataset`, in the order of the set."""
+    from PIL import Image
+
+    samples = []
+    for i, (img, mask, label, kind) in enumerate(zip(vset.images, vset.masks, vset.labels, vset.kinds)):
+        path = folder / "images" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+        mask_path = None
+        if label:
+            mask_path = folder / "masks" / f"{i:03d}.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        samples.append(Sample(path, int(label), kind, mask_path))
+    return samples
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@dataclass
+class TuneResult:
+    chosen: dict[str, Any]  # the chosen sampler + scorer settings (full SamplerConfig, scorer weights)
+    start: dict[str, Any]  # the settings the detector had before
+    chosen_row: dict[str, Any]
+    start_row: dict[str, Any]
+    table: list[dict[str, Any]]  # one row per (sampler setting, balance); incomplete rows were raced out
+    front: list[int]  # indices into table: the speed/quality Pareto front
+    validation: ValidationSet
+    seconds: float  # search time
+    budget_s: float
+    stopped: str  # why the search ended
+    record: dict[str, Any] = field(default_factory=dict)  # what goes into detector.info["tuning"]
+
+    @property
+    def summary(self) -> str:
+        return self.record.get("summary", "")
+
+
+def _key(sampler: SamplerConfig) -> tuple:
+    d = sampler.to_dict()
+    if d["guidance_scale"] == 0:
+        d["blur_sigma"] = None  # irrelevant without blur guidance: one reconstruction serves all
+    return tuple(sorted(d.items()))
+
+
+def select(rows: Sequence[dict[str, Any]], tie_tolerance: float = 0.005) -> int:
+    """Index of the chosen row: the highest AUPRO; among rows within `tie_tolerance` of it,
+    the fewest model calls, then the higher AUPRO, then the earliest. Incomplete rows (raced
+    out on half the images) are never chosen."""
+    complete = [i for i, r in enumerate(rows) if r.get("complete") and r.get("aupro") is not None]
+    if not complete:
+        raise ValueError("no complete row to choose from.")
+    best = max(rows[i]["aupro"] for i in complete)
+    tied = [i for i in complete if rows[i]["aupro"] >= best - tie_tolerance]
+    return min(tied, key=lambda i: (rows[i]["model_calls"], -rows[i]["aupro"], i))
+
+
+def pareto_front(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Indices of the complete rows that no other row beats on both speed and AUPRO, fastest first."""
+    complete = [i for i, r in enumerate(rows) if r.get("complete") and r.get("aupro") is not None]
+    order = sorted(complete, key=lambda i: (rows[i]["seconds_per_image"], -rows[i]["aupro"], i))
+    front, best = [], -math.inf
+    for i in order:
+        if rows[i]["aupro"] > best:
+            front.append(i)
+            best = rows[i]["aupro"]
+    return front
+
+
+class _Search:
+    def __init__(self, detector, vset: ValidationSet, budget_s: float, clock: Clock, race_margin: float,
+                 tie_tolerance: float, balances, batch_size: int, log: Callable[[str], None], workdir: Path,
+                 metric_size: int = 128):
+        self.detector = detector
+        self.vset = vset
+        self.budget_s = float(budget_s)
+        self.clock = clock
+        self.t_start = clock()
+        self.race_margin = race_margin
+        self.tie_tolerance = tie_tolerance
+        self.balances = balances
+        self.batch_size = batch_size
+        self.log = log
+        self.samples = _write_validation(vset, workdir)
+        self.factor = max(1, vset.image_size // metric_size)  # pixel metrics at up to metric_size px
+        self.half_a, self.half_b = vset.halves()
+        self.rows: list[dict[str, Any]] = []
+        self.half_scores: dict[tuple, float] = {}  # sampler key -> best AUPRO over balances on half A
+        self.done: set[tuple] = set()
+        self.recon_seconds = 0.0  # reconstruction time, for cost estimates
+        self.recon_units = 0.0  # model calls x images
+        self.score_seconds: list[float] = []
+        self.n_sampler_settings = 0
+        self.skipped = 0  # settings left out or stopped for lack of time
+        base = detector.scorer.config
+        self._c_scorer = Scorer(ScorerConfig(backbone=base.backbone, feature_smoothing=base.feature_smoothing,
+                                             map_sigma=base.map_sigma), detector.scorer.backbone)
+
+    # -- time
+    def elapsed(self) -> float:
+        return self.clock() - self.t_start
+
+    def estimate(self, sampler: SamplerConfig, n_images: int) -> float:
+        if self.recon_units == 0:
+            return 0.0
+        per_unit = self.recon_seconds / self.recon_units
+        scoring = float(np.mean(self.score_seconds)) if self.score_seconds else 0.0
+        return per_unit * sampler.model_calls() * n_images + scoring
+
+    # -- reconstruction and scoring
+    def _reconstruct(self, sampler: SamplerConfig, idx: np.ndarray, deadline: bool):
+        from .evaluation import reconstruct_dataset
+
+        dataset = AnomalyDataset(root=self.samples[0].path.parent, layout="validation", category="validation",
+                                 train=[], test=[self.samples[i] for i in idx])
+
+        last = {"t": self.clock(), "step": 0.0}
+
+        def check(_done: int, _total: int) -> None:
+            # After every model step: stop if the next step (as long as this one) would overrun.
+            now = self.clock()
+            last["step"], last["t"] = now - last["t"], now
+            if deadline and self.elapsed() + last["step"] > self.budget_s:
+                raise OutOfTime()
+
+        t = self.clock()
+        recs = reconstruct_dataset(self.detector, dataset, sampler, batch_size=self.batch_size, progress=check,
+                                   mask_size=self.vset.image_size)
+        self.recon_seconds += self.clock() - t
+        self.recon_units += sampler.model_calls() * len(idx)
+        return recs
+
+    def _score(self, recs, idx: np.ndarray) -> list[dict[str, Any]]:
+        """Validation metrics of every balance on reconstructions of the images `idx`."""
+        t = self.clock()
+        det = self.detector
+        base = det.scorer.config
+        labels = self.vset.labels[idx]
+        r0, r1 = self.vset.rows
+        masks = _shrink(self.vset.masks[idx, r0:r1], self.factor, is_mask=True)
+        normals = labels == 0
+        with_features = ScorerConfig(**{**base.to_dict(), "pixel_weight": 1.0, "feature_weight": 1.0})
+        d_p, d_f, feature_seconds = recs.distances(det, with_features, self.batch_size)
+        c = self._c_scorer.calibrate(d_p[normals], d_f[normals]).pixel_scale  # as Detector.calibrate fits it
+        out = []
+        for pixel_weight, feature_weight in self.balances:
+            config = ScorerConfig(**{**base.to_dict(), "pixel_weight": pixel_weight, "feature_weight": feature_weight})
+            dp, df = (d_p, d_f) if feature_weight > 0 else (d_p, torch.zeros_like(d_p))
+            scale = c if pixel_weight > 0 and feature_weight > 0 else 1.0
+            maps = det.scorer.combine(dp, df, scale, config).float().numpy()[:, r0:r1]
+            scores = maps.reshape(len(maps), -1).max(axis=1)
+            maps = _shrink(maps, self.factor)
+            out.append({
+                "pixel_weight": pixel_weight, "feature_weight": feature_weight,
+                "aupro": aupro(masks, maps, AUPRO_FPR_LIMIT),
+                "pixel_auroc": pixel_auroc(masks, maps),
+                "image_auroc": image_auroc(labels, scores),
+                "scoring_seconds_per_image": feature_seconds if feature_weight > 0 else 0.0,
+                "pixel_scale": scale,
+            })
+        self.score_seconds.append(self.clock() - t)
+        return out
+
+    def incumbent(self) -> Optional[int]:
+        try:
+            return select(self.rows, self.tie_tolerance)
+        except ValueError:
+            return None
+
+    def center(self) -> SamplerConfig:
+        i = self.incumbent()
+        return SamplerConfig(**{k: v for k, v in self.rows[i]["sampler"].items()})
+
+    def evaluate(self, sampler: SamplerConfig, stage: str, reference: bool = False) -> str:
+        """Run one sampler setting (half, then the rest unless raced out). Returns 'done',
+        'cached', 'raced', 'skipped' (would not fit the budget) or 'out of time'."""
+        key = _key(sampler)
+        if key in self.done:
+            return "cached"
+        a, b = self.half_a, self.half_b
+        if not reference:
+            if self.elapsed() + self.estimate(sampler, len(a)) > self.budget_s:
+                self.skipped += 1
+                return "skipped"
+        self.done.add(key)
+        self.n_sampler_settings += not reference
+        try:
+            recs_a = self._reconstruct(sampler, a, deadline=not reference)
+            scored_a = self._score(recs_a, a)
+            half = max(r["aupro"] for r in scored_a)
+            self.half_scores[key] = half
+            inc = self.incumbent()
+            if inc is not None:
+                inc_half = self.half_scores[_key(SamplerConfig(**self.rows[inc]["sampler"]))]
+                if half < inc_half - self.race_margin:
+                    best = max(scored_a, key=lambda r: r["aupro"])
+                    self._add_rows(sampler, [best], stage, complete=False, seconds=recs_a.seconds_per_image)
+                    self.log(f"  {_describe(sampler)}: AUPRO {half:.3f} on half the images, "
+                             f"{inc_half - half:.3f} below the best there: dropped")
+                    return "raced"
+                if self.elapsed() + self.estimate(sampler, len(b)) > self.budget_s and not reference:
+                    self.log(f"  {_describe(sampler)}: no time left to finish it")
+                    self.skipped += 1
+                    return "skipped"
+            recs_b = self._reconstruct(sampler, b, deadline=not reference)
+        except OutOfTime:
+            self.log(f"  {_describe(sampler)}: stopped, the time budget is spent")
+            self.skipped += 1
+            return "out of time"
+        recs = _concat(recs_a, recs_b)
+        order = np.concatenate([a, b])
+        scored = self._score(recs, order)
+        seconds = recs.seconds_per_image
+        self._add_rows(sampler, scored, stage, complete=True, seconds=seconds)
+        best = max(scored, key=lambda r: r["aupro"])
+        self.log(f"  {_describe(sampler)}: AUPRO {best['aupro']:.4f} (v={best['pixel_weight']:g}, "
+                 f"features x{best['feature_weight']:g}), {seconds:.2f} s/img  [{self.elapsed():.0f} s]")
+        return "done"
+
+    def _add_rows(self, sampler: SamplerConfig, scored: list[dict], stage: str, complete: bool, seconds: float):
+        for r in scored:
+            self.rows.append({
+                "sampler": sampler.to_dict(),
+                **{k: getattr(sampler, k) for k in SAMPLER_SEARCHED},
+                "pixel_weight": r["pixel_weight"], "feature_weight": r["feature_weight"],
+                "model_calls": sampler.model_calls(),
+                "seconds_per_image": round(seconds + r["scoring_seconds_per_image"], 4),
+                "aupro": round(r["aupro"], 5) if complete else None,
+                "aupro_half": round(self.half_scores.get(_key(sampler), r["aupro"]), 5),
+                "pixel_auroc": round(r["pixel_auroc"], 5) if complete else None,
+                "image_auroc": round(r["image_auroc"], 5) if complete else None,
+                "stage": stage,
+                "complete": complete,
+            })
+
+
+def _shrink(arrays: np.ndarray, factor: int, is_mask: bool = False) -> np.ndarray:
+    """N x H x W maps (block means) or masks (block centres) reduced by an integer factor, for
+    fast pixel metrics; rows and columns beyond a whole block are dropped."""
+    if factor == 1:
+        return arrays
+    n, h, w = arrays.shape
+    h, w = h // factor * factor, w // factor * factor
+    if is_mask:
+        return arrays[:, factor // 2 : h : factor, factor // 2 : w : factor]
+    return arrays[:, :h, :w].reshape(n, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+
+
+def _concat(a, b):
+    from .evaluation import Reconstructions
+
+    n_a, n_b = len(a), len(b)
+    return Reconstructions(
+        inputs=torch.cat([a.inputs, b.inputs]), reconstructions=torch.cat([a.reconstructions, b.reconstructions]),
+        labels=np.concatenate([a.labels, b.labels]),
+        masks=None if a.masks is None else np.concatenate([a.masks, b.masks]),
+        paths=a.paths + b.paths, defect_types=a.defect_types + b.defect_types, mask_size=a.mask_size,
+        sampler=a.sampler, seconds_per_image=(a.seconds_per_image * n_a + b.seconds_per_image * n_b) / (n_a + n_b),
+    )
+
+
+def _describe(sampler: SamplerConfig) -> str:
+    s = sampler
+    blur = f" sigma={s.blur_sigma:g}" if s.guidance_scale > 0 else ""
+    return f"t0={s.t0} K={s.steps} w={s.w:g} s={s.guidance_scale:g}{blur}"
+
+
+def _neighbours(value: Any, grid: Sequence) -> list:
+    values = sorted(set(grid) | {value})
+    i = values.index(value)
+    return [values[j] for j in (i - 1, i + 1) if 0 <= j < len(values)]
+
+
+def _setting(name: str, value: Any) -> Any:
+    return int(value) if name in ("t0", "steps") else float(value)
+
+
+def tune(
+    detector,
+    root: str | Path | None = None,
+    budget_s: float = 600.0,
+    seed: int = 0,
+    n_normal: int = 4,
+    n_anomalous: int = 12,
+    tie_tolerance: float = 0.005,
+    race_margin: float = 0.03,
+    grids: Optional[dict[str, dict[str, Sequence]]] = None,
+    balances: Sequence[tuple[float, float]] = BALANCES,
+    max_evaluations: Optional[int] = None,
+    refine_rounds: int = 3,
+    validation: Optional[ValidationSet] = None,
+    metric_size: int = 128,
+    apply: bool = True,
+    batch_size: int = 4,
+    log: Optional[Callable[[str], None]] = None,
+    clock: Clock = time.perf_counter,
+) -> TuneResult:
+    """Choose `detector`'s sampler and scorer settings on a synthetic-defect validation set
+    made from the normal training images of `root` (see the module docstring).
+
+    budget_s: seconds for the search (the stored settings are always evaluated in full first;
+        a setting that would not fit is skipped, one that overruns is stopped). Recalibration
+        afterwards is not counted.
+    grids: {setting: {"coarse": values, "fine": values}} for some of t0, steps, w,
+        guidance_scale, blur_sigma (default DEFAULT_GRIDS; a setting left out stays fixed).
+    balances: (pixel_weight, feature_weight) pairs tried on every reconstruction.
+    max_evaluations: at most this many sampler settings besides the stored one.
+    validation: a ready ValidationSet instead of one made from `root`.
+    metric_size: pixel metrics are computed on maps and masks reduced to about this size
+        (block means of the maps), which keeps scoring cheap next to reconstruction.
+    apply: make the chosen settings the detector's own, recalibrate it on the normal
+        training-folder images and record the tuning in `detector.info["tuning"]`.
+    clock: the time source for the budget (tests pass a fake one)."""
+    log = log or (lambda message: None)
+    if budget_s is None or not budget_s > 0:
+        raise ValueError(f"the tuning budget must be > 0 seconds, got {budget_s!r}.")
+    if detector.calibration is None:
+        raise ValueError("the detector is not calibrated: tune a trained checkpoint.")
+    grids = DEFAULT_GRIDS if grids is None else grids
+    unknown = set(grids) - set(SAMPLER_SEARCHED)
+    if unknown:
+        raise ValueError(f"unknown grid setting(s) {sorted(unknown)}; searchable: {', '.join(SAMPLER_SEARCHED)}.")
+    for pw, fw in balances:
+        ScorerConfig(pixel_weight=pw, feature_weight=fw)
+    stored_balance = (detector.scorer.config.pixel_weight, detector.scorer.config.feature_weight)
+    balances = tuple(balances) + ((stored_balance,) if stored_balance not in tuple(balances) else ())
+    t_begin = clock()
+    if validation is None:
+        if root is None:
+            raise ValueError("give the dataset folder (root) or a validation set.")
+        validation = validation_set(detector, root, seed=seed, n_normal=n_normal, n_anomalous=n_anomalous)
+    if (validation.labels == 0).sum() < 2 or validation.labels.sum() < 2:
+        raise ValueError("the validation set needs at least 2 normal and 2 anomalous images (one of each per half).")
+    log(validation.note())
+    start_sampler = detector.sampler
+    start_scorer = detector.scorer.config
+    with tempfile.TemporaryDirectory(prefix="cgdiff-tune-") as tmp:
+        search = _Search(detector, validation, budget_s, clock, race_margin, tie_tolerance, balances,
+                         batch_size, log, Path(tmp), metric_size)
+        search.t_start = t_begin
+        log(f"stored settings: {_describe(start_sampler)}")
+        search.evaluate(start_sampler, "start", reference=True)
+        stopped = _run_search(search, grids, max_evaluations, refine_rounds, log)
+    rows = search.rows
+    start_index = next(i for i, r in enumerate(rows)
+                       if r["stage"] == "start" and (r["pixel_weight"], r["feature_weight"]) == stored_balance)
+    chosen_index = select(rows, tie_tolerance)
+    chosen_row = rows[chosen_index]
+    chosen = {**chosen_row["sampler"], "pixel_weight": chosen_row["pixel_weight"],
+              "feature_weight": chosen_row["feature_weight"]}
+    result = TuneResult(
+        chosen=chosen, start={**start_sampler.to_dict(), "pixel_weight": start_scorer.pixel_weight,
+                              "feature_weight": start_scorer.feature_weight},
+        chosen_row=chosen_row, start_row=rows[start_index], table=rows, front=pareto_front(rows),
+        validation=validation, seconds=clock() - t_begin, budget_s=float(budget_s), stopped=stopped,
+    )
+    result.record = _record(result, search, tie_tolerance, race_margin)
+    if apply:
+        apply_result(detector, result, log=log)
+    return result
+
+
+def _run_search(search: _Search, grids, max_evaluations, refine_rounds, log) -> str:
+    def budget_left() -> bool:
+        return search.elapsed() < search.budget_s
+
+    def allowed() -> bool:
+        return max_evaluations is None or search.n_sampler_settings < max_evaluations
+
+    def sweep(name: str, values: Sequence, stage: str) -> bool:
+        """Try `values` of one setting around the current best; False when the search must stop."""
+        for value in values:
+            if not budget_left():
+                return False
+            if not allowed():
+                return False
+            center = search.center()
+            if name == "blur_sigma" and center.guidance_scale == 0:
+                return True  # no blur guidance: sigma plays no part
+            candidate = center.replace(**{name: _setting(name, value)})
+            search.evaluate(candidate, stage)
+        return True
+
+    log("coarse search, one setting at a time:")
+    for name, grid in grids.items():
+        if not sweep(name, grid["coarse"], "coarse"):
+            return _why(search, max_evaluations)
+    converged = False
+    for round_ in range(refine_rounds):
+        before = search.incumbent()
+        log(f"refinement {round_ + 1}:")
+        for name, grid in grids.items():
+            center = search.center()
+            values = _neighbours(_setting(name, getattr(center, name)), [_setting(name, v) for v in grid["fine"]])
+            if not sweep(name, values, "refine"):
+                return _why(search, max_evaluations)
+        if search.incumbent() == before:
+            converged = True
+            break
+    if search.skipped:
+        return "time budget spent"
+    return "converged" if converged else "refinement rounds done"
+
+
+def _why(search: _Search, max_evaluations) -> str:
+    if search.elapsed() >= search.budget_s:
+        return "time budget spent"
+    return f"max_evaluations ({max_evaluations}) reached"
+
+
+def _settings_text(d: dict[str, Any]) -> str:
+    return (f"t0={d['t0']} K={d['steps']} w={d['w']:g} s={d['guidance_scale']:g} sigma={d['blur_sigma']:g} "
+            f"v={d['pixel_weight']:g} features x{d['feature_weight']:g}")
+
+
+def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_margin: float) -> dict[str, Any]:
+    vset = result.validation
+    c, s = result.chosen_row, result.start_row
+    n_complete = len({_key(SamplerConfig(**r["sampler"])) for r in result.table if r["complete"]})
+    summary = (
+        f"validation AUPRO {c['aupro']:.4f} with {_settings_text(result.chosen)} ({c['model_calls']} model calls), "
+        f"against {s['aupro']:.4f} with the previous settings ({s['model_calls']} model calls); "
+        f"{search.n_sampler_settings + 1} sampler settings tried ({n_complete} in full) in "
+        f"{result.seconds:.0f} s; {vset.note()}."
+    )
+    from . import __version__
+
+    return {
+        "summary": summary,
+        "chosen": result.chosen,
+        "previous": result.start,
+        "validation": {"aupro": c["aupro"], "pixel_auroc": c["pixel_auroc"], "image_auroc": c["image_auroc"],
+                       "previous_aupro": s["aupro"], "previous_pixel_auroc": s["pixel_auroc"],
+                       "previous_image_auroc": s["image_auroc"], "mask_size": vset.image_size // search.factor,
+                       "aupro_fpr_limit": AUPRO_FPR_LIMIT},
+        "validation_set": vset.describe(),
+        "search": {
+            "strategy": "stored settings, then a coarse one-setting-at-a-time sweep (s, w, t0, K, sigma) and "
+                        "refinement on finer grids; settings raced on half the images; pixel/feature balance "
+                        "searched on every reconstruction",
+            "budget_seconds": result.budget_s, "seconds": round(result.seconds, 1), "stopped": result.stopped,
+            "sampler_settings": search.n_sampler_settings + 1, "completed": n_complete,
+            "tie_tolerance": tie_tolerance, "race_margin": race_margin,
+            "device": str(search.detector.device),
+        },
+        "table": [{k: v for k, v in r.items() if k != "sampler"} | {"eta": r["sampler"]["eta"],
+                                                                      "seed": r["sampler"]["seed"]}
+                  for r in result.table],
+        "chosen_row": result.table.index(c),
+        "previous_row": result.table.index(s),
+        "front": result.front,
+        "cgdiff_version": __version__,
+    }
+
+
+def apply_result(detector, result: TuneResult, log: Optional[Callable[[str], None]] = None) -> None:
+    """Make the chosen settings the detector's own, recalibrate it on the normal images
+    (c and the threshold belong to the settings) and record the tuning in detector.info."""
+    log = log or (lambda message: None)
+    chosen = result.chosen
+    sampler_keys = set(SamplerConfig().to_dict())
+    detector.sampler = SamplerConfig(**{k: v for k, v in chosen.items() if k in sampler_keys})
+    detector.scorer.config = ScorerConfig(**{**detector.scorer.config.to_dict(),
+                                            "pixel_weight": chosen["pixel_weight"],
+                                            "feature_weight": chosen["feature_weight"]})
+    paths = result.validation.calibration_paths or result.validation.normal_paths
+    log(f"recalibrating on {len(paths)} normal images with the chosen settings ...")
+    detector.calibrate(paths)
+    record = dict(result.record)
+    record["calibrated_on"] = len(paths)
+    if result.chosen != result.start and detector.info.get("metrics"):
+        # Test metrics recorded earlier belong to the previous settings.
+        record["metrics_before_tuning"] = detector.info.pop("metrics")
+    detector.info["tuning"] = record
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def plot_front(result: TuneResult | dict[str, Any], path: str | Path) -> Path:
+    """The speed/quality picture: seconds per image against validation AUPRO for every
+    complete setting, the Pareto front joined, the previous and the chosen setting marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = result.record if isinstance(result, TuneResult) else result
+    table = record["table"]
+    complete = [r for r in table if r.get("complete")]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ax.scatter([r["seconds_per_image"] for r in complete], [r["aupro"] for r in complete], s=12, c="0.7",
+               label="settings tried")
+    front = [table[i] for i in record["front"]]
+    ax.plot([r["seconds_per_image"] for r in front], [r["aupro"] for r in front], "-o", c="tab:blue", ms=5,
+            label="speed/quality front")
+    for r in front:
+        ax.annotate(f"K={r['steps']} s={r['guidance_scale']:g} w={r['w']:g}", (r["seconds_per_image"], r["aupro"]),
+                    textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:blue")
+    prev, chosen = table[record["previous_row"]], table[record["chosen_row"]]
+    if prev.get("aupro") is not None:
+        ax.scatter([prev["seconds_per_image"]], [prev["aupro"]], marker="s", s=60, facecolors="none",
+                   edgecolors="tab:red", label="previous settings", zorder=3)
+    ax.scatter([chosen["seconds_per_image"]], [chosen["aupro"]], marker="*", s=160, c="tab:green",
+               label="chosen", zorder=4)
+    vs = record["validation_set"]
+    kind = "in-sample normals" if vs["in_sample"] else vs["source"]
+    ax.set_xlabel(f"seconds per image ({record['search']['device']})")
+    ax.set_ylabel("validation AUPRO (FPR <= 0.3)")
+    ax.set_title(f"Label-free tuning: {vs['n_normal']} normal + {vs['n_anomalous']} synthetic-defect images "
+                 f"({kind})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def front_table(record: dict[str, Any]) -> list[str]:
+    """Lines: the speed/quality front, fastest first, each with the flags that select it."""
+    lines = []
+    for i in record["front"]:
+        r = record["table"][i]
+        flags = (f"--t0 {r['t0']} --steps {r['steps']} --w {r['w']:g} --guidance-scale {r['guidance_scale']:g} "
+                 f"--blur-sigma {r['blur_sigma']:g} --pixel-weight {r['pixel_weight']:g} "
+                 f"--feature-weight {r['feature_weight']:g}")
+        mark = "  <- chosen" if i == record["chosen_row"] else ""
+        lines.append(f"  {r['seconds_per_image']:7.2f} s/img  AUPRO {r['aupro']:.4f}  {flags}{mark}")
+    return lines
+
+
+def model_card_section(tuning: dict[str, Any]) -> list[str]:
+    """Markdown lines for the model card's 'Label-free tuning' section."""
+    lines = [tuning.get("summary", "")]
+    chosen, previous = tuning.get("chosen") or {}, tuning.get("previous") or {}
+    if chosen and previous:
+        lines += ["", "| setting | before | chosen |", "|---|---|---|"]
+        for key in TABLE_KEYS:
+            if key in chosen:
+                lines.append(f"| {key} | {previous.get(key)} | {chosen.get(key)} |")
+        v = tuning.get("validation") or {}
+        if v.get("aupro") is not None:
+            lines.append(f"| validation AUPRO | {v.get('previous_aupro')} | {v.get('aupro')} |")
+    vs = tuning.get("validation_set") or {}
+    if vs:
+        lines += ["", f"Validation images made from: {vs.get('source')} ({', '.join(vs.get('images', [])[:12])}"
+                  f"{', ...' if len(vs.get('images', [])) > 12 else ''}), rows {vs.get('rows')} at "
+                  f"{vs.get('image_size')} px, seed {vs.get('seed')}."]
+        if vs.get("in_sample"):
+            lines += ["", "Training used all of these images: the validation measures in-sample normals, so its "
+                      "scores are optimistic."]
+    if tuning.get("front_plot"):
+        lines += ["", f"![speed/quality front of the tuning]({tuning['front_plot']})"]
+    if tuning.get("calibrated_on"):
+        lines += ["", f"Recalibrated on {tuning['calibrated_on']} normal images with the chosen settings."]
+    return lines
