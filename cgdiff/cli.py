@@ -177,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "is reachable, else the offline one)")
     g = p.add_argument_group("settings stored in the checkpoint (evaluate/detect can override them)")
     _add_setting_flags(g, {**SamplerConfig().to_dict(), **ScorerConfig().to_dict()}, seed=False)
+    g = p.add_argument_group("label-free tuning (see 'cgdiff tune --help')")
+    h = g.add_mutually_exclusive_group()
+    h.add_argument("--holdout", type=_number(int, 0), default=0, metavar="N",
+                   help="keep N training images (chosen by --seed) out of training, for tuning")
+    h.add_argument("--holdout-stripe", type=positive_float, default=None, metavar="F",
+                   help="keep the bottom fraction F of every training image out of training, for tuning")
+    g.add_argument("--tune", action="store_true", help="run 'cgdiff tune' on the new checkpoint after training")
+    g.add_argument("--tune-minutes", type=positive_float, default=10.0, metavar="M", help="time budget of --tune")
     _add_common(p, device=False)
 
     # ---------------------------------------------------------------- evaluate
@@ -242,6 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test tiles per defect kind and texture")
     p.add_argument("--seed", type=whole, default=0, metavar="N", help="seed of tile positions and defects")
     p.add_argument("--overwrite", action="store_true", help="replace texture folders this command built before")
+
+    # ---------------------------------------------------------------- tune
+    p = sub.add_parser(
+        "tune", help="choose the sampler and scorer settings without test labels",
+        description="Choose t0, K, w, the blur-guidance scale and sigma and the pixel/feature balance "
+        "by AUPRO on a validation set of normal training images with seeded synthetic defects (images "
+        "or a stripe held out by 'train --holdout' / '--holdout-stripe' where there are some, else the "
+        "training images themselves, which the output says). Test images and masks are never read. "
+        "The chosen settings become the checkpoint's defaults; it is recalibrated, and the search "
+        "table, the validation score and a speed/quality plot (tuning_front.png) are stored with it.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="local checkpoint folder or bundled registry name (updated in place unless --out)")
+    p.add_argument("--data", required=True, metavar="ROOT/CLASS",
+                   help="dataset folder the checkpoint was trained on (only its normal training images are read)")
+    p.add_argument("--out", metavar="CKPT", help="write the tuned checkpoint here instead of in place")
+    p.add_argument("--minutes", type=positive_float, default=10.0, metavar="M", help="time budget of the search")
+    p.add_argument("--seed", type=whole, default=0, metavar="N", help="seed of the synthetic defects")
+    p.add_argument("--normal", type=_number(int, 2), default=4, metavar="N", help="normal validation images")
+    p.add_argument("--anomalous", type=_number(int, 2), default=12, metavar="N",
+                   help="validation images with a synthetic defect")
+    p.add_argument("--tie-tolerance", type=_number(float, 0), default=0.005, metavar="X",
+                   help="AUPRO within X of the best counts as a tie, won by fewer model calls")
+    p.add_argument("--max-evaluations", type=_number(int, 0), default=None, metavar="N",
+                   help="try at most N sampler settings besides the stored one (default: as the budget allows)")
+    p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="images per batch")
+    p.add_argument("--json", metavar="FILE", help="write the tuning record (search table included) as JSON")
+    p.add_argument("--dry-run", action="store_true", help="report the choice without changing any checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint or --json file")
+    _add_common(p)
 
     # ---------------------------------------------------------------- push
     p = sub.add_parser(
@@ -455,9 +493,13 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         config.validate()  # before reading the data: a bad value is reported at once
     dataset = load_dataset(args.data, args.layout)
     _info(f"data: {dataset.summary()}")
-    images = list(dataset.train)
+    images, holdout, holdout_rows = _holdout(args, saved_args, list(dataset.train), config)
+    all_images = list(dataset.train)
+    if holdout:
+        _info(f"holdout for tuning: {holdout.get('images') or ('rows %d-%d of every image' % tuple(holdout['stripe_rows']))}")
 
     record = {
+        "holdout": holdout,
         "command": saved_args.get("command", command),
         "data": saved_args.get("data", str(args.data)),
         "sampler": sampler.to_dict(),
@@ -471,13 +513,21 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     }
     if record["resumed_with"]:
         info["resumed_with"] = record["resumed_with"]
+    info["images"] = [p.name for p in images]
+    if holdout:
+        info["holdout"] = holdout
 
     # Checked here too, so the record never lands in a folder train() would refuse.
     check_output_folder(out, args.resume, args.overwrite)
     _write_json(out / TRAIN_ARGS_NAME, record)
     detector = train(images, out, config, resume=args.resume, overwrite=args.overwrite, info=info,
-                     sampler=sampler, scorer_config=scorer, progress_bar=not args.no_progress)
+                     sampler=sampler, scorer_config=scorer, progress_bar=not args.no_progress,
+                     calibration_images=all_images, holdout_rows=holdout_rows)
+    if detector is not None and args.tune:
+        _run_tuning(detector, args.data, out, args.tune_minutes * 60, f"{command}  (--tune)", seed=args.seed,
+                    quiet=args.no_progress)
     if detector is not None:
+
         _info(f"next: cgdiff evaluate --checkpoint {shlex.quote(str(out))} --data {shlex.quote(str(args.data))}")
     return 0
 
@@ -700,6 +750,82 @@ def cmd_build_textures(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _holdout(args: argparse.Namespace, saved_args: dict, images: list[Path], config: TrainConfig):
+    """(images to train on, the holdout record, held-out rows) from --holdout / --holdout-stripe;
+    a resumed run keeps the split it was started with."""
+    from .tune import holdout_stripe_rows, split_holdout
+
+    if args.resume:
+        record = dict(saved_args.get("holdout") or {})
+        if args.holdout or args.holdout_stripe is not None:
+            _info("note: --holdout / --holdout-stripe are ignored: a resumed run keeps the split it started with.")
+    elif args.holdout:
+        record = {"images": [p.name for p in split_holdout(images, args.holdout, args.seed)[1]]}
+    elif args.holdout_stripe is not None:
+        rows = holdout_stripe_rows(config.image_size, args.holdout_stripe, config.crop_size)
+        record = {"stripe_fraction": args.holdout_stripe, "stripe_rows": [config.image_size - rows, config.image_size],
+                  "image_size": config.image_size}
+    else:
+        record = {}
+    held = set(record.get("images", []))
+    kept = [p for p in images if p.name not in held]
+    rows = record["stripe_rows"][1] - record["stripe_rows"][0] if record.get("stripe_rows") else 0
+    return kept, record, rows
+
+
+def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, command: str, seed: int = 0,
+                n_normal: int = 4, n_anomalous: int = 12, tie_tolerance: float = 0.005,
+                max_evaluations: Optional[int] = None, batch_size: int = 4, quiet: bool = False) -> dict[str, Any]:
+    """Tune `detector` on `data`, print the choice and the speed/quality front, and (unless
+    `folder` is None) save it into `folder` with the front plot. Returns the tuning record."""
+    from .tune import FRONT_PLOT_NAME, front_table, plot_front, tune
+
+    _info(f"tuning for up to {budget_s / 60:.1f} min (test images are never read) ...")
+    result = tune(detector, data, budget_s=budget_s, seed=seed, n_normal=n_normal, n_anomalous=n_anomalous,
+                  tie_tolerance=tie_tolerance, max_evaluations=max_evaluations, batch_size=batch_size,
+                  apply=folder is not None, log=None if quiet else _info)
+    record = detector.info["tuning"] if folder is not None else result.record
+    record["command"] = command
+    print(record["summary"])
+    print("speed/quality front (fastest first; each point's flags select it for evaluate/detect):")
+    print("\n".join(front_table(record)))
+    if folder is not None:
+        record["front_plot"] = FRONT_PLOT_NAME
+        detector.info.pop("source", None)
+        detector.save_pretrained(folder, overwrite=True)
+        plot_front(record, folder / FRONT_PLOT_NAME)
+        _info(f"saved the tuned settings, the search table and {FRONT_PLOT_NAME} in {folder} "
+              f"(threshold {detector.threshold:.4g})")
+    return record
+
+
+def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .registry import resolve
+
+    source = Path(args.checkpoint) if Path(args.checkpoint).exists() else Path(resolve(args.checkpoint))
+    if not source.is_dir():
+        raise ValueError(f"tune writes into the checkpoint, so it needs a local checkpoint folder; '{args.checkpoint}' "
+                         "is not one (use --out to write a tuned copy of a local folder).")
+    folder = None if args.dry_run else (Path(args.out) if args.out else source)
+    if folder is not None and folder.resolve() != source.resolve():
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"--out '{folder}' exists and is a file; give a folder.")
+        if folder.exists() and any(folder.iterdir()) and not args.overwrite:
+            raise FileExistsError(f"--out '{folder}' already exists; pass --overwrite to replace it.")
+    json_path = _check_new_file(args.json, args.overwrite, "--json")
+    detector = _load_detector(args)
+    if folder is not None and folder.resolve() != source.resolve():
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(source, folder, ignore=shutil.ignore_patterns("training_state", ".*"))
+    record = _run_tuning(detector, args.data, folder, args.minutes * 60, _command_line(argv), seed=args.seed,
+                         n_normal=args.normal, n_anomalous=args.anomalous, tie_tolerance=args.tie_tolerance,
+                         max_evaluations=args.max_evaluations, batch_size=args.batch_size, quiet=args.no_progress)
+    if json_path is not None:
+        _write_json(json_path, record)
+        _info(f"wrote {json_path}")
+    return 0
+
+
 def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .detector import read_config
     from .hub import check_checkpoint_files, looks_like_repo_id, push_folder, render_model_card
@@ -786,7 +912,7 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "detect": cmd_detect, "build-textures": cmd_build_textures,
+COMMANDS = {"train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "detect": cmd_detect, "build-textures": cmd_build_textures,
             "push": cmd_push, "bench": cmd_bench}
 
 

@@ -1,0 +1,186 @@
+"""Label-free tuning: never reads the test split, keeps to its budget, deterministic for a seed,
+stores its choice in the checkpoint; holdout images and stripes for training."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cgdiff.cli import main
+from cgdiff.data import build_texture_dataset
+from cgdiff.train import RandomCrops
+from cgdiff.tune import pareto_front, select, split_holdout, tune, validation_set
+
+# A small search: 2 normal + 4 defect images, two settings on top of the stored ones.
+SMALL = dict(n_normal=2, n_anomalous=4, grids={"w": {"coarse": (0.0, 1.0), "fine": (0.0, 0.5, 1.0, 3.0)}},
+             balances=((0.0, 1.0), (1.0, 1.0), (1.0, 0.0)))
+TRAIN = ["--image-size", "32", "--crop-size", "16", "--batch-size", "2", "--save-every", "4", "--max-steps", "2",
+         "--steps", "2", "--guidance-scale", "0", "--backbone", "efficientnet-lite0", "--no-progress"]
+
+_WATCHED: list = []  # (forbidden folders, hits) while a test watches file access
+
+
+def _audit(event, args):
+    if not _WATCHED or event not in ("open", "os.listdir", "os.scandir") or not args:
+        return
+    target = args[0]
+    if isinstance(target, (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(target))
+        for folders, hits in _WATCHED:
+            if any(path == f or path.startswith(f + os.sep) for f in folders):
+                hits.append(path)
+
+
+sys.addaudithook(_audit)
+
+
+class _Watch:
+    """Records every open / directory listing under the test split of `root`."""
+
+    def __init__(self, root: Path):
+        self.folders = [os.path.abspath(root / "test"), os.path.abspath(root / "ground_truth")]
+        self.hits: list[str] = []
+
+    def __enter__(self):
+        _WATCHED.append((self.folders, self.hits))
+        return self
+
+    def __exit__(self, *exc):
+        _WATCHED.pop()
+
+
+@pytest.fixture(scope="module")
+def gravel(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    return build_texture_dataset(root, textures=("gravel",), tile_size=64, train_stride=128,
+                                 n_test_good=2, n_test_defect=1, seed=3)["gravel"]
+
+
+def _rows(result):
+    return [{k: v for k, v in r.items() if k != "seconds_per_image"} for r in result.table]
+
+
+def test_tuning_never_reads_the_test_split_and_is_deterministic_for_a_seed(tiny_detector, gravel):
+    with _Watch(gravel) as watch:
+        first = tune(tiny_detector, gravel, budget_s=600, seed=5, apply=False, **SMALL)
+        second = tune(tiny_detector, gravel, budget_s=600, seed=5, apply=False, **SMALL)
+    assert watch.hits == []
+    with _Watch(gravel) as check:  # the watch does see test files when they are read
+        from cgdiff.data import load_dataset
+
+        load_dataset(gravel)
+    assert check.hits
+
+    assert _rows(first) == _rows(second) and first.chosen == second.chosen
+    np.testing.assert_array_equal(first.validation.images, second.validation.images)
+    other = validation_set(tiny_detector, gravel, seed=6, n_normal=2, n_anomalous=4)
+    assert not np.array_equal(other.masks, first.validation.masks)
+
+    # The stored settings are evaluated first, and the choice is never worse than them.
+    assert first.table[0]["stage"] == "start" and first.start["w"] == tiny_detector.sampler.w
+    assert first.chosen_row["aupro"] >= first.start_row["aupro"] - 0.005
+    assert {r["w"] for r in first.table} >= {0.0, 1.0, tiny_detector.sampler.w}
+    # No test labels here: the detector's own training images, and the result says so.
+    assert first.validation.in_sample and "in-sample" in first.validation.note()
+    assert first.validation.labels.tolist().count(1) == 4
+    assert all(m.any() for m in first.validation.masks[first.validation.labels == 1])
+
+
+def test_tuning_keeps_to_its_budget(tiny_detector, gravel):
+    """A fake clock that advances one second per U-Net call: the search must stop in time."""
+    clock = {"t": 0.0}
+    eps = tiny_detector._eps
+
+    def counting_eps(x, t):
+        clock["t"] += 1.0
+        return eps(x, t)
+
+    tiny_detector._eps = counting_eps
+    grids = {"w": {"coarse": (0.0, 0.5, 1.0, 2.0, 5.0, 8.0), "fine": (0.0, 1.0)}}
+    budget = 3 * 2 * 6 + 10  # the stored settings (2 batches x 6 calls), then room for little more
+    result = tune(tiny_detector, gravel, budget_s=budget, clock=lambda: clock["t"], apply=False,
+                  **{**SMALL, "grids": grids})
+    assert result.seconds <= budget
+    assert result.stopped == "time budget spent"
+    tried = {r["w"] for r in result.table}
+    assert 1 <= len(tried) < 7  # not every setting fitted
+    assert result.chosen["w"] in tried
+
+
+def test_selection_prefers_fewer_model_calls_within_the_tolerance():
+    rows = [
+        {"aupro": 0.950, "model_calls": 20, "seconds_per_image": 2.0, "complete": True},
+        {"aupro": 0.948, "model_calls": 10, "seconds_per_image": 1.0, "complete": True},
+        {"aupro": 0.990, "model_calls": 5, "seconds_per_image": 0.5, "complete": False},  # raced out
+        {"aupro": 0.930, "model_calls": 5, "seconds_per_image": 0.6, "complete": True},
+    ]
+    assert select(rows, tie_tolerance=0.005) == 1
+    assert select(rows, tie_tolerance=0.0) == 0
+    assert select(rows, tie_tolerance=0.05) == 3
+    assert pareto_front(rows) == [3, 1, 0]
+
+
+def test_holdout_split_and_stripe_crops(tmp_path):
+    images = [tmp_path / f"{i}.png" for i in range(5)]
+    kept, held = split_holdout(images, 2, seed=1)
+    assert len(held) == 2 and sorted(kept + held) == images and split_holdout(images, 2, seed=1)[1] == held
+    with pytest.raises(ValueError, match="at least one"):
+        split_holdout(images, 5)
+    # Crops never reach the held-out stripe (bottom 8 rows set to white).
+    pixels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    pixels[:, :, 24:] = 255
+    crops = RandomCrops(pixels, 16, 200, seed=0, flips=True, rotations=False, rows=24)
+    assert all(bool((crops[i] == -1).all()) for i in range(len(crops)))
+    assert any(bool((RandomCrops(pixels, 16, 50, 0, False, False)[i] > 0).any()) for i in range(50))
+
+
+def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--data", str(gravel), "--out", str(ckpt), "--holdout", "2", *TRAIN]) == 0
+    config = json.loads((ckpt / "cgdiff.json").read_text())
+    held = config["training"]["holdout"]["images"]
+    assert len(held) == 2 and not set(held) & set(config["training"]["images"])
+    assert config["training"]["n_images"] == 10
+
+    with _Watch(gravel) as watch:
+        code = main(["tune", "--checkpoint", str(ckpt), "--data", str(gravel), "--normal", "2", "--anomalous", "2",
+                     "--max-evaluations", "1", "--json", str(tmp_path / "tuning.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert watch.hits == []
+    assert "validation AUPRO" in out and "speed/quality front" in out
+    tuned = json.loads((ckpt / "cgdiff.json").read_text())
+    tuning = tuned["tuning"]
+    assert tuning["validation_set"]["source"] == "holdout images" and not tuning["validation_set"]["in_sample"]
+    assert sorted(tuning["validation_set"]["images"]) == sorted(held)
+    assert {k: tuned["sampler"][k] for k in ("t0", "steps", "w")} == {k: tuning["chosen"][k] for k in ("t0", "steps", "w")}
+    assert tuned["scorer"]["pixel_weight"] == tuning["chosen"]["pixel_weight"]
+    assert tuning["calibrated_on"] == 12 and tuned["calibration"]["n_images"] == 12
+    assert len(tuning["table"]) >= 2 and tuning["search"]["sampler_settings"] == 2
+    assert (ckpt / "tuning_front.png").read_bytes()[:4] == b"\x89PNG"
+    card = (ckpt / "README.md").read_text()
+    assert "Label-free tuning" in card and "tuning_front.png" in card
+    assert json.loads((tmp_path / "tuning.json").read_text())["summary"] == tuning["summary"]
+    assert (ckpt / "training_state").is_dir()  # the save keeps what was there
+
+
+def test_train_with_a_holdout_stripe_and_tune_at_the_end(gravel, tmp_path, capsys):
+    ckpt = tmp_path / "stripe"
+    code = main(["train", "--data", str(gravel), "--out", str(ckpt), "--holdout-stripe", "0.25", "--tune",
+                 "--tune-minutes", "0.05", *TRAIN])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    tuning = json.loads((ckpt / "cgdiff.json").read_text())["tuning"]
+    vs = tuning["validation_set"]
+    assert vs["source"] == "holdout stripe" and vs["rows"] == [24, 32] and not vs["in_sample"]
+    assert "--tune" in tuning["command"]
+    # The validation defects lie inside the stripe.
+    from cgdiff import Detector
+
+    detector = Detector.from_pretrained(ckpt, device="cpu")
+    vset = validation_set(detector, gravel, seed=0, n_normal=2, n_anomalous=4)
+    assert not vset.masks[:, :24].any() and vset.masks[:, 24:].any()
