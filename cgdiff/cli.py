@@ -753,7 +753,7 @@ def cmd_build_textures(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _holdout(args: argparse.Namespace, saved_args: dict, images: list[Path], config: TrainConfig):
     """(images to train on, the holdout record, held-out rows) from --holdout / --holdout-stripe;
     a resumed run keeps the split it was started with."""
-    from .tune import holdout_stripe_rows, split_holdout
+    from .tune import holdout_stripe, split_holdout
 
     if args.resume:
         record = dict(saved_args.get("holdout") or {})
@@ -762,9 +762,7 @@ def _holdout(args: argparse.Namespace, saved_args: dict, images: list[Path], con
     elif args.holdout:
         record = {"images": [p.name for p in split_holdout(images, args.holdout, args.seed)[1]]}
     elif args.holdout_stripe is not None:
-        rows = holdout_stripe_rows(config.image_size, args.holdout_stripe, config.crop_size)
-        record = {"stripe_fraction": args.holdout_stripe, "stripe_rows": [config.image_size - rows, config.image_size],
-                  "image_size": config.image_size}
+        record = holdout_stripe(config.image_size, args.holdout_stripe, config.crop_size)[1]
     else:
         record = {}
     held = set(record.get("images", []))

@@ -63,7 +63,7 @@ from .sampler import SamplerConfig
 from .scorer import Scorer, ScorerConfig
 
 __all__ = ["ValidationSet", "TuneResult", "DEFAULT_GRIDS", "BALANCES", "training_folder_images",
-           "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout",
+           "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout", "holdout_stripe",
            "model_card_section", "FRONT_PLOT_NAME"]
 
 FRONT_PLOT_NAME = "tuning_front.png"
@@ -140,6 +140,14 @@ def holdout_stripe_rows(image_size: int, fraction: float, crop_size: int) -> int
             f"crop size {crop_size}; use a smaller stripe or --crop-size."
         )
     return rows
+
+
+def holdout_stripe(image_size: int, fraction: float, crop_size: int) -> tuple[int, dict[str, Any]]:
+    """(rows, record) of a bottom stripe of every image kept out of training, as `cgdiff train
+    --holdout-stripe F` keeps it: `train(..., holdout_rows=rows, info={"holdout": record})`,
+    and `tune` then validates on the stripe."""
+    rows = holdout_stripe_rows(image_size, fraction, crop_size)
+    return rows, {"stripe_fraction": fraction, "stripe_rows": [image_size - rows, image_size], "image_size": image_size}
 
 
 # ----------------------------------------------------------------------------- validation set

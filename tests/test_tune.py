@@ -184,3 +184,12 @@ def test_train_with_a_holdout_stripe_and_tune_at_the_end(gravel, tmp_path, capsy
     detector = Detector.from_pretrained(ckpt, device="cpu")
     vset = validation_set(detector, gravel, seed=0, n_normal=2, n_anomalous=4)
     assert not vset.masks[:, :24].any() and vset.masks[:, 24:].any()
+
+
+def test_holdout_stripe_record_is_what_train_and_tune_share():
+    from cgdiff.tune import holdout_stripe
+
+    rows, record = holdout_stripe(128, 0.25, 64)
+    assert rows == 32 and record == {"stripe_fraction": 0.25, "stripe_rows": [96, 128], "image_size": 128}
+    with pytest.raises(ValueError, match="fewer than the crop size"):
+        holdout_stripe(64, 0.5, 64)
