@@ -8,7 +8,10 @@ file gets the same clear message everywhere. Images come out as 8-bit RGB PIL im
 - transparency is dropped by compositing on black (texture photos have no meaningful alpha);
 - EXIF orientation is applied, so a phone photo is inspected the way it is displayed;
 - images above `MAX_PIXELS` are refused before they are decoded (decompression bombs),
-  and images with a side under `MIN_SIDE` are refused as too small to inspect.
+  and images with a side under `MIN_SIDE` are refused as too small to inspect;
+- only raster formats in `FORMATS` are opened: PIL's other plugins (EPS, which runs
+  Ghostscript, and a long tail of rare formats) are never handed an untrusted file;
+- an unreadable EXIF block leaves the image as stored instead of failing.
 
 Resizing policy (documented in the README): the detector resizes every image to its square
 working size (`image_size`, e.g. 256 x 256) as anomalib does for MVTec AD, and maps are
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Union
@@ -30,6 +34,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 40_000_000  # 40 MP: bigger than any camera frame we expect, well below a bomb
 MIN_SIDE = 8
 MAX_ASPECT = 16.0
+# Formats PIL may open (its plugin names); anything else is "not an image file".
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "PPM")  # JPEG includes MPO (phone photos)
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor]
 
@@ -66,13 +72,14 @@ def _check_size(width: int, height: int, what: str) -> None:
         )
 
 
-def _to_rgb8(img: Image.Image) -> Image.Image:
+def _to_rgb8(img: Image.Image, what: str = "the image") -> Image.Image:
     """Convert any PIL mode to 8-bit RGB without silently clipping high bit depths."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img)
         if not np.all(np.isfinite(arr)):
-            raise ImageError("the image contains NaN or infinite pixel values.")
+            raise ImageError(f"{what} contains NaN or infinite pixel values.")
+        arr = arr.astype(np.float64)
         if mode == "F":
             lo, hi = float(arr.min()), float(arr.max())
             arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
@@ -88,6 +95,32 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     if mode != "RGB":
         return img.convert("RGB")
     return img
+
+
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
+               (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"RIFF", "WEBP"))
+
+
+def _sniff(source: Any) -> str | None:
+    """The accepted format a file's first bytes announce, if any."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            head = bytes(source[:16])
+        else:
+            with open(source, "rb") as f:
+                head = f.read(16)
+    except OSError:
+        return None
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation. A corrupt EXIF block (PIL raises SyntaxError, ValueError,
+    struct.error, ... while parsing it) leaves the image as stored, as browsers do."""
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except Exception:  # noqa: BLE001 - any EXIF parsing failure
+        return img
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
@@ -138,7 +171,7 @@ def load_image(source: ImageLike) -> Image.Image:
         return img
     if isinstance(source, Image.Image):
         _check_size(source.width, source.height, what)
-        return _to_rgb8(ImageOps.exif_transpose(source) or source)
+        return _to_rgb8(_upright(source), what)
 
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
@@ -159,21 +192,36 @@ def load_image(source: ImageLike) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL warns from 89 MP on; _check_size refuses from MAX_PIXELS (40 MP) on with the
-            # usual message, before anything is decoded. PIL's own error (above 179 MP) remains.
+            # usual message, before anything is decoded. PIL refuses above 179 MP when it opens
+            # the file; that is reported with the same limit below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(stream)
-            _check_size(img.width, img.height, what)
-            img.load()
+            # `with`: the file is closed once decoded, multi-frame images included.
+            with Image.open(stream, formats=FORMATS) as img:
+                _check_size(img.width, img.height, what)
+                img.load()
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         if isinstance(e, UnidentifiedImageError):
-            raise ImageError(f"{what} is not an image file PIL can read (PNG, JPEG, TIFF, BMP, ...).") from None
-        raise ImageError(f"{what} declares a huge size (decompression bomb?): {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+            announced = _sniff(source)
+            if announced:
+                raise ImageError(
+                    f"{what} is not an image file cgdiff can decode: it starts like a {announced} file "
+                    "but looks truncated or corrupt."
+                ) from None
+            raise ImageError(
+                f"{what} is not an image file in a format cgdiff reads ({', '.join(FORMATS)})."
+            ) from None
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(declared.group(1)) / 1e6:.0f} MP" if declared else "a huge size"
+        raise ImageError(
+            f"{what} declares {size}, above the {MAX_PIXELS / 1e6:.0f} MP limit (a decompression bomb?); "
+            "it was not decoded."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - decoders of malformed files raise OSError, SyntaxError,
+        # ValueError, EOFError, struct.error, IndexError, ...: all mean the same to the user.
         raise ImageError(f"{what} could not be decoded, the file looks truncated or corrupt ({e}).") from None
-    img = ImageOps.exif_transpose(img) or img
-    return _to_rgb8(img)
+    return _to_rgb8(_upright(img), what)
 
 
 def to_tensor(image: ImageLike, size: int | None = None) -> torch.Tensor:
