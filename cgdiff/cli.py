@@ -856,6 +856,10 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError("choose --quality, --speed or both (see 'cgdiff bench --help')")
     out = _check_new_folder(args.out, args.overwrite, "--out")
     device = _device(args.device)
+    import torch
+
+    # Where and when, with the load on the machine as the run starts.
+    machine = bench.machine_info(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results: dict[str, Any] = {"command": _command_line(argv)}
     pairs, notes = [], []
     if args.quality:
@@ -890,12 +894,10 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                 compile_mode=args.compile_mode, log=_info)
         results["speed"] = speed
         sections.append("## Speed\n\n" + bench.render_speed(speed))
-    import torch
-
-    results["machine"] = bench.machine_info(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    m = results["machine"]
+    results["machine"] = m = machine
     header = (f"`{results['command']}` on {m['date']}: {m['cpu']} ({m['cpu_cores']} cores, torch threads "
-              f"{m['torch_threads']}), {m['gpu'] or 'no GPU'}, torch {m['torch']}, cgdiff {m['cgdiff']}")
+              f"{m['torch_threads']}, load average {m['load_average']}), {m['gpu'] or 'no GPU'}, torch {m['torch']}, "
+              f"cgdiff {m['cgdiff']}")
     text = header + "\n\n" + "\n\n".join(sections)
     print(text)
     if out is not None:
