@@ -76,6 +76,10 @@ def images_shown(nb) -> int:
 # ----------------------------------------------------------------------------- committed state
 
 
+def test_the_four_notebooks_are_there():
+    assert NAMES == ["01_quickstart.ipynb", "02_train.ipynb", "03_reproduce_table.ipynb", "04_ablation.ipynb"]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_committed_notebook_is_clean_and_parameterised(name):
     path = NOTEBOOKS / name
@@ -112,3 +116,58 @@ def test_quickstart_runs_on_a_bundled_checkpoint(kernel_name, tmp_path):
     assert "x threshold" in text and "t0 = 1000" in text and "model calls" in text
     assert images_shown(nb) >= 5
     print(f"01_quickstart: {seconds:.0f} s")
+
+
+SMALL_TRAINING = {"IMAGE_SIZE": 64, "CROP_SIZE": 32, "PRESET": "tiny", "BATCH_SIZE": 4, "MAX_STEPS": 4,
+                  "MAX_TEST_IMAGES": 3, "EVAL_STEPS": 2, "MASK_SIZE": 64}
+
+
+@pytest.mark.slow
+def test_train_notebook_trains_calibrates_and_evaluates_on_leather(kernel_name, leather_root, tmp_path):
+    nb, seconds = run_notebook("02_train.ipynb", {"DATA_ROOT": str(leather_root), "PREVIEWS": 1, **SMALL_TRAINING},
+                               tmp_path, kernel_name)
+    text = outputs_text(nb)
+    assert "s/epoch" in text and "training:" in text  # time per epoch and the progress bar
+    assert "pixel_auroc" in text and "threshold" in text and "PUSH is False" in text
+    assert (tmp_path / "runs" / "02_train" / "checkpoint" / "cgdiff.json").is_file()
+    assert images_shown(nb) >= 5  # data, preview, loss, calibration, scores, examples
+    print(f"02_train: {seconds:.0f} s")
+
+
+@pytest.mark.slow
+def test_reproduce_notebook_prints_table1_beside_one_local_class(kernel_name, leather_root, tmp_path):
+    nb, seconds = run_notebook("03_reproduce_table.ipynb", {
+        "MVTEC_ROOT": str(leather_root.parent), "CLASSES": ["leather"], "W_SOURCE": "tune", "TUNE_MINUTES": 0.05,
+        **SMALL_TRAINING,
+    }, tmp_path, kernel_name)
+    text = outputs_text(nb)
+    assert "label-free tuning:" in text and "held out of training" in text  # tuned on the stripe, not the test
+    table = text[text.index("reproduced (AUPRO)"):]
+    assert "carpet" in table and "Blotchy_099" in table and "100.0 / 99.3" in table  # the paper's rows
+    leather = next(line for line in table.splitlines() if line.startswith("leather"))
+    assert leather.count("/") == 3 and "only 3 test images" in text  # reproduced numbers, flagged as partial
+    results = json.loads((tmp_path / "runs" / "03_reproduce" / "results.json").read_text())
+    assert set(results) == {"leather"} and 0 <= results["leather"]["image_auroc"] <= 1
+    assert images_shown(nb) == 1
+    print(f"03_reproduce_table: {seconds:.0f} s")
+
+
+@pytest.mark.slow
+def test_ablation_notebook_runs_on_a_bundled_checkpoint_and_its_texture_set(kernel_name, tmp_path):
+    from cgdiff.data import TEXTURES
+    from cgdiff.registry import known_checkpoints
+
+    entries = [e for e in known_checkpoints() if e.bundled and e.name in TEXTURES]
+    if not entries:
+        pytest.skip("no bundled texture checkpoint (checkpoints/registry.json)")
+    nb, seconds = run_notebook("04_ablation.ipynb", {
+        "CHECKPOINT": entries[0].name, "MAX_TEST_IMAGES": 3, "STEPS": 2, "T0_VALUES": [250, 1000],
+        "W_VALUES": [0.0, 3.0], "S_VALUES": [0.0, 1.0], "MASK_SIZE": 64, "DEVICE": "cpu",
+    }, tmp_path, kernel_name)
+    text = outputs_text(nb)
+    for row in ("full method", "no partial start", "no conditioning", "no blur guidance", "pixel term only",
+                "w = 3", "t0 = 1000"):
+        assert row in text, row
+    assert (tmp_path / "data" / "textures" / entries[0].name / "dataset.json").is_file()
+    assert images_shown(nb) == 2
+    print(f"04_ablation: {seconds:.0f} s")
