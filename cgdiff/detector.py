@@ -41,6 +41,8 @@ from .scorer import Calibration, Scorer, ScorerConfig, build_backbone
 FORMAT_VERSION = 1
 MAX_IMAGE_SIZE = 2048
 MAX_UNET_CHANNELS = 2048
+MAX_UNET_PARAMETERS = 500_000_000  # DDAD's recipe ('paper' preset) has 30 M; 500 M is 2 GB of fp32
+MAX_PIXEL_SCALE = 1e12  # c = max(D_f) / max(D_p): real ones are ~1-100; far larger overflows float32 maps
 SAMPLER_KEYS = {f.name for f in fields(SamplerConfig)}
 SCORER_KEYS = {"pixel_weight", "feature_weight", "feature_smoothing", "map_sigma"}
 
@@ -229,6 +231,7 @@ class Detector:
                 step_cb = lambda i, _k, o=offset: progress(o + i, total_steps)  # noqa: E731
             x_rec = self.reconstruct(x, sampler, step_cb)
             maps = self.score_maps(x, x_rec, scorer)
+            _check_finite(maps, sampler)
             done_before += _num_steps(sampler)
             per_image = (time.perf_counter() - t_start) / x.shape[0]
             for xi, ri, mi in zip(to_uint8(x), to_uint8(x_rec), maps.float().cpu().numpy()):
@@ -249,6 +252,7 @@ class Detector:
             x = x_all[start : start + batch_size]
             x_rec = self.reconstruct(x)
             dp, df = self.scorer.distances(x, x_rec)
+            _check_finite(dp + df, self.sampler)
             d_p.append(dp.cpu())
             d_f.append(df.cpu())
             if progress is not None:
@@ -335,6 +339,8 @@ class Detector:
             unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
         except Exception as e:  # diffusers raises several types for a broken folder
             raise CheckpointError(f"cannot load the U-Net from '{folder / 'unet'}': {type(e).__name__}: {e}") from None
+        if not all(torch.isfinite(p).all() for p in unet.parameters()):
+            raise CheckpointError(f"the U-Net weights in '{folder / 'unet'}' hold NaN or infinite values.")
         scorer_config = ScorerConfig(**config["scorer"])
         backbone = build_backbone(scorer_config.backbone)
         if config.get("backbone_adapted"):
@@ -415,6 +421,30 @@ def _check_unet_config(cfg: dict, folder: Path) -> None:
         raise CheckpointError(f"unet/config.json in '{folder}' describes an absurd U-Net size; refusing to build it.")
     if cfg.get("in_channels", 3) != 3 or cfg.get("out_channels", 3) != 3:
         raise CheckpointError(f"unet/config.json in '{folder}' is not a 3-channel image denoiser.")
+    # Every other field (embedding sizes, class embeddings, block types, ...) is checked by
+    # building the U-Net on the meta device: no memory is allocated, the size is exact.
+    try:
+        with torch.device("meta"):
+            shape = UNet2DModel.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - diffusers raises many types for a bad config
+        raise CheckpointError(f"unet/config.json in '{folder}' does not describe a valid U-Net: "
+                              f"{type(e).__name__}: {e}") from None
+    n = sum(p.numel() for p in shape.parameters())
+    if n > MAX_UNET_PARAMETERS:
+        raise CheckpointError(
+            f"unet/config.json in '{folder}' describes a U-Net of {n / 1e6:,.0f} M parameters, above the "
+            f"{MAX_UNET_PARAMETERS / 1e6:.0f} M limit; refusing to build it."
+        )
+
+
+def _check_finite(values: torch.Tensor, sampler: SamplerConfig) -> None:
+    """NaN or inf in the distances or maps would make every verdict 'normal' in silence."""
+    if not torch.isfinite(values).all():
+        raise ValueError(
+            f"the anomaly map came out NaN or infinite with the settings t0={sampler.t0}, K={sampler.steps}, "
+            f"w={sampler.w:g}, s={sampler.guidance_scale:g}: the reconstruction diverged (lower w or s), "
+            "or the checkpoint is broken."
+        )
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -465,6 +495,14 @@ def read_config(folder: Path) -> dict[str, Any]:
             value = calibration[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.{key} must be a finite number.")
+        if not 0 < calibration["pixel_scale"] <= MAX_PIXEL_SCALE:
+            raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.pixel_scale must be above 0 and at most "
+                                  f"{MAX_PIXEL_SCALE:g}, got {calibration['pixel_scale']!r}.")
+        for key in ("threshold", "score_std"):
+            if calibration[key] < 0:
+                raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.{key} must be >= 0, got {calibration[key]!r}.")
+        if not isinstance(calibration["n_images"], int) or calibration["n_images"] < 1:
+            raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.n_images must be a whole number >= 1.")
         unknown = set(calibration) - needed - {"normal_scores"}
         if unknown:
             raise CheckpointError(f"{CONFIG_NAME} in '{folder}': unknown calibration field(s) {sorted(unknown)}.")

@@ -25,6 +25,10 @@ REQUIRED_FILES = (CONFIG_NAME, "unet/config.json", "unet/diffusion_pytorch_model
 # Only these leave or reach the Hub: weights as safetensors, never pickles or code.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "README.md", "examples/*.png", "*.png"]
 HUB_IGNORE_PATTERNS = ["training_state/*", "*.tmp*", ".*"]
+# What loading downloads: a checkpoint's own files and nothing else, so a repo id typed into
+# the app cannot pull pickles, code or another model's many gigabytes of weights.
+HUB_DOWNLOAD_PATTERNS = [CONFIG_NAME, "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                         "scheduler/scheduler_config.json", "backbone.safetensors", "README.md", "examples/*.png"]
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
@@ -69,7 +73,7 @@ def resolve_checkpoint(
             snapshot_download(
                 name,
                 revision=revision,
-                allow_patterns=HUB_ALLOW_PATTERNS,
+                allow_patterns=HUB_DOWNLOAD_PATTERNS,
                 local_files_only=hub_offline(),
                 library_name="cgdiff",
                 endpoint=endpoint,

@@ -28,6 +28,12 @@ import torch
 import torch.nn.functional as F
 
 
+# Blur sigmas above this are refused: the kernel and the padded image grow with sigma, so a
+# huge value from a checkpoint or a call would exhaust the memory. Useful values are far
+# smaller (SAG: 1-9; the anomaly map: 4).
+MAX_SIGMA = 64.0
+
+
 @dataclass
 class SamplerConfig:
     t0: int = 250  # start step; >= num_train_timesteps means a pure-noise start
@@ -50,9 +56,15 @@ class SamplerConfig:
                 math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
                 f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}",
             ),
-            (math.isfinite(self.blur_sigma) and self.blur_sigma > 0, f"blur_sigma must be > 0, got {self.blur_sigma!r}"),
+            (
+                math.isfinite(self.blur_sigma) and 0 < self.blur_sigma <= MAX_SIGMA,
+                f"blur_sigma must be > 0 and at most {MAX_SIGMA}, got {self.blur_sigma!r}",
+            ),
             (0.0 <= self.eta <= 1.0, f"eta must be in [0, 1], got {self.eta!r}"),
-            (isinstance(self.seed, int), f"seed must be a whole number, got {self.seed!r}"),
+            (
+                isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64,
+                f"seed must be a whole number that fits in 64 bits, got {self.seed!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

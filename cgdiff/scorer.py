@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sampler import gaussian_blur
+from .sampler import MAX_SIGMA, gaussian_blur
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -150,8 +150,8 @@ class ScorerConfig:
             raise ValueError("pixel_weight and feature_weight must be >= 0 and not both 0.")
         if self.feature_smoothing < 1 or self.feature_smoothing % 2 == 0:
             raise ValueError(f"feature_smoothing must be an odd whole number >= 1, got {self.feature_smoothing}.")
-        if not self.map_sigma >= 0:
-            raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}.")
+        if not 0 <= self.map_sigma <= MAX_SIGMA:
+            raise ValueError(f"map_sigma must be >= 0 and at most {MAX_SIGMA}, got {self.map_sigma}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
