@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="ROOT/CLASS", help="dataset folder of one category")
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint folder to write")
     p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out unreadable images with a warning (default: stop and name the file)")
     p.add_argument("--image-size", type=positive_int, default=t.image_size, metavar="N",
                    help="square working size images are resized to")
     p.add_argument("--crop-size", type=positive_int, default=t.crop_size, metavar="N",
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, metavar="ROOT/CLASS", help="dataset folder of one category")
     p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out unreadable images with a warning (default: stop and name the file)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     p.add_argument("--save-maps", metavar="DIR", help="write a heat map and an overlay PNG per test image into DIR")
     p.add_argument("--mask-size", type=_number(int, 8), default=256, metavar="N",
@@ -346,6 +350,20 @@ def _info(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _load_data(args: argparse.Namespace):
+    """The dataset of --data; with --skip-unreadable, files left out are listed as warnings."""
+    import warnings
+
+    from .data import load_dataset
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        dataset = load_dataset(args.data, args.layout, skip_unreadable=args.skip_unreadable)
+    for warning in caught:
+        _info(f"warning: {warning.message}")
+    return dataset
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in SETTING_KEYS if getattr(args, k, None) is not None}
 
@@ -451,10 +469,10 @@ def _fmt(value: Optional[float], digits: int = 4) -> str:
 
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .data import load_dataset
-    from .train import STATE_DIR, check_output_folder, train
+    from .train import STATE_DIR, check_output_folder, recover_output, train
 
     out = Path(args.out)
+    recover_output(out)
     command = _command_line(argv)
     given = _overrides(args)
     saved_args: dict[str, Any] = {}
@@ -491,7 +509,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     if not args.resume:
         config.validate()  # before reading the data: a bad value is reported at once
-    dataset = load_dataset(args.data, args.layout)
+    dataset = _load_data(args)
     _info(f"data: {dataset.summary()}")
     images, holdout, holdout_rows = _holdout(args, saved_args, list(dataset.train), config)
     all_images = list(dataset.train)
@@ -544,7 +562,6 @@ def _warn_fixed_on_resume(args: argparse.Namespace, saved: dict) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .data import load_dataset
     from .evaluation import evaluate
 
     overrides = _overrides(args)
@@ -557,7 +574,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     _check_overrides(overrides)
     json_path = _check_new_file(args.json, args.overwrite, "--json")
     maps_dir = _check_new_folder(args.save_maps, args.overwrite, "--save-maps")
-    dataset = load_dataset(args.data, args.layout)
+    dataset = _load_data(args)
     _info(f"data: {dataset.summary()}")
     detector = _load_detector(args)
     detector.settings(**overrides)  # bad values are reported before the long part

@@ -11,9 +11,11 @@ A checkpoint folder (diffusers layout for the model parts):
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -108,7 +110,12 @@ def atomic_replace_dir(tmp: Path, target: Path, keep_extra: bool = True) -> None
     """Move a fully written folder `tmp` to `target`, replacing it only at the very end.
 
     Entries of the old folder that the new one lacks (training state, logs) are carried over
-    as hard links (a copy across file systems), so replacing a checkpoint loses nothing."""
+    as hard links (a copy across file systems), so replacing a checkpoint loses nothing.
+
+    On Linux the two folders are swapped in one step (renameat2 RENAME_EXCHANGE): a process
+    killed at any moment leaves `target` either old or new, never missing. Elsewhere the old
+    folder is first renamed aside; a kill between the two renames leaves it there, and
+    `recover_replaced_dir` puts it back."""
     if target.exists():
         if keep_extra:
             for entry in target.iterdir():
@@ -119,12 +126,66 @@ def atomic_replace_dir(tmp: Path, target: Path, keep_extra: bool = True) -> None
                     shutil.copytree(entry, dest, copy_function=_link_or_copy)
                 else:
                     _link_or_copy(entry, dest)
+        if _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+            return
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(target, old)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, target)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, musl < 1.2.?)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # not supported here: the two renames do it
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def recover_replaced_dir(target: Path) -> bool:
+    """Put back a folder that `atomic_replace_dir` renamed aside when the process was killed
+    before the new one took its place (only possible without RENAME_EXCHANGE). Returns True
+    when it did."""
+    if target.exists() or not target.parent.is_dir():
+        return False
+    prefix = f".{target.name}.old-"
+    olds = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    if not olds:
+        return False
+    os.rename(max(olds, key=lambda p: p.stat().st_mtime), target)
+    return True
+
+
+def remove_unfinished(target: Path) -> list[Path]:
+    """Delete the temporary folders that saves of `target` left behind when they were killed
+    (`.NAME.tmp-*`, never complete) and old copies already replaced (`.NAME.old-*`, once
+    `target` exists). Returns what was removed."""
+    if not target.parent.is_dir():
+        return []
+    prefixes = (f".{target.name}.tmp-",) + ((f".{target.name}.old-",) if target.exists() else ())
+    removed = [p for p in target.parent.iterdir() if p.name.startswith(prefixes) and p.is_dir()]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def _link_or_copy(src, dst) -> None:

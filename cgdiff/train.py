@@ -32,13 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .hub import CONFIG_NAME, atomic_replace_dir, temp_dir_beside
+from .hub import CONFIG_NAME, atomic_replace_dir, recover_replaced_dir, remove_unfinished, temp_dir_beside
 from .images import ImageLike, to_batch
 from .model import UNET_PRESETS, build_scheduler, build_unet, count_parameters
 
 STATE_DIR = "training_state"
 LOG_NAME = "training_log.csv"
 MIN_FREE_BYTES = 200 * 1024 * 1024
+# Disk per U-Net parameter: the state holds model, EMA and two Adam moments (4 x 4 bytes), a
+# save writes the new state before the old one goes (x 2), and the checkpoint (4 bytes).
+BYTES_PER_PARAMETER = 36
 
 
 class TrainingError(RuntimeError):
@@ -164,11 +167,23 @@ class RandomCrops(Dataset):
         return crop.float() / 127.5 - 1.0
 
 
+def recover_output(out: Path) -> None:
+    """A save killed between its two renames (systems without an atomic exchange, see
+    `hub.atomic_replace_dir`) left the last good checkpoint or training state renamed aside:
+    put it back."""
+    for folder in (out, out / STATE_DIR):
+        try:
+            recover_replaced_dir(folder)
+        except OSError:  # another process of the same launch got there first
+            pass
+
+
 def check_output_folder(out: Path, resume: bool, overwrite: bool) -> None:
     """Fail before any training if the output cannot be written or would clobber something."""
     state = out / STATE_DIR
     if out.exists() and not out.is_dir():
         raise TrainingError(f"output '{out}' exists and is a file.")
+    recover_output(out)
     if resume and not (state / "progress.json").is_file():
         raise TrainingError(f"--resume: '{out}' holds no training state ({STATE_DIR}/progress.json) to resume from.")
     if not resume and out.exists() and ((out / CONFIG_NAME).exists() or state.exists()) and not overwrite:
@@ -183,11 +198,18 @@ def check_output_folder(out: Path, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise TrainingError(f"cannot write to output folder '{out}': {e.strerror or e}.") from None
+    check_free_space(out)
+
+
+def check_free_space(out: Path, parameters: int = 0) -> None:
+    """Fail before training when the disk of `out` cannot hold the training state of a U-Net
+    with `parameters` parameters (at least MIN_FREE_BYTES)."""
     free = shutil.disk_usage(out).free
-    if free < MIN_FREE_BYTES:
+    needed = max(MIN_FREE_BYTES, BYTES_PER_PARAMETER * parameters + 50 * 2**20)
+    if free < needed:
         raise TrainingError(
             f"only {free / 2**20:.0f} MB free on the disk of '{out}'; training checkpoints need at least "
-            f"{MIN_FREE_BYTES / 2**20:.0f} MB. Free some space or choose another folder."
+            f"{needed / 2**20:.0f} MB. Free some space or choose another folder."
         )
 
 
@@ -214,23 +236,66 @@ class _StopFlag:
 
 
 def _save_state(accelerator, out: Path, step: int, config: TrainConfig, seconds: float) -> None:
-    """Atomically replace out/training_state with the current state (main process writes)."""
+    """Atomically replace out/training_state with the current state (main process writes).
+
+    The state is written to a temporary folder that replaces the old one only when complete:
+    a save that fails (a full disk) or is killed leaves the previous state in place."""
     target = out / STATE_DIR
     tmp = None
-    if accelerator.is_main_process:
-        tmp = temp_dir_beside(target)
-    tmp_name = [str(tmp) if tmp else ""]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+    try:
+        if accelerator.is_main_process:
+            tmp = temp_dir_beside(target)
+        tmp_name = [str(tmp) if tmp else ""]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
 
-        broadcast_object_list(tmp_name)
-    accelerator.save_state(tmp_name[0])  # every process writes its own RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        progress = {"step": step, "seconds": seconds, "config": asdict(config)}
-        (Path(tmp_name[0]) / "progress.json").write_text(json.dumps(progress, indent=2))
-        atomic_replace_dir(Path(tmp_name[0]), target, keep_extra=False)
-    accelerator.wait_for_everyone()
+            broadcast_object_list(tmp_name)
+        accelerator.save_state(tmp_name[0])  # every process writes its own RNG state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            progress = {"step": step, "seconds": seconds, "config": asdict(config)}
+            (Path(tmp_name[0]) / "progress.json").write_text(json.dumps(progress, indent=2))
+            atomic_replace_dir(Path(tmp_name[0]), target, keep_extra=False)
+            tmp = None
+        accelerator.wait_for_everyone()
+    except Exception as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            kept = json.loads((target / "progress.json").read_text())["step"]
+            kept = f"the state of step {kept} is kept"
+        except (OSError, ValueError, KeyError, TypeError):
+            kept = "no earlier state was saved"
+        free = shutil.disk_usage(out).free / 2**20 if out.is_dir() else float("nan")
+        raise TrainingError(
+            f"could not save the training state of step {step} in '{target}' ({type(e).__name__}: {e}); "
+            f"{free:.0f} MB free on that disk. {kept.capitalize()}: fix the cause and continue with --resume."
+        ) from e
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _trim_log(log_path: Path, step: int) -> None:
+    """Keep the log rows up to `step` (a kill may have logged past the saved state, or cut a
+    row in half), rewritten atomically."""
+    header = ["step", "loss", "learning_rate", "seconds"]
+    kept = [header]
+    try:
+        rows = list(csv.reader(log_path.open(newline="")))
+    except OSError:
+        rows = []
+    for row in rows[1:]:
+        try:
+            if len(row) == 4 and int(row[0]) <= step and all(math.isfinite(float(v)) for v in row[1:]):
+                kept.append(row)
+        except ValueError:
+            continue
+    tmp = log_path.with_name(f".{log_path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(kept)
+    os.replace(tmp, log_path)
 
 
 def train(
@@ -293,6 +358,7 @@ def train(
                         generator=torch.Generator().manual_seed(config.seed))
 
     unet = build_unet(config.unet_preset, sample_size=config.crop_size, **config.unet_overrides)
+    check_free_space(out, count_parameters(unet))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4,
                    model_cls=UNet2DModel, model_config=unet.config)
@@ -304,6 +370,12 @@ def train(
 
     step, seconds_before = 0, 0.0
     if resume:
+        if accelerator.is_main_process:
+            removed = remove_unfinished(out / STATE_DIR) + remove_unfinished(out)
+            if removed:
+                accelerator.print(f"removed {len(removed)} unfinished folder(s) left by an interrupted save: "
+                                  + ", ".join(p.name for p in removed))
+        accelerator.wait_for_everyone()
         accelerator.load_state(str(out / STATE_DIR))
         progress = json.loads((out / STATE_DIR / "progress.json").read_text())
         step, seconds_before = progress["step"], progress["seconds"]
@@ -314,10 +386,7 @@ def train(
         log_path.write_text("step,loss,learning_rate,seconds\n")
     # Keep only the log rows the resumed state has seen (a kill may have logged past it).
     if accelerator.is_main_process and resume:
-        rows = list(csv.reader(log_path.open()))
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-        with log_path.open("w", newline="") as f:
-            csv.writer(f).writerows(kept)
+        _trim_log(log_path, step)
 
     stop = _StopFlag()
     stop.install()
