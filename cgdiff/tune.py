@@ -18,8 +18,8 @@ normal images only:
    of a plain image folder) is listed.
 2. Search, within a time budget (`budget_s`), picking by validation AUPRO:
      - the stored settings first (the reference);
-     - coarse: one setting at a time (blur-guidance scale s, w, t0, K, blur sigma), each
-       over a coarse grid around the best point so far;
+     - coarse: one setting at a time, in order of influence (w, blur-guidance scale s, t0,
+       K, blur sigma), each over a coarse grid around the best point so far;
      - refinement: the neighbours of the best value on a finer grid, repeated while the
        best point moves and time is left.
    Every sampler setting is first run on half of the validation images; it is finished on
@@ -69,12 +69,12 @@ __all__ = ["ValidationSet", "TuneResult", "DEFAULT_GRIDS", "BALANCES", "training
 FRONT_PLOT_NAME = "tuning_front.png"
 AUPRO_FPR_LIMIT = 0.3
 
-# Searched sampler settings, each with a coarse grid (first pass) and a finer one (refinement
-# around the best value). The blur-guidance scale goes first: s = 0 halves the cost of every
-# later evaluation when it ties; then w, the most influential, then t0, K and sigma.
+# Searched sampler settings in order of influence (a short budget gets the important ones),
+# each with a coarse grid (first pass, in the order tried) and a finer one (refinement around
+# the best value).
 DEFAULT_GRIDS: dict[str, dict[str, tuple]] = {
+    "w": {"coarse": (1.0, 0.0, 3.0, 11.0), "fine": (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 11.0)},
     "guidance_scale": {"coarse": (0.0, 0.5, 1.0), "fine": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)},
-    "w": {"coarse": (0.0, 1.0, 3.0, 11.0), "fine": (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 11.0)},
     "t0": {"coarse": (125, 250, 500), "fine": (60, 90, 125, 175, 250, 350, 500, 700)},
     "steps": {"coarse": (5, 10, 20), "fine": (3, 5, 7, 10, 15, 20)},
     "blur_sigma": {"coarse": (1.0, 3.0), "fine": (0.5, 1.0, 2.0, 3.0, 5.0)},
@@ -744,7 +744,7 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
                        "aupro_fpr_limit": AUPRO_FPR_LIMIT},
         "validation_set": vset.describe(),
         "search": {
-            "strategy": "stored settings, then a coarse one-setting-at-a-time sweep (s, w, t0, K, sigma) and "
+            "strategy": "stored settings, then a coarse one-setting-at-a-time sweep (w, s, t0, K, sigma) and "
                         "refinement on finer grids; settings raced on half the images; pixel/feature balance "
                         "searched on every reconstruction",
             "budget_seconds": result.budget_s, "seconds": round(result.seconds, 1), "stopped": result.stopped,
