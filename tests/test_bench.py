@@ -55,7 +55,7 @@ def test_quality_has_every_row_and_the_full_row_is_cgdiff_evaluate(detector, dat
     for row in rows[:8]:
         for key in bench.METRIC_KEYS:
             assert 0.0 <= row[key] <= 1.0, (row["key"], key)
-        assert row["seconds_per_image"] > 0 and row["dataset"] == "gravel"
+        assert row["seconds_per_image"] > 0 and row["cpu_seconds_per_image"] > 0 and row["dataset"] == "gravel"
     by_key = {r["key"]: r for r in rows}
     assert by_key["full"]["fit_seconds"] == 12.5 and by_key["patchcore"]["fit_seconds"] > 0
     # Each ablation is the evaluate command with one flag, and gives what that command gives.
@@ -116,6 +116,7 @@ def test_app_speed_counts_every_unet_call_and_accounts_for_all_the_time(detector
     assert r["unet_seconds"] + r["backbone_seconds"] + r["other_seconds"] == pytest.approx(r["seconds_per_image"])
     assert 0 <= r["outside_models_share"] < 1 and 0 <= r["sampler_overhead_share"] < 1
     assert r["unet_seconds"] > 0 and r["backbone_seconds"] > 0 and r["peak_memory_mib"] > 0
+    assert r["cpu_seconds_per_image"] > 0
     # The wrappers are gone afterwards.
     assert "_eps" not in vars(detector) and "reconstruct" not in vars(detector)
     assert "forward" not in vars(detector.scorer.backbone)
