@@ -12,6 +12,7 @@ Every option can also be set in the environment (the command line wins):
     CGDIFF_APP_MAX_UPLOAD    (20mb)              largest accepted upload
     CGDIFF_APP_MAX_BATCH     (16)                images per batch request
     CGDIFF_APP_MAX_MODELS    (4)                 detectors kept in memory (least recently used go)
+    CGDIFF_APP_CACHE_MINUTES (60)                uploads and result pictures are deleted after this
     CGDIFF_CHECKPOINTS                           folder with registry.json (default: checkpoints/)
 
 `import app` builds the interface as `app.demo` without serving it; `app.launch()` serves it
@@ -72,19 +73,33 @@ class AppConfig:
     max_upload: str = "20mb"
     max_batch: int = 16
     max_models: int = 4
+    cache_minutes: int = 60
 
     @classmethod
     def from_env(cls) -> "AppConfig":
-        port = os.environ.get("CGDIFF_APP_PORT", "").strip()
         return cls(
             host=os.environ.get("CGDIFF_APP_HOST") or None,
-            port=int(port) if port else None,
+            port=_env_int("CGDIFF_APP_PORT", 0) or None,
             concurrency=_env_int("CGDIFF_APP_CONCURRENCY", cls.concurrency),
             queue_size=_env_int("CGDIFF_APP_QUEUE_SIZE", cls.queue_size),
             max_upload=os.environ.get("CGDIFF_APP_MAX_UPLOAD", cls.max_upload).strip() or cls.max_upload,
             max_batch=_env_int("CGDIFF_APP_MAX_BATCH", cls.max_batch),
             max_models=_env_int("CGDIFF_APP_MAX_MODELS", cls.max_models),
-        )
+            cache_minutes=_env_int("CGDIFF_APP_CACHE_MINUTES", cls.cache_minutes),
+        ).validate()
+
+    def validate(self) -> "AppConfig":
+        """Refuse settings that would break serving (a zero concurrency serves nobody, a
+        negative queue refuses everyone), naming the setting."""
+        limits = {"concurrency": 1, "queue_size": 0, "max_batch": 1, "max_models": 1, "cache_minutes": 1}
+        flags = {"concurrency", "queue_size", "max_batch"}
+        for name, low in limits.items():
+            if getattr(self, name) < low:
+                where = (f"--{name.replace('_', '-')} or " if name in flags else "") + f"CGDIFF_APP_{name.upper()}"
+                raise SystemExit(f"{name} must be at least {low}, got {getattr(self, name)} (set by {where}).")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise SystemExit(f"port must be in 1..65535, got {self.port}.")
+        return self
 
 
 CONFIG = AppConfig.from_env()
@@ -557,7 +572,10 @@ def build_demo() -> gr.Blocks:
                      "pixel_weight": 1.0, "seed": 0, "threshold": float("nan")}
     rows, labels = example_rows()
 
-    with gr.Blocks(title="cgdiff: texture anomaly detection") as demo:
+    # Uploads and result pictures in Gradio's cache are deleted once older than cache_minutes,
+    # so a public app's disk does not fill up.
+    age = 60 * CONFIG.cache_minutes
+    with gr.Blocks(title="cgdiff: texture anomaly detection", delete_cache=(min(age, 600), age)) as demo:
         current = gr.State(start_name)
         defaults_state = gr.State(defaults)
         gr.Markdown(INTRO)
@@ -700,7 +718,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     CONFIG.max_batch = args.max_batch
     config = AppConfig(host=args.host, port=args.port, concurrency=args.concurrency, queue_size=args.queue_size,
-                       max_upload=args.max_upload, max_batch=args.max_batch, max_models=env.max_models)
+                       max_upload=args.max_upload, max_batch=args.max_batch, max_models=env.max_models,
+                       cache_minutes=env.cache_minutes).validate()
     launch(config, share=args.share or None)
 
 
