@@ -140,7 +140,7 @@ def reference(data, tmp_path_factory):
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(data, reference, tmp_path):
     out = tmp_path / "sigterm"
     proc = start(train_args(data, out))
-    wait_for(lambda: saved_step(out) >= 10, proc)
+    wait_for(lambda: saved_step(out) >= 5, proc)
     proc.send_signal(signal.SIGSTOP)  # hold it still after a save, then terminate it
     stopped_at = saved_step(out)
     proc.send_signal(signal.SIGTERM)
@@ -254,11 +254,9 @@ def test_a_disk_too_small_for_the_model_is_refused_before_training(images, tmp_p
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=500 * 2**20))
     train(images, tmp_path / "tiny", small(max_steps=1), progress_bar=False)  # 1.6 M parameters fit
-    started = time.monotonic()
     with pytest.raises(TrainingError, match=r"only 500 MB free.*need at least 1\d\d\d MB"):
         train(images, tmp_path / "paper", small(unet_preset="paper", image_size=64, crop_size=32), progress_bar=False)
-    assert time.monotonic() - started < 60
-    assert not (tmp_path / "paper" / STATE_DIR).exists()
+    assert not (tmp_path / "paper" / STATE_DIR).exists() and not (tmp_path / "paper" / "training_log.csv").exists()
 
 
 def test_an_unwritable_output_is_named_before_training(data, tmp_path, monkeypatch, capsys):
