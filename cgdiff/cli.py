@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="N",
                    help="crops per step (per process)")
     p.add_argument("--lr", type=positive_float, default=t.learning_rate, metavar="X", help="learning rate (AdamW)")
-    p.add_argument("--max-steps", type=positive_int, default=t.max_steps, metavar="N", help="training steps in total")
+    p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
+                   help=f"training steps in total (default: {t.max_steps}; on --resume: the run's own)")
     p.add_argument("--max-minutes", type=positive_float, default=None, metavar="M",
                    help="stop (with the state saved) after M minutes of this run (default: no limit)")
     p.add_argument("--resume", action="store_true", help="continue the training state saved in --out")
@@ -171,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flips", action="store_true", help="do not flip crops")
     p.add_argument("--mixed-precision", default=t.mixed_precision, choices=("auto", "no", "fp16", "bf16"),
                    help="'auto': bf16 on a GPU that supports it, else fp32")
-    p.add_argument("--save-every", type=positive_int, default=t.save_every, metavar="N",
-                   help="save the training state every N steps")
+    p.add_argument("--save-every", type=positive_int, default=None, metavar="N",
+                   help=f"save the training state every N steps (default: {t.save_every}; on --resume: the run's own)")
     p.add_argument("--backbone", default="auto", metavar="NAME",
                    help=f"feature backbone: '{OFFLINE_BACKBONE}' (offline), a timm name such as "
                    f"'{PAPER_BACKBONE}' (weights from the Hub), or 'auto' (the WideResNet when the Hub "
@@ -476,6 +477,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     command = _command_line(argv)
     given = _overrides(args)
     saved_args: dict[str, Any] = {}
+    saved_config: dict[str, Any] = {}
     if args.resume:
         state = out / STATE_DIR / "progress.json"
         if not state.is_file():
@@ -487,7 +489,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 saved_args = json.loads((out / TRAIN_ARGS_NAME).read_text())
             except ValueError as e:
                 raise TrainingError(f"'{out / TRAIN_ARGS_NAME}' is not valid JSON ({e}); fix or delete it.") from None
-        _warn_fixed_on_resume(args, json.loads(state.read_text()).get("config", {}))
+        saved_config = json.loads(state.read_text()).get("config", {})
+        _warn_fixed_on_resume(args, saved_config)
 
     # Settings not given on a resume keep the values the run was started with.
     sampler_values = {**SamplerConfig().to_dict(), **saved_args.get("sampler", {})}
@@ -501,10 +504,14 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     sampler = SamplerConfig(**sampler_values)
     scorer = ScorerConfig(**scorer_values)
 
+    # The step budget and save interval not given on a resume are the run's own.
+    defaults = TrainConfig()
+    max_steps = args.max_steps or saved_config.get("max_steps", defaults.max_steps)
+    save_every = args.save_every or saved_config.get("save_every", defaults.save_every)
     config = TrainConfig(
         image_size=args.image_size, crop_size=args.crop_size, unet_preset=args.preset, batch_size=args.batch_size,
-        learning_rate=args.lr, max_steps=args.max_steps, max_minutes=args.max_minutes,
-        mixed_precision=args.mixed_precision, save_every=args.save_every, seed=args.seed,
+        learning_rate=args.lr, max_steps=max_steps, max_minutes=args.max_minutes,
+        mixed_precision=args.mixed_precision, save_every=save_every, seed=args.seed,
         flips=not args.no_flips, rotations=args.rotations,
     )
     if not args.resume:

@@ -122,6 +122,12 @@ def test_resume_keeps_the_stored_settings_and_record_fills_the_model_card(traine
     assert config["sampler"]["w"] == 1.0 and config["sampler"]["steps"] == 2  # not reset to the defaults
     assert "--w 1" in config["training"]["command"] and "--resume" in config["training"]["resumed_with"][0]
 
+    # A resume with a time budget only keeps the run's own step budget (4), not the default.
+    code, _, err = run(["train", "--data", data, "--out", ckpt, "--resume", "--max-minutes", "1", "--no-progress"],
+                       capsys)
+    assert code == 0, err
+    assert json.loads((ckpt / "cgdiff.json").read_text())["training"]["steps"] == 4
+
     code, _, err = run(["evaluate", "--checkpoint", ckpt, "--data", data, "--record", "--w", "3"], capsys)
     assert code == 2 and "--record" in err
     code, _, err = run(["evaluate", "--checkpoint", ckpt, "--data", data, "--record", "--no-progress"], capsys)
