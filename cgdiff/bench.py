@@ -566,16 +566,17 @@ def _time_pipeline(detector, x: torch.Tensor, sampler: SamplerConfig, repeats: i
     detector.score_maps(x, detector.reconstruct(x, sampler))  # warm-up
     with PeakMemory(device) as mem, timed_model_calls(detector) as timers:
         _sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(repeats):
             detector.score_maps(x, detector.reconstruct(x, sampler))
         _sync(device)
         total = (time.perf_counter() - start) / repeats
+        cpu = (time.process_time() - cpu) / repeats
     b = x.shape[0]
     unet = timers.unet.seconds / repeats
     rec = timers.reconstruct.seconds / repeats
     return {"batch_size": b, "image_size": int(x.shape[-1]), "seconds_per_batch": total,
-            "seconds_per_image": total / b, "images_per_second": b / total,
+            "seconds_per_image": total / b, "images_per_second": b / total, "cpu_seconds_per_image": cpu / b,
             "outside_unet_share": max(0.0, total - unet) / total,
             "sampler_overhead_share": max(0.0, rec - unet) / rec if rec > 0 else None,
             "peak_memory_mib": mem.peak_mib}
@@ -913,7 +914,7 @@ APP_COLUMNS = [
 SWEEP_COLUMNS = [
     ("image_size", "px", "d"), ("batch_size", "batch", "d"), ("model_calls_per_image", "U-Net calls / image", "d"),
     ("seconds_per_batch", "s / batch", ".3f"), ("seconds_per_image", "s / image", ".3f"),
-    ("images_per_second", "images / s", ".3g"), ("outside_unet_share", "outside U-Net", ".1%"),
+    ("cpu_seconds_per_image", "CPU s / image", ".3f"), ("images_per_second", "images / s", ".3g"), ("outside_unet_share", "outside U-Net", ".1%"),
     ("peak_memory_mib", "peak MiB", ".0f"),
 ]
 FAST_COLUMNS = [

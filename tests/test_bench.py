@@ -129,6 +129,7 @@ def test_sweep_has_a_row_per_size_and_batch(detector):
     assert [(r["image_size"], r["batch_size"]) for r in rows] == [(32, 1), (32, 2), (64, 1), (64, 2)]
     for r in rows:
         assert r["images_per_second"] == pytest.approx(r["batch_size"] / r["seconds_per_batch"])
+        assert r["cpu_seconds_per_image"] > 0
         assert 0 <= r["outside_unet_share"] < 1
     with pytest.raises(ValueError, match="multiple of 8"):
         bench.sweep(detector, (1,), (36,), repeats=1)
