@@ -535,7 +535,8 @@ INTRO = """\
 
 A diffusion model trained on **normal** texture images only rebuilds each image without its
 defects: the input is partly noised (start step t0), then denoised in K steps while being
-pulled toward the input (conditioning weight w) and sharpened (blur guidance s). Where the input
+pulled toward the input (conditioning weight w) and steered away from a blurred copy of its own
+estimate (blur guidance s). Where the input
 and its reconstruction differ, in pixels and in pretrained CNN features, there is a defect.
 Pick a model and an example (or upload your own image) and press **Inspect**.
 """
