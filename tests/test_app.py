@@ -421,6 +421,8 @@ def test_in_a_real_browser(server, bad_files, tmp_path):
             shot = tmp_path / "app.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+            if os.environ.get("CGDIFF_SCREENSHOT"):  # keep it, e.g. for docs/app.png
+                shutil.copy(shot, os.environ["CGDIFF_SCREENSHOT"])
             assert page.locator(".toast-body.error, .error-message").count() == 0, "the page shows an error"
 
             # A file that is not an image: a readable message on the page, and the app goes on.
