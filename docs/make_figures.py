@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cgdiff import Detector, viz  # noqa: E402
+from cgdiff.detector import Detection  # noqa: E402
 from cgdiff.images import to_uint8  # noqa: E402
 from cgdiff.registry import known_checkpoints  # noqa: E402
 
@@ -41,14 +42,15 @@ def main() -> None:
     steps: list[dict] = []
     x_rec = detector.reconstruct(x, trace=steps.append)
     d_pixel, d_feat = detector.scorer.distances(x, x_rec)
-    amap = detector.score_maps(x, x_rec)[0].numpy()
-    result = detector.detect(image)[0]  # the same numbers the app and the CLI report
+    amap = detector.score_maps(x, x_rec)[0].float().numpy()
+    # The same result `detector.detect` gives, built from the pieces above instead of a second run.
+    result = Detection(to_uint8(x)[0], to_uint8(x_rec)[0], amap, float(amap.max()), detector.threshold, 0.0)
 
     s = detector.sampler
     panels = [
-        (to_uint8(x)[0], "input $y$"),
+        (result.image, "input $y$"),
         (to_uint8(steps[0]["x_t"].clamp(-1, 1))[0], f"start $x_{{t_0}}$, $t_0$ = {s.t0}"),
-        (to_uint8(x_rec)[0], f"reconstruction\nK = {s.steps}, w = {s.w:g}, s = {s.guidance_scale:g}"),
+        (result.reconstruction, f"reconstruction\nK = {s.steps}, w = {s.w:g}, s = {s.guidance_scale:g}"),
         (d_pixel[0].numpy(), "pixel distance $D_p$"),
         (d_feat[0].numpy(), "feature distance $D_f$"),
         (viz.heatmap(amap, detector.threshold), "anomaly map $A$"),
