@@ -92,8 +92,8 @@ def main() -> None:
         resumed = json.loads((staged / "train_args.json").read_text()).get("resumed_with", [])
         training["description"] = (
             f"built offline with `cgdiff build-textures --out {Path(args.as_data).parent}` (scikit-image's "
-            f"{args.name} photo, seed 0: rows 0-384 give the training tiles, rows 384-512 are held out and give "
-            "every test tile)"
+            f"{args.name} photo, seed 0: rows {'-'.join(map(str, info['train_region']['rows']))} give the training "
+            f"tiles, rows {'-'.join(map(str, info['test_region']['rows']))} are held out and give every test tile)"
             + (f"; the run was continued {len(resumed)} time(s) with: " + "; ".join(f"`{c}`" for c in resumed)
                if resumed else "")
             + f"; one uninterrupted run of the first command with `--max-steps {training.get('steps')}` trains "
