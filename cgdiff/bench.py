@@ -74,6 +74,10 @@ PAPER_SAMPLER = SamplerConfig(t0=250, steps=10, w=3.0, guidance_scale=0.5, blur_
 # ----------------------------------------------------------------------------- reporting
 
 
+def _log_nothing(message: str) -> None:
+    pass
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     """Where the numbers were measured."""
     device = torch.device(device)
@@ -255,7 +259,7 @@ def quality_benchmark(
     coreset_ratio: float = 1.0,
     checkpoint: Optional[str] = None,
     progress: bool = False,
-    log: Callable[[str], None] = lambda message: None,
+    log: Callable[[str], None] = _log_nothing,
 ) -> list[dict[str, Any]]:
     """One row per method (see the module docstring) on the test set of `dataset`."""
     from .baselines import AnoDDPM, PatchCore
@@ -340,7 +344,7 @@ def anomalib_benchmark(
     mask_size: int = 256,
     models: Sequence[str] = ANOMALIB_MODELS,
     device: torch.device | str = "cpu",
-    log: Callable[[str], None] = lambda message: None,
+    log: Callable[[str], None] = _log_nothing,
 ) -> list[dict[str, Any]]:
     """anomalib's models (its defaults: WideResNet-50 features from the Hub) on the same test
     images, scored with cgdiff's metrics at the same mask size. anomalib is optional: without
@@ -589,7 +593,7 @@ def sweep(
     sampler: Optional[SamplerConfig] = None,
     repeats: int = 2,
     images: Optional[torch.Tensor] = None,
-    log: Callable[[str], None] = lambda message: None,
+    log: Callable[[str], None] = _log_nothing,
 ) -> list[dict[str, Any]]:
     """Latency and throughput of reconstruction + scoring for every image size x batch size
     (the U-Net is fully convolutional: any multiple of its downsampling factor works)."""
@@ -641,7 +645,7 @@ def fast_path_benchmark(
     sampler: Optional[SamplerConfig] = None,
     repeats: int = 3,
     compile_options: Optional[dict[str, Any]] = None,
-    log: Callable[[str], None] = lambda message: None,
+    log: Callable[[str], None] = _log_nothing,
 ) -> list[dict[str, Any]]:
     """Each variant of `Detector.use_fast_path` against the first (the reference, plain fp32
     eager) on the same batch `x` and seed: throughput, speed-up, and the largest difference in
@@ -759,10 +763,6 @@ def plot_speed(sweeps: dict[str, list[dict]], path: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- runs
-
-
-def _log_nothing(message: str) -> None:
-    pass
 
 
 def run_quality(

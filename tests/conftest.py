@@ -37,3 +37,18 @@ def tiny_detector(backbone):
     det = Detector(unet, Scorer(ScorerConfig(), backbone), SamplerConfig(steps=3), image_size=32)
     det.calibrate(torch.rand(3, 3, 32, 32) * 2 - 1)
     return det
+
+
+@pytest.fixture()
+def hub(monkeypatch):
+    """The Hub client online (the suite runs with HF_HUB_OFFLINE=1), talking only to a local
+    stand-in for the Hub's HTTP API (tests/hub_stub.py)."""
+    import huggingface_hub.constants
+    from hub_stub import HubStub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_stub_token")
+    with HubStub() as stub:
+        yield stub

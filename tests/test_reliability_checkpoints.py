@@ -12,7 +12,6 @@ import resource
 import shutil
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -82,16 +81,6 @@ def test_pickles_beside_safetensors_and_code_in_a_folder_are_ignored(saved, mark
     detector = Detector.from_pretrained(folder, device="cpu")
     assert np.isfinite(detector.detect(torch.zeros(1, 3, 32, 32))[0].score)
     assert not marker.exists()
-
-
-@pytest.fixture()
-def hub(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_TOKEN", "hf_stub_token")
-    with HubStub() as stub:
-        yield stub
 
 
 def _publish(stub: HubStub, repo: str, files: dict[str, bytes]) -> None:
