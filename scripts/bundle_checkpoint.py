@@ -10,7 +10,9 @@
   same files (same seed and defaults; the script checks that --data holds what that command
   writes), so the recorded commands become runnable from a fresh clone;
 - adds examples/ from the held-out test split: the first normal tile(s) and the first tile of
-  every defect kind (no choice by score), named normal_NNN.png and defect_KIND_NNN.png;
+  every defect kind (no choice by score), named normal_NNN.png and defect_KIND_NNN.png, with
+  their ground-truth masks (examples/ground_truth/) and clean tiles (examples/clean/) under the
+  same names (`--examples-only` rewrites just these for an existing bundled checkpoint);
 - re-renders the model card, adds the entry to checkpoints/registry.json and checks the size.
 """
 
@@ -47,6 +49,39 @@ def _replace_paths(value, mapping: dict[str, str]):
     return value
 
 
+def write_examples(data: Path, info: dict, examples: Path, n_normal: int) -> None:
+    """examples/: the first normal tile(s) and the first tile of every defect kind of the held-out
+    test split, with each one's ground-truth mask in examples/ground_truth/ (all zero for a
+    normal tile) and the clean tile (the photo at the same place, before the synthetic defect) in
+    examples/clean/, both under the example's own file name."""
+    import numpy as np
+    from PIL import Image
+
+    import skimage.data
+
+    photo = getattr(skimage.data, data.name)()
+    photo = np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3]
+    size = info["tile_size"]
+    for sub in ("", "ground_truth", "clean"):
+        (examples / sub).mkdir(parents=True, exist_ok=True)
+    chosen = [(p, f"normal_{i:03d}.png", None)
+              for i, p in enumerate(sorted((data / "test" / "good").glob("*.png"))[:n_normal])]
+    for kind in info["defect_kinds"]:
+        first = sorted((data / "test" / kind).glob("*.png"))[0]
+        chosen.append((first, f"defect_{kind}_{first.stem}.png", kind))
+    for path, name, kind in chosen:
+        shutil.copy2(path, examples / name)
+        tile = info["tiles"][path.relative_to(data).as_posix()]
+        clean = photo[tile["y"]: tile["y"] + size, tile["x"]: tile["x"] + size]
+        Image.fromarray(np.ascontiguousarray(clean)).save(examples / "clean" / name)
+        if kind is None:
+            if not np.array_equal(np.asarray(Image.open(path).convert("RGB")), clean):
+                sys.exit(f"{path} is not the photo's tile at {tile}: the dataset does not match its dataset.json")
+            Image.fromarray(np.zeros((size, size), np.uint8)).save(examples / "ground_truth" / name)
+        else:
+            shutil.copy2(data / tile["mask"], examples / "ground_truth" / name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, type=Path, help="trained checkpoint folder")
@@ -59,12 +94,21 @@ def main() -> None:
                         "copy), recorded as checkpoints/NAME as well")
     p.add_argument("--normal-examples", type=int, default=2)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--examples-only", action="store_true",
+                   help="only rewrite examples/ (tiles, ground truth, clean tiles) of the bundled checkpoint NAME")
     args = p.parse_args()
 
     info = json.loads((args.data / "dataset.json").read_text())
     if info.get("seed") != 0 or info.get("tile_size") != 128 or info.get("holdout_fraction") != 0.25:
         sys.exit(f"{args.data} was not built with build-textures' defaults; record its own command instead")
     target = REPO / "checkpoints" / args.name
+    if args.examples_only:
+        if not (target / "cgdiff.json").is_file():
+            sys.exit(f"{target} is not a bundled checkpoint")
+        shutil.rmtree(target / "examples", ignore_errors=True)
+        write_examples(args.data, info, target / "examples", args.normal_examples)
+        print(f"rewrote {target / 'examples'}")
+        return
     if target.exists() and not args.overwrite:
         sys.exit(f"{target} exists (use --overwrite to replace it)")
 
@@ -102,13 +146,7 @@ def main() -> None:
         (staged / "cgdiff.json").write_text(json.dumps(config, indent=2) + "\n")
         (staged / "README.md").write_text(render_model_card(config, args.name))
 
-        examples = staged / "examples"
-        examples.mkdir()
-        for i, path in enumerate(sorted((args.data / "test" / "good").glob("*.png"))[: args.normal_examples]):
-            shutil.copy2(path, examples / f"normal_{i:03d}.png")
-        for kind in info["defect_kinds"]:
-            first = sorted((args.data / "test" / kind).glob("*.png"))[0]
-            shutil.copy2(first, examples / f"defect_{kind}_{first.stem}.png")
+        write_examples(args.data, info, staged / "examples", args.normal_examples)
 
         size_mb = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file()) / 2**20
         if size_mb > MAX_MB:
