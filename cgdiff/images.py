@@ -1,17 +1,36 @@
 """Image decoding and validation.
 
-Every entry point (detector, datasets, CLI, app) reads images through `load_image`, so a bad
-file gets the same clear message everywhere. Images come out as 8-bit RGB PIL images:
+Every entry point (detector, datasets, CLI, app) reads images through `load_image`, and masks
+through `load_mask`, so a file, a PIL image, a numpy array and a tensor holding the same pixels
+give the same result, and a bad input gets the same clear message everywhere. Images come out
+as 8-bit RGB PIL images, decoded by one rule per pixel type (`pixels_to_rgb8`), never by the
+image's own range of values:
 
-- grey, palette, CMYK and 16-bit images are converted (16-bit is scaled to 8-bit by its
-  full range, not clipped);
-- transparency is dropped by compositing on black (texture photos have no meaningful alpha);
-- EXIF orientation is applied, so a phone photo is inspected the way it is displayed;
-- images above `MAX_PIXELS` are refused before they are decoded (decompression bombs),
-  and images with a side under `MIN_SIDE` are refused as too small to inspect;
-- only raster formats in `FORMATS` are opened: PIL's other plugins (EPS, which runs
-  Ghostscript, and a long tail of rare formats) are never handed an untrusted file;
-- an unreadable EXIF block leaves the image as stored instead of failing.
+- 8-bit (uint8; PIL modes L, P, RGB, RGBA, LA, CMYK, ...): as stored;
+- 16-bit (uint16; 16-bit PNG and TIFF, PIL mode I;16): the high byte, v // 256, so 0..65535
+  spans 0..255 (an 8-bit image widened with v * 257 comes back exactly, and this is how PIL
+  itself reads 16-bit colour PNG and TIFF);
+- float (float16/32/64; float TIFF, PIL mode F): values in [0, 1], scaled by 255 and rounded;
+  NaN, infinite and out-of-range values are refused;
+- bool (PIL mode 1): False -> 0, True -> 255;
+- other integer types (int64 arrays, 32-bit integer TIFF): 8-bit levels 0..255; other values
+  are refused (store 16-bit data as uint16).
+
+Grey images are replicated to three channels; a second or fourth channel is alpha, composited
+on black (texture photos have no meaningful alpha). Arrays are H x W, H x W x C or C x H x W
+(C in 1..4); tensors are C x H x W (the same dtype rules: a uint8 tensor is 8-bit, a float
+tensor is in [0, 1]). Only batches given to `to_batch` as B x 3 x H x W float tensors use the
+package's internal range [-1, 1].
+
+Also: EXIF orientation is applied (an unreadable EXIF block leaves the image as stored);
+images above `MAX_PIXELS` are refused before they are decoded (decompression bombs), and images
+with a side under `MIN_SIDE` as too small to inspect; only raster formats in `FORMATS` are
+opened: PIL's other plugins (EPS, which runs Ghostscript, and a long tail of rare formats) are
+never handed an untrusted file.
+
+Masks (`load_mask`): a pixel is a defect when its stored value is non-zero in any colour
+channel, whatever the encoding (0/255, 0/1, grey level 100 as in MVTec LOCO, palette, RGB,
+16-bit, float); a fully transparent pixel is background.
 
 Resizing policy (documented in the README): the detector resizes every image to its square
 working size (`image_size`, e.g. 256 x 256) as anomalib does for MVTec AD, and maps are
@@ -72,31 +91,6 @@ def _check_size(width: int, height: int, what: str) -> None:
         )
 
 
-def _to_rgb8(img: Image.Image, what: str = "the image") -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB without silently clipping high bit depths."""
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img)
-        if not np.all(np.isfinite(arr)):
-            raise ImageError(f"{what} contains NaN or infinite pixel values.")
-        arr = arr.astype(np.float64)
-        if mode == "F":
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        else:
-            # 16-bit PNG/TIFF: use the full 0..65535 range unless the data clearly is 8-bit.
-            arr = arr / 257.0 if arr.max() > 255 else arr
-        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode != "RGB":
-        return img.convert("RGB")
-    return img
-
-
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
                (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"RIFF", "WEBP"))
 
@@ -123,56 +117,108 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def _array_to_pil(arr: np.ndarray) -> Image.Image:
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+def _as_hwc(arr: np.ndarray) -> np.ndarray:
+    """H x W, H x W x C or C x H x W (C in 1..4) -> H x W x C."""
+    if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[-1] not in (1, 2, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):
         raise ImageError(
-            f"an array image must be H x W, H x W x 3 or H x W x 4; got shape {tuple(arr.shape)}."
+            "an image array must be H x W, H x W x C or C x H x W with C = 1 (grey), 2 (grey + alpha), "
+            f"3 (RGB) or 4 (RGBA); got shape {tuple(arr.shape)}."
         )
     if arr.size == 0:
-        raise ImageError(f"the array image is empty (shape {tuple(arr.shape)}).")
-    if arr.dtype == np.uint8:
-        out = arr
-    elif arr.dtype == np.uint16:
-        out = np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
-    elif np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer):
+        raise ImageError(f"the image is empty (shape {tuple(arr.shape)}).")
+    return arr
+
+
+def _levels(arr: np.ndarray, what: str) -> np.ndarray:
+    """The decoding rule of `arr`'s dtype: 8-bit levels (uint8), same shape."""
+    kind, size = arr.dtype.kind, arr.dtype.itemsize
+    if kind == "b":
+        return arr.astype(np.uint8) * np.uint8(255)
+    if kind == "u" and size == 1:
+        return arr.astype(np.uint8, copy=False)
+    if kind == "u" and size == 2:
+        return (arr.astype(np.uint16) >> 8).astype(np.uint8)
+    if kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise ImageError(f"{what} contains NaN or infinite pixel values.")
         a = arr.astype(np.float64)
-        if not np.all(np.isfinite(a)):
-            raise ImageError("the image contains NaN or infinite pixel values.")
-        if np.issubdtype(arr.dtype, np.floating):
-            if a.min() < -1e-6 or a.max() > 1 + 1e-6:
-                raise ImageError(
-                    "a float image must have values in [0, 1]; got range "
-                    f"[{a.min():.3g}, {a.max():.3g}]."
-                )
-            a = a * 255.0
-        out = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-    else:
-        raise ImageError(f"unsupported array dtype {arr.dtype} for an image.")
-    if out.ndim == 3 and out.shape[-1] == 4:
-        return _to_rgb8(Image.fromarray(out, "RGBA"))
-    return Image.fromarray(out).convert("RGB")
+        if a.min() < -1e-6 or a.max() > 1 + 1e-6:
+            raise ImageError(
+                f"{what} is a float image with values in [{a.min():.4g}, {a.max():.4g}]; float images "
+                "must hold values in [0, 1] (divide 8-bit data by 255, or store it as uint8)."
+            )
+        return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    if kind in "iu":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise ImageError(
+                f"{what} is an integer image ({arr.dtype.name}) with values in [{lo}, {hi}]; integer images other than "
+                "uint16 must hold 8-bit levels 0..255 (store 16-bit data as uint16, or scale it to uint8)."
+            )
+        return arr.astype(np.uint8)
+    raise ImageError(f"{what} has pixel type {arr.dtype}, which is not an image type "
+                     "(use uint8, uint16, float in [0, 1] or bool).")
 
 
-def load_image(source: ImageLike) -> Image.Image:
-    """Decode `source` (path, bytes, PIL image, numpy array, or CHW tensor in [0, 1]) to RGB."""
-    what = _describe(source)
+def pixels_to_rgb8(arr: np.ndarray, what: str = "the image") -> np.ndarray:
+    """The one decoding rule (see the module docstring): pixels of any supported dtype and
+    layout (H x W, H x W x C or C x H x W, C = 1..4) -> uint8 H x W x 3.
+
+    Depends only on the dtype, never on the range of values in the image. Raises ImageError
+    for an unsupported shape or dtype, NaN, and values outside the dtype's range."""
+    levels = _levels(_as_hwc(np.asarray(arr)), what)
+    channels = levels.shape[-1]
+    colour = levels[..., :-1] if channels in (2, 4) else levels
+    if channels in (2, 4):  # composite on black
+        alpha = levels[..., -1:].astype(np.uint32)
+        colour = ((colour.astype(np.uint32) * alpha + 127) // 255).astype(np.uint8)
+    if colour.shape[-1] == 1:
+        colour = np.repeat(colour, 3, axis=-1)
+    return np.ascontiguousarray(colour)
+
+
+def _pil_pixels(img: Image.Image) -> np.ndarray:
+    """The stored pixels of a PIL image, in their own dtype (8-bit colour modes as RGB / RGBA)."""
+    mode = img.mode
+    if mode == "I" and img.format == "PNG":  # Pillow < 11 opens 16-bit grey PNGs as mode I
+        return np.asarray(img).astype(np.uint16)
+    if mode in ("1", "L", "LA", "RGB", "RGBA", "I", "F") or mode.startswith("I;16"):
+        return np.asarray(img)
+    if mode in ("PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        return np.asarray(img.convert("RGBA"))
+    return np.asarray(img.convert("RGB"))  # P, CMYK, YCbCr, LAB, HSV, RGBX, ...: 8-bit colour
+
+
+def _tensor_pixels(t: torch.Tensor) -> np.ndarray:
+    """A C x H x W (or H x W) tensor's pixels as a numpy array of the same dtype kind."""
+    t = t.detach().cpu()
+    if t.ndim == 4:
+        raise ImageError(
+            f"a 4-D tensor {tuple(t.shape)} is a batch (B x 3 x H x W in [-1, 1]); pass it to "
+            "Detector.detect / to_batch, or give one image as C x H x W."
+        )
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    try:
+        return t.numpy()
+    except TypeError:
+        raise ImageError(f"a tensor of dtype {t.dtype} is not an image (use uint8, uint16, float or bool).") from None
+
+
+def _open(source: ImageLike, what: str) -> Any:
+    """A decoded PIL image (upright) for paths, bytes and PIL images; arrays and tensors as
+    numpy arrays. Sizes are checked; a bad file gets an ImageError naming it."""
     if isinstance(source, torch.Tensor):
-        t = source.detach().cpu()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]
-        return load_image(t.float().numpy())
+        return _tensor_pixels(source)
     if isinstance(source, np.ndarray):
-        img = _array_to_pil(source)
-        _check_size(img.width, img.height, what)
-        return img
+        return source
     if isinstance(source, Image.Image):
         _check_size(source.width, source.height, what)
-        return _to_rgb8(_upright(source), what)
-
+        return _upright(source)
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise ImageError("the uploaded file is empty (0 bytes).")
@@ -207,7 +253,8 @@ def load_image(source: ImageLike) -> Image.Image:
             if announced:
                 raise ImageError(
                     f"{what} is not an image file cgdiff can decode: it starts like a {announced} file "
-                    "but looks truncated or corrupt."
+                    "but looks truncated or corrupt, or stores a pixel type PIL cannot read (such as "
+                    "float colour or 64-bit TIFF)."
                 ) from None
             raise ImageError(
                 f"{what} is not an image file in a format cgdiff reads ({', '.join(FORMATS)})."
@@ -221,7 +268,47 @@ def load_image(source: ImageLike) -> Image.Image:
     except Exception as e:  # noqa: BLE001 - decoders of malformed files raise OSError, SyntaxError,
         # ValueError, EOFError, struct.error, IndexError, ...: all mean the same to the user.
         raise ImageError(f"{what} could not be decoded, the file looks truncated or corrupt ({e}).") from None
-    return _to_rgb8(_upright(img), what)
+    return _upright(img)
+
+
+def _pixels(source: ImageLike, what: str) -> np.ndarray:
+    opened = _open(source, what)
+    return _pil_pixels(opened) if isinstance(opened, Image.Image) else opened
+
+
+def load_image(source: ImageLike) -> Image.Image:
+    """Decode `source` to an 8-bit RGB PIL image by the rule of its pixel type.
+
+    source: a path, the bytes of a file, a PIL image, a numpy array (H x W, H x W x C or
+    C x H x W, C = 1..4) or a C x H x W tensor; dtypes and their meaning as in the module
+    docstring (uint8, uint16, float in [0, 1], bool). Raises ImageError naming the input for
+    anything that is not a usable image."""
+    what = _describe(source)
+    rgb = pixels_to_rgb8(_pixels(source, what), what)
+    _check_size(rgb.shape[1], rgb.shape[0], what)
+    return Image.fromarray(rgb, "RGB")
+
+
+def load_mask(source: ImageLike) -> np.ndarray:
+    """Decode a ground-truth mask: bool H x W, True where a pixel is a defect.
+
+    A pixel is a defect when its stored value is non-zero in any colour channel, whatever the
+    encoding: 0/255 or 0/1 grey, grey level 100 (MVTec LOCO), mode 1, palette (by colour),
+    RGB, 16-bit, float. A pixel with alpha 0 is background. Sources as for `load_image`;
+    raises ImageError for an unreadable mask or NaN values."""
+    what = _describe(source)
+    arr = _as_hwc(np.asarray(_pixels(source, what)))
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ImageError(f"{what} contains NaN or infinite values: not a mask.")
+    if arr.dtype.kind not in "biuf":
+        raise ImageError(f"{what} has pixel type {arr.dtype}, which is not a mask type.")
+    _check_size(arr.shape[1], arr.shape[0], what)
+    channels = arr.shape[-1]
+    colour = arr[..., :-1] if channels in (2, 4) else arr
+    defect = (colour != 0).any(axis=-1)
+    if channels in (2, 4):
+        defect &= arr[..., -1] != 0
+    return defect
 
 
 def to_tensor(image: ImageLike, size: int | None = None) -> torch.Tensor:

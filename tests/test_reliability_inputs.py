@@ -181,11 +181,16 @@ def test_unusual_but_valid_files_are_converted():
     assert _rgb(_encode(Image.fromarray(tex), "WEBP", lossless=True)).tolist() == tex.tolist()
     assert _rgb(_encode(Image.fromarray(tex), "BMP")).tolist() == tex.tolist()
     assert _rgb(_encode(Image.fromarray(tex), "PPM")).tolist() == tex.tolist()
-    wide = (tex[..., 0].astype(np.int32) - 128) * 1000  # 32-bit integer TIFF, negative values
-    assert _rgb(_encode(Image.fromarray(wide, "I"), "TIFF")).shape == (48, 40, 3)
-    ramp = np.linspace(-5, 7, 48 * 40, dtype=np.float32).reshape(48, 40)  # float TIFF: full range
+    levels = tex[..., 0].astype(np.int32)  # 32-bit integer TIFF holding 8-bit levels
+    assert _rgb(_encode(Image.fromarray(levels, "I"), "TIFF"))[..., 2].tolist() == tex[..., 0].tolist()
+    wide = (levels - 128) * 1000  # ... or values no pixel type defines: refused, not stretched
+    with pytest.raises(ImageError, match=r"integer image \(int32\) with values in \[-128000, 127000\]"):
+        load_image(_encode(Image.fromarray(wide, "I"), "TIFF"))
+    ramp = np.linspace(0, 1, 48 * 40, dtype=np.float32).reshape(48, 40)  # float TIFF: [0, 1] times 255
     out = _rgb(_encode(Image.fromarray(ramp, "F"), "TIFF"))
-    assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 255
+    assert out[..., 0].tolist() == np.rint(ramp * 255).astype(np.uint8).tolist()
+    with pytest.raises(ImageError, match=r"float image with values in \[-5, 7\]"):
+        load_image(_encode(Image.fromarray(ramp * 12 - 5, "F"), "TIFF"))  # never stretched per image
 
     frames = [Image.fromarray(np.full((30, 30, 3), v, np.uint8)) for v in (10, 120, 240)]
     buffer = io.BytesIO()
