@@ -6,7 +6,8 @@ Layouts read by `load_dataset(root)` (root is one category / class folder):
       CLASS/train/good/*.png                 normal training images
       CLASS/test/good/*.png                  normal test images (all-zero masks)
       CLASS/test/DEFECT/NNN.png              anomalous test images, one folder per defect type
-      CLASS/ground_truth/DEFECT/NNN_mask.png their masks
+      CLASS/ground_truth/DEFECT/NNN_mask.png their masks (a DEFECT type without a ground_truth
+                                             folder has no masks: image metrics only)
 - ``dtd``: DTD-Synthetic (Aota et al., WACV 2023): as MVTec with the single defect folder
   ``bad``; masks in ``CLASS/ground_truth/bad`` named ``NNN.png`` or ``NNN_mask.png``.
 - ``folder``: your own images.
@@ -18,12 +19,14 @@ Layouts read by `load_dataset(root)` (root is one category / class folder):
   with one, every abnormal image needs its mask.
 
 In both MVTec and DTD layouts a mask may be named ``NNN_mask.*`` or ``NNN.*``. Masks are
-read through `cgdiff.images.load_image`; a pixel is a defect when its grey value is above
-127 (or above 0 for masks stored as 0/1). Image files are listed by `iter_images`
-(png, jpg, jpeg, bmp, tif, tiff, webp; hidden files skipped; sorted by name).
+read through `cgdiff.images.load_mask`: a pixel is a defect when it is non-zero, whatever the
+file's mode (0/255, 0/1, grey level 100 as MVTec LOCO writes, mode 1, palette, RGB, RGBA,
+16-bit, float). Image files are listed by `iter_images` (png, jpg, jpeg, bmp, tif, tiff, webp,
+gif, ppm: the formats `cgdiff.images` reads; hidden files skipped; sorted by name).
 
-`load_dataset` decodes every image once (``validate=True``) so that a broken file or a
-mask of the wrong size is reported before training starts, with the file named.
+`load_dataset` decodes every image once (``validate=True``) so that broken files and masks of
+the wrong size are reported before training starts, all of them at once, with the files
+named. ``test=False`` (what training uses) never reads the test split or the masks.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .images import ImageError, ImageLike, load_image
+from .images import load_mask as decode_mask
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -57,7 +61,7 @@ __all__ = [
     "download_archive",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")  # = images.FORMATS
 LAYOUTS = ("mvtec", "dtd", "folder")
 GOOD = "good"
 
@@ -94,11 +98,6 @@ def _resize(img: Image.Image, size: int | None) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def _mask_from_image(img: Image.Image) -> np.ndarray:
-    grey = np.asarray(img.convert("L"))
-    return grey > (127 if grey.max() > 1 else 0)
-
-
 @dataclass
 class AnomalyDataset:
     """Training images (normal) and labelled test samples of one category."""
@@ -108,6 +107,7 @@ class AnomalyDataset:
     category: str
     train: list[Path]
     test: list[Sample]
+    has_test_split: bool = True  # False: loaded with test=False, the test split was not read
     _sizes: dict[Path, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -118,6 +118,24 @@ class AnomalyDataset:
     def has_masks(self) -> bool:
         """True when every anomalous test sample has a mask (pixel metrics possible)."""
         return any(s.label for s in self.test) and all(s.mask_path for s in self.test if s.label)
+
+    @property
+    def no_masks_reason(self) -> str | None:
+        """Why pixel metrics are impossible on this test set (None when every defect image has a
+        mask): names the defect types without masks and how many images they hold."""
+        if not any(s.label for s in self.test):
+            return f"'{self.category}' has no anomalous test images"
+        missing: dict[str, int] = {}
+        for s in self.test:
+            if s.label and s.mask_path is None:
+                missing[s.defect_type] = missing.get(s.defect_type, 0) + 1
+        if not missing:
+            return None
+        types = ", ".join(f"{d} ({n} image{'s' if n > 1 else ''})" for d, n in missing.items())
+        where = ("no masks folder" if self.layout == "folder"
+                 else "no ground_truth/" + "|".join(missing) + " folder")
+        return (f"no masks for the defect type(s) {types} of '{self.category}' ({where}); pixel metrics "
+                "need a mask for every defect image")
 
     def test_labels(self) -> np.ndarray:
         return np.array([s.label for s in self.test], dtype=np.int64)
@@ -132,7 +150,8 @@ class AnomalyDataset:
     def load_mask(self, sample: Sample, size: int | None = None) -> np.ndarray:
         """Bool mask (H x W, or size x size by nearest resize); all False for normal samples.
 
-        The mask must have its image's size (checked; the image size is remembered from
+        A pixel is a defect when the mask file's value there is non-zero (`cgdiff.images.load_mask`).
+        Raises DatasetError for an anomalous sample without a mask. The mask must have its image's size (checked; the image size is remembered from
         validation or an earlier `load_image`, else the image is decoded once for it).
         """
         if sample.mask_path is None:
@@ -145,13 +164,12 @@ class AnomalyDataset:
             w, h = self._sizes.get(sample.path) or self.load_image(sample).size
             return np.zeros((h, w), dtype=bool)
         try:
-            img = load_image(sample.mask_path)
+            mask = decode_mask(sample.mask_path)
         except ImageError as e:
             raise DatasetError(f"mask of '{sample.path}' is unreadable: {e}") from None
         expected = self._sizes.get(sample.path) or self.load_image(sample).size
-        if img.size != expected:
-            raise DatasetError(_size_message(sample, img.size, expected))
-        mask = _mask_from_image(img)
+        if mask.shape[::-1] != expected:
+            raise DatasetError(_size_message(sample, mask.shape[::-1], expected))
         if size is not None and mask.shape != (size, size):
             pil = Image.fromarray(mask.astype(np.uint8) * 255)
             mask = np.asarray(pil.resize((size, size), Image.Resampling.NEAREST)) > 127
@@ -174,9 +192,13 @@ class AnomalyDataset:
             for rank in range(max(len(g) for g in groups.values())):
                 keep += [g[rank] for g in groups.values() if rank < len(g)]
             test = [test[i] for i in sorted(keep[:max_test])]
-        return AnomalyDataset(self.root, self.layout, self.category, list(train), list(test), dict(self._sizes))
+        return AnomalyDataset(self.root, self.layout, self.category, list(train), list(test), self.has_test_split,
+                              dict(self._sizes))
 
     def summary(self) -> str:
+        if not self.test and not self.has_test_split:
+            return (f"{self.category} ({self.layout}, {self.root}): {len(self.train)} train "
+                    "(test split not read)")
         n_good = sum(1 for s in self.test if not s.label)
         defects = {d: sum(1 for s in self.test if s.defect_type == d) for d in self.defect_types}
         parts = ", ".join(f"{k} {v}" for k, v in defects.items()) or "none"
@@ -228,7 +250,7 @@ def _find_mask(masks: dict[str, Path], stem: str) -> Path | None:
     return masks.get(f"{stem}_mask") or masks.get(stem)
 
 
-def _scan_benchmark(root: Path, layout: str) -> tuple[list[Path], list[Sample]]:
+def _scan_benchmark(root: Path, layout: str, with_test: bool = True) -> tuple[list[Path], list[Sample]]:
     train_dir = root / "train" / GOOD
     if not train_dir.is_dir():
         raise DatasetError(
@@ -240,7 +262,7 @@ def _scan_benchmark(root: Path, layout: str) -> tuple[list[Path], list[Sample]]:
         raise DatasetError(f"'{train_dir}' contains no images ({', '.join(IMAGE_EXTENSIONS)}).")
     test: list[Sample] = []
     test_root = root / "test"
-    if test_root.is_dir():
+    if with_test and test_root.is_dir():
         for p in iter_images(test_root / GOOD):
             test.append(Sample(p, 0, GOOD, None))
         for d in sorted(q for q in test_root.iterdir() if q.is_dir() and q.name != GOOD):
@@ -248,7 +270,7 @@ def _scan_benchmark(root: Path, layout: str) -> tuple[list[Path], list[Sample]]:
             masks = _mask_index(gt_dir)
             for p in iter_images(d):
                 mask = _find_mask(masks, p.stem)
-                if mask is None:
+                if mask is None and gt_dir.is_dir():  # no folder at all: a type without masks
                     raise DatasetError(
                         f"defect image '{p}' has no mask: expected '{gt_dir / (p.stem + '_mask.png')}'"
                         f"{'' if layout == 'mvtec' else ' or ' + str(gt_dir / (p.stem + '.png'))}."
@@ -257,13 +279,15 @@ def _scan_benchmark(root: Path, layout: str) -> tuple[list[Path], list[Sample]]:
     return train, test
 
 
-def _scan_folder(root: Path) -> tuple[list[Path], list[Sample]]:
+def _scan_folder(root: Path, with_test: bool = True) -> tuple[list[Path], list[Sample]]:
     train = iter_images(root)
     if not train:
         raise DatasetError(
             f"'{root}' contains no normal images ({', '.join(IMAGE_EXTENSIONS)}) directly in it; "
             "the folder layout keeps training images at its top level."
         )
+    if not with_test:
+        return train, []
     test = [Sample(p, 0, GOOD, None) for p in iter_images(root / "normal_test")]
     mask_dir = root / "masks"
     masks = _mask_index(mask_dir)
@@ -286,13 +310,19 @@ def load_dataset(
     *,
     validate: bool = True,
     skip_unreadable: bool = False,
+    test: bool = True,
 ) -> AnomalyDataset:
     """Read a dataset folder (one category). layout: 'auto', 'mvtec', 'dtd' or 'folder'.
 
     validate: decode every image and mask once, so that unreadable files and masks of the
-    wrong size raise a `DatasetError` naming the file now rather than mid-training.
+    wrong size raise one `DatasetError` naming every such file now rather than mid-training.
     skip_unreadable: leave unreadable images (and defect images with unreadable masks) out
     with a warning instead of raising.
+    test: False reads only the training images (the test split and its masks are never
+    listed or decoded; `test` is then empty), as training needs.
+
+    A defect type without masks (no ground_truth/DEFECT folder, or a folder layout without a
+    masks folder) is accepted: `has_masks` is then False and `no_masks_reason` says why.
     """
     root = Path(root)
     if not root.is_dir():
@@ -302,26 +332,31 @@ def load_dataset(
     if layout not in LAYOUTS:
         raise DatasetError(f"unknown layout '{layout}'; use 'auto' or one of {', '.join(LAYOUTS)}.")
     if layout == "folder":
-        train, test = _scan_folder(root)
+        train, samples = _scan_folder(root, test)
     else:
-        train, test = _scan_benchmark(root, layout)
-    ds = AnomalyDataset(root=root, layout=layout, category=root.name, train=train, test=test)
+        train, samples = _scan_benchmark(root, layout, test)
+    ds = AnomalyDataset(root=root, layout=layout, category=root.name, train=train, test=samples,
+                        has_test_split=test)
     if validate or skip_unreadable:
         _validate(ds, skip_unreadable)
     return ds
 
 
 def _validate(ds: AnomalyDataset, skip: bool) -> None:
+    """Decode every file once; report all bad files together (or skip the unreadable ones)."""
     skipped: list[str] = []
+    unreadable: list[str] = []
+    wrong_size: list[str] = []
 
-    def readable(path: Path, what: str = "image") -> bool:
+    def readable(path: Path, mask: bool = False) -> bool:
         try:
-            ds.load_image(path)
+            if mask:
+                ds._sizes[path] = decode_mask(path).shape[::-1]
+            else:
+                ds.load_image(path)
             return True
         except ImageError as e:
-            if not skip:
-                raise DatasetError(f"unreadable {what} in the dataset: {e}") from None
-            skipped.append(f"{path} ({e})")
+            (skipped if skip else unreadable).append(f"{'mask ' if mask else ''}{e}")
             return False
 
     ds.train = [p for p in ds.train if readable(p)]
@@ -330,14 +365,22 @@ def _validate(ds: AnomalyDataset, skip: bool) -> None:
         if not readable(s.path):
             continue
         if s.mask_path is not None:
-            if not readable(s.mask_path, "mask"):
-                skipped.append(f"{s.path} (its mask is unreadable)")
+            if not readable(s.mask_path, mask=True):
+                if skip:
+                    skipped.append(f"{s.path} (its mask is unreadable)")
                 continue
             mask_size, image_size = ds._sizes[s.mask_path], ds._sizes[s.path]
             if mask_size != image_size:
-                raise DatasetError(_size_message(s, mask_size, image_size))
+                wrong_size.append(_size_message(s, mask_size, image_size))
         kept.append(s)
     ds.test = kept
+    errors = unreadable + wrong_size
+    if errors:
+        shown = "; ".join(errors[:20]) + (f"; and {len(errors) - 20} more" if len(errors) > 20 else "")
+        what = " and ".join(filter(None, [f"{len(unreadable)} unreadable file(s)" if unreadable else "",
+                                          f"{len(wrong_size)} mask(s) of the wrong size" if wrong_size else ""]))
+        hint = " (--skip-unreadable leaves unreadable files out)" if unreadable else ""
+        raise DatasetError(f"{what} in the dataset '{ds.root}': {shown}{hint}")
     if skipped:
         warnings.warn(
             f"skipped {len(skipped)} unreadable file(s) in '{ds.root}': " + "; ".join(skipped),

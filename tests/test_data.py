@@ -181,7 +181,7 @@ def test_unreadable_image_named_or_skipped(tmp_path):
 def test_unreadable_mask(tmp_path):
     root = make_mvtec(tmp_path / "c")
     (root / "ground_truth/poke/001_mask.png").write_bytes(b"garbage")
-    with pytest.raises(DatasetError, match="unreadable mask.*001_mask.png"):
+    with pytest.raises(DatasetError, match="1 unreadable file.*mask .*001_mask.png"):
         load_dataset(root)
     with pytest.warns(UserWarning, match="its mask is unreadable"):
         ds = load_dataset(root, skip_unreadable=True)
@@ -407,3 +407,105 @@ def test_download_archive_refuses_what_is_not_an_archive_or_escapes(tmp_path):
     with pytest.raises(DatasetError, match="outside the destination"):
         download_archive(evil.as_uri(), tmp_path / "data2", progress=False)
     assert not (tmp_path / "outside.txt").exists()
+
+
+# --------------------------------------------------------------------------- masks of any encoding
+
+
+def _box(size=SIZE, box=(2, 6, 3, 9)):
+    m = np.zeros((size, size), bool)
+    y0, y1, x0, x1 = box
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _mask_encodings(m: np.ndarray) -> dict:
+    """The same defect region as the mask files annotation tools and data sets write."""
+    grey = m.astype(np.uint8)
+    palette = Image.fromarray(grey, "P")
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)  # index 1: a red defect
+    rgb = np.zeros(m.shape + (3,), np.uint8)
+    rgb[m] = (0, 0, 90)  # a dark blue annotation: non-zero in one channel only
+    rgba = np.zeros(m.shape + (4,), np.uint8)
+    rgba[..., :3] = 255  # white but fully transparent background
+    rgba[m] = (255, 0, 0, 255)
+    return {
+        "L 0/255.png": Image.fromarray(grey * 255),
+        "L 0/1.png": Image.fromarray(grey),
+        "L level 100 (MVTec LOCO).png": Image.fromarray(grey * 100),
+        "mode 1.png": Image.fromarray(m),
+        "palette.png": palette,
+        "palette.gif": palette,
+        "RGB.png": Image.fromarray(rgb),
+        "RGBA.png": Image.fromarray(rgba, "RGBA"),
+        "LA.png": Image.fromarray(np.stack([grey * 255, grey * 255], -1), "LA"),
+        "16-bit value 1.png": Image.fromarray(m.astype(np.uint16)),
+        "16-bit value 1000.tif": Image.fromarray(m.astype(np.uint16) * 1000),
+        "16-bit 65535.png": Image.fromarray(m.astype(np.uint16) * 65535),
+        "float 0.5.tif": Image.fromarray(m.astype(np.float32) * 0.5),
+        "L level 100.bmp": Image.fromarray(grey * 100),
+        "L level 100.tif": Image.fromarray(grey * 100),
+    }
+
+
+@pytest.mark.parametrize("name", list(_mask_encodings(_box())))
+def test_a_mask_pixel_is_a_defect_when_non_zero_whatever_the_encoding(tmp_path, name):
+    root = make_mvtec(tmp_path / "c")
+    expected = _box()
+    target = root / "ground_truth/cut" / ("000_mask" + Path(name).suffix)
+    (root / "ground_truth/cut/000_mask.png").unlink()
+    _mask_encodings(expected)[name].save(target)
+    ds = load_dataset(root)
+    sample = ds.test[1]
+    assert sample.mask_path == target
+    assert np.array_equal(ds.load_mask(sample), expected)
+    resized = np.asarray(Image.fromarray(expected).resize((32, 32), Image.Resampling.NEAREST))
+    assert np.array_equal(ds.load_mask(sample, size=32), resized)
+
+
+def test_load_mask_takes_arrays_and_tensors_by_the_same_rule():
+    import torch
+
+    from cgdiff.images import load_mask
+
+    m = _box()
+    for source in (m, m.astype(np.uint8) * 100, m.astype(np.uint16), m.astype(np.float32) * 0.2,
+                   torch.from_numpy(m.astype(np.uint8))[None], np.stack([m.astype(np.uint8)] * 3, -1)):
+        assert np.array_equal(load_mask(source), m)
+    with pytest.raises(Exception, match="NaN"):
+        load_mask(np.full((SIZE, SIZE), np.nan, np.float32))
+
+
+# --------------------------------------------------------------------------- test split and bad files
+
+
+def test_a_defect_type_without_masks_gives_image_metrics_only_and_training_never_reads_the_test_split(tmp_path):
+    root = make_mvtec(tmp_path / "grid")
+    _img(root / "test/thread/000.png")  # a defect type with no ground_truth/thread folder
+    ds = load_dataset(root)
+    assert ds.defect_types == ["cut", "poke", "thread"] and not ds.has_masks
+    assert "thread (1 image)" in ds.no_masks_reason and "ground_truth/thread" in ds.no_masks_reason
+    with pytest.raises(DatasetError, match="thread/000.png' has no mask"):
+        ds.load_mask(ds.test[-1])
+    # a missing mask inside an existing ground_truth folder is still an error
+    (root / "ground_truth/cut/001_mask.png").unlink()
+    with pytest.raises(DatasetError, match="cut/001.png' has no mask"):
+        load_dataset(root)
+    # training reads train/good only: broken test files and missing masks do not matter
+    (root / "test/poke/000.png").write_bytes(b"broken")
+    train_only = load_dataset(root, test=False)
+    assert train_only.test == [] and len(train_only.train) == 2
+    assert "test split not read" in train_only.summary()
+
+
+def test_every_bad_file_is_named_at_once(tmp_path):
+    root = make_mvtec(tmp_path / "c")
+    for rel in ("train/good/000.png", "test/good/000.png", "ground_truth/poke/001_mask.png"):
+        (root / rel).write_bytes(b"not an image")
+    _mask(root / "ground_truth/cut/001_mask.png", size=SIZE * 2)
+    with pytest.raises(DatasetError) as info:
+        load_dataset(root)
+    message = str(info.value)
+    assert message.startswith("3 unreadable file(s) and 1 mask(s) of the wrong size")
+    for rel in ("train/good/000.png", "test/good/000.png", "poke/001_mask.png", "cut/001_mask.png"):
+        assert rel in message, rel
