@@ -40,9 +40,29 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, alpha:
     return out
 
 
-def mask_image(mask: np.ndarray) -> np.ndarray:
-    """Bool mask -> white-on-black uint8 H x W x 3 picture."""
-    return np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
+FRAME_COLOR = (120, 120, 120)  # mid grey: visible on white and on black
+
+
+def mask_image(mask: np.ndarray, frame: int = 0) -> np.ndarray:
+    """Bool mask -> white-on-black uint8 H x W x 3 picture; `frame` > 0 draws a grey border that
+    many pixels wide, so a mask that covers the whole image still shows on a white page."""
+    out = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
+    if frame > 0:
+        out[:frame], out[-frame:], out[:, :frame], out[:, -frame:] = FRAME_COLOR, FRAME_COLOR, FRAME_COLOR, FRAME_COLOR
+    return out
+
+
+HIT, MISSED, FALSE_ALARM = (0, 200, 0), (230, 0, 0), (255, 200, 0)
+
+
+def compare_masks(predicted: np.ndarray, truth: np.ndarray, frame: int = 0) -> np.ndarray:
+    """Predicted vs ground-truth masks as a picture: green where both agree on a defect, red
+    where a defect was missed, yellow where a normal pixel was flagged, black elsewhere."""
+    if predicted.shape != truth.shape:
+        raise ValueError(f"the masks differ in size: {predicted.shape} and {truth.shape}.")
+    out = mask_image(np.zeros_like(predicted, dtype=bool), frame)
+    out[predicted & truth], out[truth & ~predicted], out[predicted & ~truth] = HIT, MISSED, FALSE_ALARM
+    return out
 
 
 def image_grid(rows, titles=None, row_labels=None, size: float = 2.2, suptitle: str | None = None,
