@@ -21,6 +21,7 @@ import os
 import shlex
 import shutil
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -120,10 +121,18 @@ def _add_setting_flags(group, defaults: Optional[dict] = None, seed: bool = True
         group.add_argument(flag, dest=dest, type=parse, default=None, metavar=metavar, help=help_text)
 
 
-def _add_common(p, device: bool = True) -> None:
+RUNTIME_CHOICES = ("auto", "reference", "onnxruntime", "openvino", "openvino-bf16")
+
+
+def _add_common(p, device: bool = True, runtime: bool = False) -> None:
     if device:
         p.add_argument("--device", default="auto",
                        help="'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps'")
+    if runtime:
+        p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+                       help="how the U-Net runs on a CPU: 'auto' the default runtime (ONNX Runtime where "
+                       "installed, exported once per checkpoint into ~/.cache/cgdiff), 'reference' plain fp32 "
+                       "PyTorch, or a runtime by name (see BENCHMARKS.md) (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -204,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave out unreadable images with a warning (default: stop and name the file)")
+    p.add_argument("--skip-empty-masks", action="store_true",
+                   help="leave defect images whose mask is empty out of the pixel metrics, and say how many "
+                   "(default: stop and name them)")
+    p.add_argument("--require-pixel-metrics", action="store_true",
+                   help="stop with an error when pixel metrics cannot be computed (defect types without masks) "
+                   "instead of reporting them as n/a")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     p.add_argument("--save-maps", metavar="DIR", help="write a heat map and an overlay PNG per test image into DIR")
     p.add_argument("--mask-size", type=_number(int, 8), default=256, metavar="N",
@@ -215,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "only with the checkpoint's own settings")
     g = p.add_argument_group("overrides of the checkpoint's settings")
     _add_setting_flags(g)
-    _add_common(p)
+    _add_common(p, runtime=True)
 
     # ---------------------------------------------------------------- detect
     p = sub.add_parser(
@@ -226,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Images are resized to the detector's square working size.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out unreadable images with a warning (default: stop and name every one)")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--out", metavar="DIR", help="folder for the PNGs")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
@@ -235,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g = p.add_argument_group("overrides of the checkpoint's settings")
     _add_setting_flags(g)
-    _add_common(p)
+    _add_common(p, runtime=True)
 
     # ---------------------------------------------------------------- build-textures
     p = sub.add_parser(
@@ -318,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "be a root of categories (MVTec AD, DTD-Synthetic) with CKPT a folder of checkpoints named "
                    "like the categories")
     p.add_argument("--textures", metavar="DIR", help="(quality) the scikit-image texture set in DIR (built there "
-                   "if missing), each texture with the bundled checkpoint of its name")
+                   "if missing), each texture with the bundled checkpoint of its name; (speed) their test images "
+                   "are also compared across the CPU fast-path variants")
     p.add_argument("--methods", nargs="+", choices=list(QUALITY_METHODS), default=list(QUALITY_METHODS),
                    metavar="NAME", help=f"(quality) rows to run: {' '.join(QUALITY_METHODS)}")
     p.add_argument("--coreset-ratio", type=positive_float, default=1.0, metavar="X",
@@ -334,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(speed) image sizes of the sweep (default: 64 128 256)")
     p.add_argument("--repeats", type=positive_int, default=2, metavar="N", help="(speed) timed runs per measurement")
     p.add_argument("--no-paper-scale", action="store_true", help="(speed) skip DDAD's U-Net at 256 px")
+    p.add_argument("--no-sweeps", action="store_true", help="(speed) skip the batch and image size sweeps")
+    p.add_argument("--no-fast-path", action="store_true",
+                   help="(speed) skip the fast-path variants (CPU: bf16, channels_last, compile, the runtimes)")
     p.add_argument("--gpu-batch-size", type=positive_int, default=32, metavar="N",
                    help="(speed) batch of the GPU fast-path comparison at paper scale")
     p.add_argument("--compile-mode", default=None, metavar="MODE",
@@ -351,15 +372,16 @@ def _info(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _load_data(args: argparse.Namespace):
-    """The dataset of --data; with --skip-unreadable, files left out are listed as warnings."""
+def _load_data(args: argparse.Namespace, test: bool = True):
+    """The dataset of --data (test=False: its training images only, the test split is never
+    read); with --skip-unreadable, files left out are listed as warnings."""
     import warnings
 
     from .data import load_dataset
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        dataset = load_dataset(args.data, args.layout, skip_unreadable=args.skip_unreadable)
+        dataset = load_dataset(args.data, args.layout, skip_unreadable=args.skip_unreadable, test=test)
     for warning in caught:
         _info(f"warning: {warning.message}")
     return dataset
@@ -450,7 +472,15 @@ def _load_detector(args: argparse.Namespace):
     detector = Detector.from_pretrained(args.checkpoint, device=device)
     if detector.calibration is None:
         raise ValueError(f"checkpoint '{args.checkpoint}' is not calibrated (no threshold); retrain or calibrate it.")
-    _info(f"detector: {detector.describe()}; device {detector.device}")
+    runtime = getattr(args, "runtime", "reference")
+    if runtime != "reference":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            detector.use_fast_path(runtime=runtime)
+        for w in caught:
+            _info(f"warning: {w.message}")
+    path = detector.fast_path()["runtime"] or "PyTorch fp32 (reference)"
+    _info(f"detector: {detector.describe()}; device {detector.device}; U-Net on {path}")
     return detector
 
 
@@ -516,7 +546,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     if not args.resume:
         config.validate()  # before reading the data: a bad value is reported at once
-    dataset = _load_data(args)
+    dataset = _load_data(args, test=False)
     _info(f"data: {dataset.summary()}")
     images, holdout, holdout_rows = _holdout(args, saved_args, list(dataset.train), config)
     all_images = list(dataset.train)
@@ -583,11 +613,17 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     maps_dir = _check_new_folder(args.save_maps, args.overwrite, "--save-maps")
     dataset = _load_data(args)
     _info(f"data: {dataset.summary()}")
+    if dataset.no_masks_reason and not args.require_pixel_metrics:
+        _info(f"warning: {dataset.no_masks_reason}: image metrics only, pixel metrics n/a.")
     detector = _load_detector(args)
     detector.settings(**overrides)  # bad values are reported before the long part
 
     result = evaluate(detector, dataset, mask_size=args.mask_size, batch_size=args.batch_size,
-                      progress=not args.no_progress, save_maps=maps_dir, **overrides)
+                      progress=not args.no_progress, save_maps=maps_dir,
+                      empty_masks="skip" if args.skip_empty_masks else "error",
+                      require_pixel_metrics=args.require_pixel_metrics, **overrides)
+    if result["pixel_excluded"]:
+        _info(f"warning: {result['pixel_metrics_note']}.")
     result["command"] = _command_line(argv)
     print(_evaluation_table(result))
     if json_path is not None:
@@ -597,7 +633,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _info(f"wrote heat maps and overlays to {maps_dir}")
     if args.record:
         keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "n_images", "mask_size",
-                "seconds_per_image", "command")
+                "seconds_per_image", "pixel_metrics_note", "pixel_excluded", "command")
         detector.info["metrics"] = {
             **{k: result[k] for k in keys},
             "dataset": dataset.category,
@@ -616,6 +652,8 @@ def _evaluation_table(r: dict) -> str:
     d = r["dataset"]
     masks = (f"maps compared with masks at {r['mask_size']} x {r['mask_size']}" if r["mask_size"]
              else "no masks: image metrics only")
+    if r["pixel_excluded"] and r["mask_size"]:
+        masks += f", leaving out {len(r['pixel_excluded'])} defect image(s) with an empty mask"
     lines = [
         f"{d['category']} ({d['layout']}): {r['n_images']} test images ({r['n_normal']} normal, "
         f"{r['n_anomalous']} anomalous); detector at {r['image_size']} px; {masks}",
@@ -628,6 +666,8 @@ def _evaluation_table(r: dict) -> str:
         f"  {'seconds per image':<24}{r['seconds_per_image']:.3g}  (reconstruction "
         f"{r['reconstruction_seconds_per_image']:.3g}, on {r['device']})",
     ]
+    if r.get("pixel_metrics_note"):
+        lines.insert(7, f"  {'':<24}(pixel metrics: {r['pixel_metrics_note']})")
     at = r.get("at_threshold")
     if at:
         lines.append(
@@ -652,6 +692,30 @@ def _expand_images(items: Sequence[str]) -> list[Path]:
     return paths
 
 
+def _readable_images(paths: Sequence[Path], skip: bool) -> tuple[list[Path], list[str]]:
+    """(`paths` that decode, messages of those left out): every bad one is named in one error,
+    or with `skip` in one warning."""
+    from .images import ImageError, load_image
+
+    bad = []
+    for p in paths:
+        try:
+            load_image(p)
+        except ImageError as e:
+            bad.append((p, str(e)))
+    if not bad:
+        return list(paths), []
+    listed = "; ".join(message for _, message in bad[:20]) + (f"; and {len(bad) - 20} more" if len(bad) > 20 else "")
+    if not skip:
+        raise DatasetError(f"{len(bad)} of {len(paths)} image(s) unreadable: {listed} "
+                           "(--skip-unreadable leaves them out)")
+    _info(f"warning: skipped {len(bad)} unreadable image(s): {listed}")
+    kept = [p for p in paths if p not in {q for q, _ in bad}]
+    if not kept:
+        raise DatasetError("no readable image left to inspect.")
+    return kept, [message for _, message in bad]
+
+
 def _output_names(paths: Sequence[Path]) -> list[str]:
     """One file-name stem per image: the file's stem, prefixed with its folder's name where
     stems repeat (test/good/000.png, test/hole/000.png -> good_000, hole_000), and with its
@@ -668,12 +732,11 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import numpy as np
     from PIL import Image
 
-    from .images import load_image
     from .viz import heatmap, mask_image, overlay
 
     overrides = _overrides(args)
     _check_overrides(overrides)
-    paths = _expand_images(args.images)
+    paths, skipped = _readable_images(_expand_images(args.images), args.skip_unreadable)  # before the long part
     json_path = _check_new_file(args.json, args.overwrite, "--json")
     out = Path(args.out) if args.out else None
     names = _output_names(paths)
@@ -685,8 +748,6 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if clashes and not args.overwrite:
             raise FileExistsError(f"'{clashes[0]}' already exists ({len(clashes)} output file(s) would be replaced); "
                                   "pass --overwrite or choose another --out.")
-    for p in paths:  # every image is checked before the long part
-        load_image(p)
     detector = _load_detector(args)
     detector.settings(**overrides)
     if overrides and args.threshold is None:
@@ -743,7 +804,7 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _write_json(json_path, {
             "checkpoint": str(args.checkpoint), "image_size": detector.image_size,
             "sampler": sampler.to_dict(), "scorer": scorer.to_dict(), "overrides": overrides,
-            "command": _command_line(argv), "results": rows,
+            "command": _command_line(argv), "results": rows, "skipped_unreadable": skipped,
         })
         _info(f"wrote {json_path}")
     return 0
@@ -913,9 +974,14 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         results["quality"] = quality
         sections.append("## Quality\n\n" + bench.render_quality(quality) + "".join(f"\n\n{n}" for n in notes))
     if args.speed:
+        agreement = {}
+        if args.textures:  # each bundled checkpoint's test split, for the CPU variants' verdicts
+            for ckpt, data in bench.texture_pairs(args.textures)[0]:
+                agreement[ckpt] = sorted(str(p) for p in (Path(data) / "test").rglob("*.png"))
         speed = bench.run_speed(checkpoints, device, args.batch_sizes, args.image_sizes, args.repeats,
                                 paper_scale=not args.no_paper_scale, gpu_batch_size=args.gpu_batch_size,
-                                compile_mode=args.compile_mode, log=_info)
+                                compile_mode=args.compile_mode, agreement=agreement, sweeps=not args.no_sweeps,
+                                fast_path=False if args.no_fast_path else None, log=_info)
         results["speed"] = speed
         sections.append("## Speed\n\n" + bench.render_speed(speed))
     results["machine"] = m = machine
@@ -962,6 +1028,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if args.command != "bench":  # bench measures the allocator before and after itself
+            from .runtime import keep_freed_memory
+
+            keep_freed_memory()
         return COMMANDS[args.command](args, argv)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -18,7 +18,12 @@ Conventions, as in cgdiff.metrics (anomalib's definitions):
   tables and anomalib use 256): masks are resized with nearest neighbour, maps bilinearly;
 - maps are never normalised with statistics of the test set: they are the raw maps, scaled
   only by the pixel/feature balance calibrated on normal training images;
-- every metric is a fraction in [0, 1]; pixel metrics are None when the set has no masks.
+- every metric is a fraction in [0, 1]; pixel metrics are None when the set has no masks
+  (defect types without masks), and `pixel_metrics_note` says why;
+- a defect image whose mask is empty (no non-zero pixel, or none left at `mask_size`) is
+  never counted as all-normal pixels: it stops the evaluation with the files named, or, with
+  ``empty_masks="skip"``, is left out of the pixel metrics (it still counts for the image
+  metrics) and listed in `pixel_excluded`.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class Reconstructions:
     mask_size: int
     sampler: SamplerConfig  # the settings that made the reconstructions
     seconds_per_image: float  # reconstruction time (model calls only, no file decoding)
+    pixel_excluded: list[int] = field(default_factory=list)  # defect images with empty masks, left out
+    pixel_metrics_note: Optional[str] = None  # why there are no pixel metrics / what was left out
     _distances: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -117,6 +124,38 @@ def _progress_callback(progress: Progress, total: int, desc: str):
     return update, bar.close
 
 
+EMPTY_MASKS = ("error", "skip")
+
+
+def load_masks(dataset: AnomalyDataset, samples: list, mask_size: int, empty_masks: str = "error"
+               ) -> tuple[Optional[np.ndarray], list[int], Optional[str]]:
+    """(masks N x M x M bool or None, indices left out of the pixel metrics, note).
+
+    Masks are None when some defect image has no mask (the note says which types). A defect
+    image whose mask is empty at `mask_size` raises a DatasetError naming the files, or with
+    ``empty_masks="skip"`` is listed in the indices (masks are None when that is all of them)."""
+    if empty_masks not in EMPTY_MASKS:
+        raise ValueError(f"empty_masks must be one of {EMPTY_MASKS}, got {empty_masks!r}.")
+    if not dataset.has_masks:
+        return None, [], dataset.no_masks_reason
+    masks = np.stack([dataset.load_mask(s, mask_size) for s in samples])
+    empty = [i for i, s in enumerate(samples) if s.label and not masks[i].any()]
+    if not empty:
+        return masks, [], None
+    files = [f"'{samples[i].mask_path}'" + ("" if not dataset.load_mask(samples[i]).any() else
+                                           f" (its defect vanishes at {mask_size} x {mask_size})") for i in empty]
+    what = f"{len(empty)} defect image(s) have an empty mask (no non-zero pixel): {', '.join(files)}"
+    if empty_masks == "error":
+        raise DatasetError(
+            f"{what}. Pixel metrics would count them as all-normal pixels: fix the masks, or leave these "
+            "images out of the pixel metrics (cgdiff evaluate --skip-empty-masks, evaluate(..., empty_masks='skip'))."
+        )
+    n_anomalous = sum(1 for s in samples if s.label)
+    if len(empty) == n_anomalous:
+        return None, empty, f"{what}: no defect image left for the pixel metrics"
+    return masks, empty, f"{what}: left out of the pixel metrics (still in the image metrics)"
+
+
 @torch.no_grad()
 def reconstruct_dataset(
     detector,
@@ -125,10 +164,13 @@ def reconstruct_dataset(
     batch_size: int = 4,
     progress: Progress = False,
     mask_size: int = DEFAULT_MASK_SIZE,
+    empty_masks: str = "error",
 ) -> Reconstructions:
     """Reconstruct every test image of `dataset` with `sampler` (default: the detector's own).
 
-    progress: True for a tqdm bar, or a callable (done, total) counting model steps."""
+    progress: True for a tqdm bar, or a callable (done, total) counting model steps.
+    empty_masks: "error" (a DatasetError naming the defect images whose mask is empty, before
+    any reconstruction) or "skip" (leave them out of the pixel metrics); see `load_masks`."""
     from .detector import _num_steps
 
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -139,9 +181,7 @@ def reconstruct_dataset(
     if not samples:
         raise DatasetError(f"'{dataset.root}' has no test images to evaluate on.")
     sampler = (sampler or detector.sampler).validate()
-    masks = None
-    if dataset.has_masks:
-        masks = np.stack([dataset.load_mask(s, mask_size) for s in samples])
+    masks, excluded, note = load_masks(dataset, samples, mask_size, empty_masks)
 
     steps = _num_steps(sampler)
     n_batches = math.ceil(len(samples) / batch_size)
@@ -172,6 +212,8 @@ def reconstruct_dataset(
         mask_size=mask_size,
         sampler=sampler,
         seconds_per_image=seconds / len(samples),
+        pixel_excluded=excluded,
+        pixel_metrics_note=note,
     )
 
 
@@ -234,10 +276,13 @@ def score_reconstructions(
     labels = recs.labels
     n_anomalous = int(labels.sum())
     if 0 < n_anomalous < len(labels):
+        values = compute_metrics(labels, scores, fpr_limit=AUPRO_FPR_LIMIT)
         if recs.masks is not None:
-            values = compute_metrics(labels, scores, recs.masks, resize_maps(maps_np, recs.mask_size), AUPRO_FPR_LIMIT)
-        else:
-            values = compute_metrics(labels, scores, fpr_limit=AUPRO_FPR_LIMIT)
+            keep = np.ones(len(labels), dtype=bool)
+            keep[recs.pixel_excluded] = False
+            pixel = compute_metrics(labels[keep], scores[keep], recs.masks[keep],
+                                    resize_maps(maps_np[keep], recs.mask_size), AUPRO_FPR_LIMIT)
+            values.update({k: pixel[k] for k in ("pixel_auroc", "aupro", "pixel_f1_max")})
     else:  # e.g. normal images only (label-free tuning): maps and scores, no ranking metrics
         values = dict.fromkeys(("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"))
 
@@ -247,6 +292,8 @@ def score_reconstructions(
         n_normal=len(recs) - n_anomalous,
         n_anomalous=n_anomalous,
         mask_size=recs.mask_size if recs.masks is not None else None,
+        pixel_metrics_note=recs.pixel_metrics_note,
+        pixel_excluded=[str(recs.paths[i]) for i in recs.pixel_excluded],
         image_size=recs.image_size,
         aupro_fpr_limit=AUPRO_FPR_LIMIT,
         seconds_per_image=recs.seconds_per_image + score_seconds,
@@ -294,6 +341,8 @@ def evaluate(
     progress: Progress = False,
     per_image: bool = True,
     save_maps: str | Path | None = None,
+    empty_masks: str = "error",
+    require_pixel_metrics: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Evaluate `detector` on the test split of `dataset`; `overrides` change sampler and
@@ -301,15 +350,23 @@ def evaluate(
     seed, pixel_weight, feature_weight, feature_smoothing, map_sigma).
 
     Returns image_auroc, pixel_auroc, aupro, image_f1_max, pixel_f1_max (fractions in [0, 1];
-    pixel ones None without masks), n_images, seconds_per_image, mask_size, the settings
-    used, and per image its path, label and score. save_maps: a folder to write each test
-    image's heat map and overlay to (see `save_map_images`)."""
+    pixel ones None without masks), pixel_metrics_note (why they are None, or which images
+    they leave out; None when complete), pixel_excluded (paths), n_images, seconds_per_image,
+    mask_size, the settings used, and per image its path, label and score. save_maps: a
+    folder to write each test image's heat map and overlay to (see `save_map_images`).
+    empty_masks: "error" or "skip" for defect images with an empty mask (see `load_masks`).
+    require_pixel_metrics: raise a DatasetError (before any reconstruction) instead of
+    reporting None when the pixel metrics cannot be computed."""
     sampler, scorer = detector.settings(**overrides)
     if not dataset.test:
         raise DatasetError(f"'{dataset.root}' has no test images to evaluate on.")
     _check_labels(dataset.test_labels(), f"the test set of '{dataset.root}'")
+    if require_pixel_metrics:
+        masks, _, note = load_masks(dataset, list(dataset.test), mask_size, empty_masks)
+        if masks is None:
+            raise DatasetError(f"pixel metrics were asked for, but {note}.")
     recs = reconstruct_dataset(detector, dataset, sampler, batch_size=batch_size, progress=progress,
-                               mask_size=mask_size)
+                               mask_size=mask_size, empty_masks=empty_masks)
     scored = score_reconstructions(detector, recs, scorer, batch_size=batch_size)
     result = dict(scored.metrics)
     result["overrides"] = {k: v for k, v in overrides.items() if v is not None}

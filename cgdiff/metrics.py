@@ -230,8 +230,10 @@ def evaluate(
     """All metrics of the benchmark tables, as fractions in [0, 1].
 
     labels / scores: one per image. masks / maps: N x H x W, in the same image order. The
-    pixel metrics (pixel_auroc, aupro, pixel_f1_max) are None when no mask is given or no
-    mask has a defect pixel.
+    pixel metrics (pixel_auroc, aupro, pixel_f1_max) are None when no masks are given.
+    Raises ValueError when an image labelled anomalous has an empty mask (its pixels would
+    silently count as normal: leave such images out of masks / maps, or give no masks) or an
+    image labelled normal has defect pixels.
     """
     y = _as_labels(labels, "image labels")
     s = _as_scores(scores, "image scores").ravel()
@@ -258,8 +260,13 @@ def evaluate(
             f"images {wrong[:10].tolist()} are labelled normal but their masks have defect "
             "pixels: labels and masks are out of order or mismatched."
         )
-    if not has_defect.any():
-        return out
+    empty = np.flatnonzero(~has_defect & y)
+    if empty.size:
+        raise ValueError(
+            f"images {empty[:10].tolist()}{' ...' if empty.size > 10 else ''} are labelled anomalous but "
+            "their masks are empty: their pixels would count as normal. Fix the masks, leave these images "
+            "out of masks and maps, or give no masks for image metrics only."
+        )
     out["pixel_auroc"] = pixel_auroc(mask, amap)
     out["aupro"] = aupro(mask, amap, fpr_limit)
     out["pixel_f1_max"] = f1_max(mask, amap)

@@ -202,3 +202,71 @@ def test_the_module_entry_point_exits_with_the_status(tmp_path, monkeypatch, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cgdiff: error:") and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- inputs (masks, splits, bad files)
+
+
+def test_train_never_reads_the_test_split_and_evaluate_reports_image_metrics_without_masks(trained, tmp_path, capsys):
+    import shutil
+
+    data, ckpt = trained
+    grid = tmp_path / "grid"
+    shutil.copytree(data, grid)
+    shutil.rmtree(grid / "ground_truth" / "scratch")  # test/scratch exists, ground_truth/scratch does not
+    (grid / "test" / "hole" / "000.png").write_bytes(b"not read by train")
+    code, out, err = run(["train", "--data", grid, "--out", tmp_path / "ckpt", "--max-steps", "1", *TRAIN], capsys)
+    assert code == 0, err
+    assert "test split not read" in err
+    (grid / "test" / "hole" / "000.png").unlink()
+    code, out, err = run(["evaluate", "--checkpoint", ckpt, "--data", grid, "--json", tmp_path / "e.json",
+                          "--mask-size", "32", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "warning: no masks for the defect type(s) scratch (1 image)" in err
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["image_auroc"] is not None and r["pixel_auroc"] is None and "scratch" in r["pixel_metrics_note"]
+    assert "pixel AUROC             n/a" in out and "no masks for the defect type(s) scratch" in out
+    code, out, err = run(["evaluate", "--checkpoint", ckpt, "--data", grid, "--require-pixel-metrics",
+                          "--no-progress"], capsys)
+    assert code == 2 and "cgdiff: error: pixel metrics were asked for, but no masks for the defect type(s) scratch" in err
+
+
+def test_evaluate_stops_on_an_empty_mask_or_leaves_it_out_and_says_so(trained, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+
+    data, ckpt = trained
+    copy = tmp_path / "gravel"
+    shutil.copytree(data, copy)
+    empty = copy / "ground_truth" / "color" / "000_mask.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(empty)
+    args = ["evaluate", "--checkpoint", ckpt, "--data", copy, "--mask-size", "32", "--no-progress"]
+    code, out, err = run(args, capsys)
+    assert code == 2 and "1 defect image(s) have an empty mask" in err and str(empty) in err
+    code, out, err = run([*args, "--skip-empty-masks", "--json", tmp_path / "e.json"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["pixel_excluded"] == [str(copy / "test" / "color" / "000.png")] and r["pixel_auroc"] is not None
+    assert "leaving out 1 defect image(s) with an empty mask" in out and "warning: 1 defect image(s)" in err
+
+
+def test_detect_names_every_bad_file_at_once_or_skips_them(trained, tmp_path, capsys):
+    import shutil
+
+    data, ckpt = trained
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(data / "test" / "good" / "000.png", folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")
+    (folder / "c.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    code, out, err = run(["detect", "--checkpoint", ckpt, folder, tmp_path / "absent.png", "--no-progress"], capsys)
+    assert code == 2 and "3 of 4 image(s) unreadable" in err
+    for name in ("b.png", "c.jpg", "absent.png"):
+        assert name in err, name
+    code, out, err = run(["detect", "--checkpoint", ckpt, folder, "--skip-unreadable", "--json", tmp_path / "d.json",
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    assert "warning: skipped 2 unreadable image(s)" in err
+    r = json.loads((tmp_path / "d.json").read_text())
+    assert [row["image"] for row in r["results"]] == [str(folder / "a.png")] and len(r["skipped_unreadable"]) == 2

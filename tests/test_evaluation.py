@@ -83,3 +83,102 @@ def test_a_test_set_without_both_classes_is_refused_before_any_work(tiny_detecto
     normal_only.test = []
     with pytest.raises(DatasetError, match="no test images"):
         evaluate(tiny_detector, normal_only)
+
+
+# --------------------------------------------------------------------------- masks as the files say
+
+import shutil  # noqa: E402
+
+from PIL import Image  # noqa: E402
+from scipy import ndimage  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_auc_score  # noqa: E402
+
+
+def _reference_aupro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
+    """AUPRO by a plain threshold sweep, independent of cgdiff.metrics."""
+    regions = []
+    for m, a in zip(masks, maps):
+        labels, n = ndimage.label(m, structure=np.ones((3, 3)))
+        regions += [a[labels == k] for k in range(1, n + 1)]
+    normal = maps[~masks]
+    fpr, pro = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        fpr.append(float(np.mean(normal >= t)))
+        pro.append(float(np.mean([np.mean(r >= t) for r in regions])))
+    fpr, pro = np.array(fpr), np.array(pro)
+    pro_at_limit = np.interp(limit, fpr, pro)
+    keep = fpr <= limit
+    x, y = np.append(fpr[keep], limit), np.append(pro[keep], pro_at_limit)
+    return float(np.trapezoid(y, x) / limit)
+
+
+def _copy(dataset, tmp_path):
+    root = tmp_path / dataset.root.name
+    shutil.copytree(dataset.root, root)
+    return root
+
+
+def _defect_samples(root):
+    return sorted(p for p in (root / "test").glob("*/*.png") if p.parent.name != "good")
+
+
+def test_pixel_metrics_read_masks_of_any_encoding_as_non_zero(tiny_detector, dataset, tmp_path):
+    root = _copy(dataset, tmp_path)
+    files = sorted((root / "ground_truth").glob("*/*_mask.png"))
+    truth = {f: np.asarray(Image.open(f)) > 127 for f in files}
+    Image.fromarray(truth[files[0]].astype(np.uint8) * 100).save(files[0])  # grey level 100 (MVTec LOCO)
+    Image.fromarray(truth[files[1]].astype(np.uint16)).save(files[1])  # 16-bit, value 1
+    Image.fromarray(truth[files[2]]).save(files[2])  # mode 1
+    ds = load_dataset(root)
+    r = evaluate(tiny_detector, ds, mask_size=48)
+    assert r["pixel_metrics_note"] is None and r["pixel_excluded"] == []
+    # the same maps against the masks read independently (non-zero = defect), scikit-learn's metrics
+    recs = reconstruct_dataset(tiny_detector, ds, mask_size=48)
+    maps = resize_maps(score_reconstructions(tiny_detector, recs).maps, 48)
+    masks = np.zeros(maps.shape, bool)
+    for i, s in enumerate(ds.test):
+        if s.label:
+            m = Image.fromarray(truth[s.mask_path].astype(np.uint8)).resize((48, 48), Image.Resampling.NEAREST)
+            masks[i] = np.asarray(m) > 0
+    assert np.array_equal(recs.masks, masks)
+    precision, recall, _ = precision_recall_curve(masks.ravel(), maps.ravel())
+    f1 = np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+    assert r["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9)
+    assert r["pixel_f1_max"] == pytest.approx(f1, abs=1e-9)
+    assert r["aupro"] == pytest.approx(_reference_aupro(masks, maps), abs=1e-6)
+
+
+def test_an_empty_mask_stops_the_evaluation_or_is_left_out_of_the_pixel_metrics(tiny_detector, dataset, tmp_path,
+                                                                                 monkeypatch):
+    root = _copy(dataset, tmp_path)
+    empty = sorted((root / "ground_truth").glob("*/*_mask.png"))[1]
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(empty)
+    ds = load_dataset(root)
+    with monkeypatch.context() as m:
+        m.setattr(tiny_detector, "reconstruct", lambda *a, **k: pytest.fail("should stop before reconstructing"))
+        with pytest.raises(DatasetError, match=f"1 defect image.*empty mask.*{empty.name}.*--skip-empty-masks"):
+            evaluate(tiny_detector, ds, mask_size=32)
+    r = evaluate(tiny_detector, ds, mask_size=32, empty_masks="skip")
+    left_out = [s.path for s in ds.test if s.mask_path == empty]
+    assert r["pixel_excluded"] == [str(p) for p in left_out] and "left out of the pixel metrics" in r["pixel_metrics_note"]
+    # pixel metrics over the other images only; image metrics over all of them
+    recs = reconstruct_dataset(tiny_detector, ds, mask_size=32, empty_masks="skip")
+    maps = resize_maps(score_reconstructions(tiny_detector, recs).maps, 32)
+    keep = np.array([p not in left_out for p in recs.paths])
+    assert r["pixel_auroc"] == pytest.approx(roc_auc_score(recs.masks[keep].ravel(), maps[keep].ravel()))
+    assert r["aupro"] == pytest.approx(_reference_aupro(recs.masks[keep], maps[keep]), abs=1e-6)
+    assert r["n_images"] == len(ds.test) and r["image_auroc"] == pytest.approx(
+        roc_auc_score(recs.labels, [s["score"] for s in r["per_image"]]))
+
+
+def test_a_defect_type_without_masks_gives_image_metrics_and_the_reason(tiny_detector, dataset, tmp_path, monkeypatch):
+    root = _copy(dataset, tmp_path)
+    kind = sorted(p.name for p in (root / "ground_truth").iterdir())[0]
+    shutil.rmtree(root / "ground_truth" / kind)
+    ds = load_dataset(root)
+    r = evaluate(tiny_detector, ds, mask_size=32)
+    assert r["image_auroc"] is not None and r["pixel_auroc"] is None and r["aupro"] is None
+    assert f"no masks for the defect type(s) {kind}" in r["pixel_metrics_note"]
+    monkeypatch.setattr(tiny_detector, "reconstruct", lambda *a, **k: pytest.fail("should stop before reconstructing"))
+    with pytest.raises(DatasetError, match=f"pixel metrics were asked for, but no masks for the defect type.*{kind}"):
+        evaluate(tiny_detector, ds, require_pixel_metrics=True)

@@ -204,15 +204,19 @@ def test_evaluate_keys_and_ranges():
     assert out["aupro"] == pytest.approx(aupro(masks, maps))
 
 
-def test_evaluate_skips_pixel_metrics_without_defect_pixels():
+def test_evaluate_refuses_anomalous_images_with_empty_masks():
     masks = np.zeros((4, 8, 8), bool)
     maps = np.random.default_rng(0).random((4, 8, 8))
-    # image-level anomalies without any defect pixel (e.g. masks not available)
-    out = evaluate([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], masks, maps)
+    # anomalous images without any defect pixel would silently count as all-normal pixels
+    with pytest.raises(ValueError, match=r"images \[2, 3\] are labelled anomalous but their masks are empty"):
+        evaluate([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], masks, maps)
+    masks[2, 1:3, 1:3] = True
+    with pytest.raises(ValueError, match=r"images \[3\] are labelled anomalous"):
+        evaluate([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], masks, maps)
+    # without masks (not available): image metrics only
+    out = evaluate([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
     assert out["image_auroc"] == 1.0
     assert out["pixel_auroc"] is None and out["aupro"] is None and out["pixel_f1_max"] is None
-    out = evaluate([0, 1], [0.1, 0.2])
-    assert out["pixel_auroc"] is None
 
 
 @pytest.mark.parametrize(
