@@ -21,7 +21,6 @@ import os
 import shlex
 import shutil
 import sys
-import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -121,18 +120,10 @@ def _add_setting_flags(group, defaults: Optional[dict] = None, seed: bool = True
         group.add_argument(flag, dest=dest, type=parse, default=None, metavar=metavar, help=help_text)
 
 
-RUNTIME_CHOICES = ("auto", "reference", "onnxruntime", "openvino", "openvino-bf16")
-
-
-def _add_common(p, device: bool = True, runtime: bool = False) -> None:
+def _add_common(p, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default="auto",
                        help="'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps'")
-    if runtime:
-        p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
-                       help="how the U-Net runs on a CPU: 'auto' the default runtime (ONNX Runtime where "
-                       "installed, exported once per checkpoint into ~/.cache/cgdiff), 'reference' plain fp32 "
-                       "PyTorch, or a runtime by name (see BENCHMARKS.md) (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -230,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "only with the checkpoint's own settings")
     g = p.add_argument_group("overrides of the checkpoint's settings")
     _add_setting_flags(g)
-    _add_common(p, runtime=True)
+    _add_common(p)
 
     # ---------------------------------------------------------------- detect
     p = sub.add_parser(
@@ -252,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g = p.add_argument_group("overrides of the checkpoint's settings")
     _add_setting_flags(g)
-    _add_common(p, runtime=True)
+    _add_common(p)
 
     # ---------------------------------------------------------------- build-textures
     p = sub.add_parser(
@@ -335,8 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "be a root of categories (MVTec AD, DTD-Synthetic) with CKPT a folder of checkpoints named "
                    "like the categories")
     p.add_argument("--textures", metavar="DIR", help="(quality) the scikit-image texture set in DIR (built there "
-                   "if missing), each texture with the bundled checkpoint of its name; (speed) their test images "
-                   "are also compared across the CPU fast-path variants")
+                   "if missing), each texture with the bundled checkpoint of its name")
     p.add_argument("--methods", nargs="+", choices=list(QUALITY_METHODS), default=list(QUALITY_METHODS),
                    metavar="NAME", help=f"(quality) rows to run: {' '.join(QUALITY_METHODS)}")
     p.add_argument("--coreset-ratio", type=positive_float, default=1.0, metavar="X",
@@ -352,9 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(speed) image sizes of the sweep (default: 64 128 256)")
     p.add_argument("--repeats", type=positive_int, default=2, metavar="N", help="(speed) timed runs per measurement")
     p.add_argument("--no-paper-scale", action="store_true", help="(speed) skip DDAD's U-Net at 256 px")
-    p.add_argument("--no-sweeps", action="store_true", help="(speed) skip the batch and image size sweeps")
-    p.add_argument("--no-fast-path", action="store_true",
-                   help="(speed) skip the fast-path variants (CPU: bf16, channels_last, compile, the runtimes)")
     p.add_argument("--gpu-batch-size", type=positive_int, default=32, metavar="N",
                    help="(speed) batch of the GPU fast-path comparison at paper scale")
     p.add_argument("--compile-mode", default=None, metavar="MODE",
@@ -472,15 +459,7 @@ def _load_detector(args: argparse.Namespace):
     detector = Detector.from_pretrained(args.checkpoint, device=device)
     if detector.calibration is None:
         raise ValueError(f"checkpoint '{args.checkpoint}' is not calibrated (no threshold); retrain or calibrate it.")
-    runtime = getattr(args, "runtime", "reference")
-    if runtime != "reference":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RuntimeWarning)
-            detector.use_fast_path(runtime=runtime)
-        for w in caught:
-            _info(f"warning: {w.message}")
-    path = detector.fast_path()["runtime"] or "PyTorch fp32 (reference)"
-    _info(f"detector: {detector.describe()}; device {detector.device}; U-Net on {path}")
+    _info(f"detector: {detector.describe()}; device {detector.device}")
     return detector
 
 
@@ -974,14 +953,9 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         results["quality"] = quality
         sections.append("## Quality\n\n" + bench.render_quality(quality) + "".join(f"\n\n{n}" for n in notes))
     if args.speed:
-        agreement = {}
-        if args.textures:  # each bundled checkpoint's test split, for the CPU variants' verdicts
-            for ckpt, data in bench.texture_pairs(args.textures)[0]:
-                agreement[ckpt] = sorted(str(p) for p in (Path(data) / "test").rglob("*.png"))
         speed = bench.run_speed(checkpoints, device, args.batch_sizes, args.image_sizes, args.repeats,
                                 paper_scale=not args.no_paper_scale, gpu_batch_size=args.gpu_batch_size,
-                                compile_mode=args.compile_mode, agreement=agreement, sweeps=not args.no_sweeps,
-                                fast_path=False if args.no_fast_path else None, log=_info)
+                                compile_mode=args.compile_mode, log=_info)
         results["speed"] = speed
         sections.append("## Speed\n\n" + bench.render_speed(speed))
     results["machine"] = m = machine
@@ -1028,10 +1002,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        if args.command != "bench":  # bench measures the allocator before and after itself
-            from .runtime import keep_freed_memory
-
-            keep_freed_memory()
         return COMMANDS[args.command](args, argv)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
