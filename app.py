@@ -26,6 +26,7 @@ import argparse
 import csv
 import html
 import io
+import json
 import math
 import os
 import tempfile
@@ -43,13 +44,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cgdiff import __version__
+from cgdiff import __version__, teaching
 from cgdiff.detector import Detection, Detector
 from cgdiff.hub import CheckpointError
 from cgdiff.images import ImageError, load_image
 from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoints, registry_problems
 from cgdiff.scorer import BackboneUnavailable
-from cgdiff.viz import heatmap, mask_image, overlay
+from cgdiff.viz import compare_masks, heatmap, mask_image, overlay
 
 # ------------------------------------------------------------------------------ settings
 
@@ -181,7 +182,14 @@ def model_info(name: str, detector: Detector) -> str:
     entry = next((e for e in known_checkpoints() if e.name == name), None)
     training = detector.info.get("training", {})
     metrics = detector.info.get("metrics", {})
-    lines = [f"**{esc(name)}**" + (f": {esc(entry.description)}" if entry and entry.description else "")]
+    description = entry.description if entry else ""
+    if description.lower().startswith(f"{name.lower()}:"):  # registry lines often start with the name
+        description = description[len(name) + 1:].strip()
+    lines = [f"**{esc(name)}**" + (f": {esc(description)}" if description else "")]
+    texture = teaching.known_texture(detector.info)
+    if texture:
+        lines.append(f"Knows **{esc(texture)}** texture: it judges {esc(texture)} images only (it learned normal "
+                     f"{esc(texture)} images and nothing else).")
     lines.append(f"{esc(detector.describe())}.")
     cal = detector.calibration
     lines.append(f"Threshold {cal.threshold:.4g}, calibrated on {cal.n_images} normal images.")
@@ -195,23 +203,44 @@ def model_info(name: str, detector: Detector) -> str:
     return "  \n".join(lines)
 
 
+def entry_texture(entry) -> Optional[str]:
+    """The texture a registry entry's model knows (bundled ones: from their cgdiff.json)."""
+    if entry is None or entry.path is None:
+        return None
+    try:
+        return teaching.known_texture(json.loads((entry.path / "cgdiff.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def model_choices() -> list[tuple[str, str]]:
-    return [(f"{e.name} ({'bundled' if e.bundled else 'Hub: ' + str(e.repo_id)})", e.name) for e in known_checkpoints()]
+    choices = []
+    for e in known_checkpoints():
+        texture = entry_texture(e)
+        where = "bundled" if e.bundled else "Hub: " + str(e.repo_id)
+        choices.append((f"{e.name}: knows {texture} texture ({where})" if texture else f"{e.name} ({where})", e.name))
+    return choices
 
 
-def example_rows() -> tuple[list[list[str]], list[str]]:
-    """[image path, model name] for every example of every bundled model, with labels."""
-    rows, labels = [], []
+def example_groups() -> list[tuple[Any, list[tuple[str, str]]]]:
+    """(registry entry, [(image path, caption)]) for every bundled model with examples."""
+    groups = []
     for entry in known_checkpoints():
         paths = entry.examples()
         kinds = [p.stem.rsplit("_", 1)[0] for p in paths]  # normal_000 -> normal, defect_scratch_000 -> defect_scratch
         seen: dict[str, int] = {}
+        items = []
         for path, kind in zip(paths, kinds):
             seen[kind] = seen.get(kind, 0) + 1
             number = f" {seen[kind]}" if kinds.count(kind) > 1 else ""
-            rows.append([str(path), entry.name])
-            labels.append(f"{entry.name}: {kind.replace('_', ' ')}{number}")
-    return rows, labels
+            items.append((str(path), f"{kind.replace('_', ' ')}{number}"))
+        if items:
+            groups.append((entry, items))
+    return groups
+
+
+def all_examples() -> list[Path]:
+    return [p for e in known_checkpoints() for p in e.examples()]
 
 
 # ------------------------------------------------------------------------------- inputs
@@ -288,16 +317,21 @@ VERDICT_STYLE = {
     "anomalous": ("#b42318", "#fef3f2", "ANOMALOUS: defect found"),
     "normal": ("#067647", "#ecfdf3", "NORMAL: no defect found"),
     "error": ("#93370d", "#fffaeb", "Cannot inspect this input"),
+    "unfamiliar": ("#6941c6", "#f9f5ff", "UNLIKE THE IMAGES THIS MODEL KNOWS"),
     "idle": ("#344054", "#f9fafb", "No result yet"),
+    "running": ("#d0d5dd", "#ffffff", ""),
 }
 
 
-def verdict_html(kind: str, detail: str = "") -> str:
+def verdict_html(kind: str, detail: str = "", model: str = "") -> str:
+    """The verdict box. `model` names the model that made the result (shown in the title)."""
     fg, bg, title = VERDICT_STYLE[kind]
+    by = f'<span class="cgdiff-by" style="font-size:0.6em;font-weight:600;color:#475467;"> model {esc(model)}</span>' \
+        if model else ""
     return (
-        f'<div class="cgdiff-verdict" data-verdict="{kind}" style="border:2px solid {fg};background:{bg};'
-        f'color:{fg};border-radius:10px;padding:12px 16px;">'
-        f'<div style="font-size:1.45em;font-weight:700;">{esc(title)}</div>'
+        f'<div class="cgdiff-verdict" data-verdict="{kind}" data-model="{html.escape(model)}" '
+        f'style="border:2px solid {fg};background:{bg};color:{fg};border-radius:10px;padding:12px 16px;min-height:96px;">'
+        f'<div class="cgdiff-title" style="font-size:1.45em;font-weight:700;">{esc(title)}{by}</div>'
         f'<div style="margin-top:4px;color:#101828;">{detail}</div></div>'
     )
 
@@ -318,14 +352,35 @@ def describe_result(result: Detection, threshold_scale: float, seconds_total: fl
     return "<br>".join(parts)
 
 
-def pictures(result: Detection) -> list[np.ndarray]:
+def pictures(result: Detection, frame: int = 0) -> list[np.ndarray]:
+    """Input, reconstruction, heat map, overlay, mask; `frame` > 0 borders the mask (for the page)."""
     return [
         result.image,
         result.reconstruction,
         heatmap(result.anomaly_map, result.threshold),
         overlay(result.image, result.anomaly_map, result.threshold),
-        mask_image(result.mask),
+        mask_image(result.mask, frame=frame),
     ]
+
+
+def colorbar_html(threshold: float) -> str:
+    """The heat map's colour scale (fixed: 0 .. 2 x threshold) with the threshold marked."""
+    values = np.linspace(0, 2 * threshold, 17)[None]
+    colours = heatmap(values, threshold)[0]
+    stops = ", ".join(f"rgb({r},{g},{b}) {100 * i / 16:.1f}%" for i, (r, g, b) in enumerate(colours))
+    return (
+        '<div class="cgdiff-colorbar" style="font-size:0.85em;color:#344054;margin:2px 4px 0;">'
+        f'<div style="position:relative;height:14px;border:1px solid #98a2b3;border-radius:3px;'
+        f'background:linear-gradient(to right, {stops});">'
+        '<div class="cgdiff-threshold-mark" style="position:absolute;left:50%;top:-4px;bottom:-4px;width:2px;'
+        'margin-left:-1px;background:#12b76a;"></div></div>'
+        '<div style="position:relative;height:1.4em;">'
+        '<span style="position:absolute;left:0;">0</span>'
+        f'<span style="position:absolute;left:50%;transform:translateX(-50%);font-weight:600;color:#067647;">'
+        f'threshold {threshold:.3g}</span>'
+        f'<span style="position:absolute;right:0;">&ge; {2 * threshold:.3g}</span></div>'
+        '<div>Heat-map colours: the same scale in every image; above the green mark is above the threshold.</div></div>'
+    )
 
 
 def result_details(name: str, result: Detection, overrides: dict[str, Any], threshold_scale: float,
@@ -421,10 +476,38 @@ def note_for(defaults: dict, t0, steps, w, guidance_scale, blur_sigma, eta, pixe
     return calibration_note(defaults or {}, overrides)
 
 
+SECONDS_PER_CALL: dict[str, float] = {}  # model -> measured seconds per denoiser call (for cost estimates)
+NO_TRUTH = [gr.update(visible=False), None, None, None, ""]
+
+
+def truth_outputs(image: Any, result: Detection) -> list[Any]:
+    """Ground truth of a bundled example beside the prediction: the clean tile, the true mask and
+    a hit / miss picture (hidden for other images)."""
+    truth = teaching.example_truth(image, all_examples())
+    if truth is None or truth.mask is None:
+        return list(NO_TRUTH)
+    size = result.mask.shape[0]
+    true_mask = teaching.resize_mask(truth.mask, size)
+    clean = None
+    if truth.clean is not None:
+        clean = np.asarray(Image.fromarray(truth.clean).resize((size, size), Image.Resampling.BICUBIC))
+    hit = int((result.mask & true_mask).sum())
+    missed, false_alarm = int((true_mask & ~result.mask).sum()), int((result.mask & ~true_mask).sum())
+    caption = (f"Bundled example **{esc(truth.example.parent.parent.name)}/{esc(truth.example.name)}**: "
+               + (f"{100 * hit / max(1, true_mask.sum()):.0f}% of the true defect found (green), "
+                  f"{missed} pixels missed (red), {false_alarm} normal pixels flagged (yellow)."
+                  if true_mask.any() else
+                  f"a normal tile (no defect); {false_alarm} pixels flagged (yellow)."))
+    return [gr.update(visible=True), clean, mask_image(true_mask, frame=2),
+            compare_masks(result.mask, true_mask, frame=2), caption]
+
+
 def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
             progress=gr.Progress()):
-    """Inspect one image; returns the verdict, five pictures and the details."""
+    """Inspect one image; returns the verdict, five pictures, the details, the colour bar and the
+    ground truth of a bundled example (its row, clean tile, true mask, hit/miss picture, caption)."""
     started = time.perf_counter()
+    model = (model or "").strip()
     blank = [None] * 5
     try:
         picture = read_upload(image)
@@ -437,12 +520,97 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     except LOAD_ERRORS as e:  # ImageError, CheckpointError and bad settings are all ValueErrors
         message = str(e)
         gr.Warning(message, duration=12)
-        return [verdict_html("error", esc(message)), *blank, {"verdict": "error", "error": message}]
+        return [verdict_html("error", esc(message), model), *blank, {"verdict": "error", "error": message, "model": model},
+                "", *NO_TRUTH]
     seconds_total = time.perf_counter() - started
+    SECONDS_PER_CALL[model] = result.seconds / max(1, sampler.model_calls())
     note = calibration_note(model_defaults(model, detector), overrides)
     detail = describe_result(result, scale, seconds_total, sampler.steps)
-    details = result_details(model.strip(), result, overrides, scale, seconds_total, note)
-    return [verdict_html(result.verdict, detail), *pictures(result), details]
+    details = result_details(model, result, overrides, scale, seconds_total, note)
+    familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
+    details["unfamiliar"] = familiar.unfamiliar
+    details["map_fraction_above_normal_level"] = round(familiar.fraction, 4)
+    kind = result.verdict
+    if familiar.unfamiliar:
+        kind = "unfamiliar"
+        texture = teaching.known_texture(detector.info)
+        knows = f"{texture} texture" if texture else "the texture it was trained on"
+        detail = (f"The model '{esc(model)}' knows <b>{esc(knows)}</b> only. {esc(familiar.describe(texture))} "
+                  "Try one of its examples, or the model of this image's texture.<br>" + detail)
+    return [verdict_html(kind, detail, model), *pictures(result, frame=2), details, colorbar_html(result.threshold),
+            *truth_outputs(image, result)]
+
+
+def clear_result(model: str, message: str = "Inspecting with model {model}...", kind: str = "running"):
+    return [verdict_html(kind, esc(message.format(model=(model or "").strip())) if kind != "running" else ""),
+            *[None] * 5, None, "", *NO_TRUTH]
+
+
+def model_changed(model: str):
+    """A new model: results of the old one are cleared (and its pending runs cancelled)."""
+    return clear_result(model, "Model changed to {model}: press Inspect to inspect the image with it.", "idle")
+
+
+def teaching_cost(model: str, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed) -> str:
+    """What the step-by-step view will run, said before it runs."""
+    try:
+        detector = MODELS.get(model)
+        overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
+        cost = teaching.ablation_cost(detector, **overrides)
+    except LOAD_ERRORS as e:
+        return f"Cannot estimate the cost: {esc(str(e))}"
+    line = (f"**Cost:** {cost['reconstructions']} reconstructions of the image, {cost['model_calls']} denoiser calls "
+            f"(one inspection at these settings makes {cost['full_model_calls']})")
+    per_call = SECONDS_PER_CALL.get((model or "").strip())
+    if per_call:
+        line += f", about {max(1, round(cost['model_calls'] * per_call * 1.3))} s here (from the last inspection's speed)."
+    else:
+        line += f", about {cost['model_calls'] / max(1, cost['full_model_calls']):.0f} times one inspection."
+    return line
+
+
+def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
+          progress=gr.Progress()):
+    """The step-by-step view: the trajectory (three strips) and the four variants (title,
+    reconstruction, heat map and one line each), with a status line."""
+    model = (model or "").strip()
+    try:
+        picture = read_upload(image)
+        detector = MODELS.get(model)
+        overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
+        threshold = _threshold_scale(threshold_scale) * detector.threshold
+        cost = teaching.ablation_cost(detector, **overrides)
+        total, done = cost["model_calls"], [0]
+
+        def report(i: int, n: int, offset: int = 0) -> None:
+            progress((min(total, offset + i), total), desc="Reconstructing", unit="model calls")
+
+        sampler, _ = detector.settings(**overrides)
+        per_step = sampler.model_calls() / max(1, sampler.steps)
+        traj = teaching.trajectory(detector, picture, threshold=threshold,
+                                   progress=lambda i, n: report(round(i * per_step), n), **overrides)
+        variants = teaching.ablations(detector, picture, threshold=threshold, full=traj.detection,
+                                      progress=lambda i, n: report(i, n, cost["full_model_calls"]), **overrides)
+    except LOAD_ERRORS as e:
+        message = str(e)
+        gr.Warning(message, duration=12)
+        return [f"**Cannot run:** {esc(message)}", [], [], gr.update(value=[], visible=False)] + ["", None, None] * 4
+    last = len(traj.steps) - 1
+    noisy = [(s.x_t, f"x_t at t = {s.t}" + (" (start)" if i == 0 else "")) for i, s in enumerate(traj.steps)]
+    noisy.append((traj.detection.reconstruction, "result (t = 0)"))
+    estimates = [(s.x0, f"estimate at t = {s.t}") for s in traj.steps]
+    blurred = [(s.x0_blurred, f"blurred, t = {s.t}") for s in traj.steps if s.x0_blurred is not None]
+    start = ("pure noise (t0 >= 1000)" if traj.sampler.t0 >= 1000 else f"the input noised to t0 = {traj.sampler.t0}")
+    status = (f"Model **{esc(model)}**: {len(traj.steps)} steps from {start} down to 0 "
+              f"(w = {traj.sampler.w:g}, s = {traj.sampler.guidance_scale:g}); the last estimate "
+              f"(t = {traj.steps[last].t}) is the reconstruction."
+              + ("" if blurred else " Blur guidance is off at these settings (s = 0), so there is no blurred "
+                 "estimate; set s above 0 in the method settings to see it."))
+    out: list[Any] = [status, noisy, estimates, gr.update(value=blurred, visible=bool(blurred))]
+    for v in variants:
+        out += [f"**{esc(v.title)}** ({v.model_calls} denoiser calls): {esc(v.line)}",
+                v.detection.reconstruction, heatmap(v.detection.anomaly_map, v.detection.threshold)]
+    return out
 
 
 def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
@@ -510,7 +678,8 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
     n_anomalous = sum(1 for r in results if r.is_anomalous)
     status = f"{len(results)} images inspected: {n_anomalous} anomalous, {len(results) - n_anomalous} normal."
     if n_bad:
-        status += f" {n_bad} file(s) could not be read (see the message column)."
+        status += f" {n_bad} file(s) could not be read: " + "; ".join(
+            f"**{esc(r[0])}**: {esc(r[7])}" for r in rows if r[1] == "error")
     return [rows, gallery, str(archive), status]
 
 
@@ -544,6 +713,16 @@ Pick a model and an example (or upload your own image) and press **Inspect**.
 CSS = """
 /* Results are small (the model's working size): fill the frame instead of showing a thumbnail. */
 .cgdiff-pic img { width: 100%; height: 100%; object-fit: contain; }
+/* Picture labels wrap instead of being cut off. */
+.cgdiff-pic label, .cgdiff-pic [data-testid="block-label"] { white-space: normal; max-width: calc(100% - 80px);
+  overflow: visible; height: auto; line-height: 1.2; }
+.cgdiff-pic [data-testid="block-label"] span, .cgdiff-pic label span { white-space: normal; overflow: visible;
+  text-overflow: clip; }
+/* The verdict in fonts that have every letter in bold. */
+.cgdiff-title { font-family: "DejaVu Sans", "Liberation Sans", Arial, Helvetica, sans-serif; }
+/* Batch table: words stay whole. */
+#batch-table td, #batch-table th, #batch-table td *, #batch-table th * { word-break: normal !important;
+  overflow-wrap: normal !important; hyphens: none; }
 """
 
 
@@ -571,7 +750,7 @@ def build_demo() -> gr.Blocks:
                   + ". Type a Hub repo id or a checkpoint folder in the model box.")
     d = defaults or {"t0": 250, "steps": 10, "w": 3.0, "guidance_scale": 0.5, "blur_sigma": 1.0, "eta": 0.0,
                      "pixel_weight": 1.0, "seed": 0, "threshold": float("nan")}
-    rows, labels = example_rows()
+    groups = example_groups()
 
     # Uploads and result pictures in Gradio's cache are deleted once older than cache_minutes,
     # so a public app's disk does not fill up.
@@ -626,22 +805,64 @@ def build_demo() -> gr.Blocks:
                         image = upload_image(sources=["upload", "clipboard", "webcam"],
                                             label="Image to inspect", height=320, elem_id="input-image")
                         run = gr.Button("Inspect", variant="primary", elem_id="run")
-                        if rows:
-                            gr.Examples(rows, inputs=[image, model], example_labels=labels, cache_examples=False,
-                                        label="Examples (generated defects; clicking one also picks its model)",
-                                        examples_per_page=12)
+                        example_galleries = []
+                        if groups:
+                            gr.Markdown("**Examples** (generated defects and normal tiles; clicking one also picks "
+                                        "its model)", elem_id="examples-title")
+                        for entry, items in groups:
+                            texture = entry_texture(entry)
+                            example_galleries.append((entry.name, items, gr.Gallery(
+                                value=[(path, caption) for path, caption in items],
+                                label=f"{entry.name} model" + (f": {texture} texture" if texture else ""),
+                                columns=3, height=360, allow_preview=False, object_fit="cover", format="png",
+                                fit_columns=False,
+                                elem_id=f"examples-{entry.name}", elem_classes=["cgdiff-examples"],
+                                buttons=[], interactive=False)))
                     with gr.Column(scale=3, min_width=360):
                         verdict = gr.HTML(verdict_html("idle", "Upload an image or click an example, then press Inspect."),
                                           elem_id="verdict")
                         with gr.Row():
-                            seen = gr.Image(label="Input (as the model sees it)", **PIC)
-                            recon = gr.Image(label="Reconstruction", **PIC)
-                            heat = gr.Image(label="Heat map (mid-scale = threshold)", **PIC)
+                            seen = gr.Image(label="Input (as the model sees it)", elem_id="pic-input", **PIC)
+                            recon = gr.Image(label="Reconstruction", elem_id="pic-recon", **PIC)
+                            heat = gr.Image(label="Heat map (mid-scale = threshold)", elem_id="pic-heat", **PIC)
+                        colorbar = gr.HTML("", elem_id="colorbar")
                         with gr.Row():
-                            over = gr.Image(label="Overlay (outline: predicted defect)", **PIC)
-                            mask = gr.Image(label="Predicted defect mask", **PIC)
+                            over = gr.Image(label="Overlay (outline: predicted defect)", elem_id="pic-overlay", **PIC)
+                            mask = gr.Image(label="Predicted defect mask (framed)", elem_id="pic-mask", **PIC)
+                        with gr.Column(visible=False, elem_id="truth") as truth_row:
+                            truth_md = gr.Markdown("", elem_id="truth-caption")
+                            with gr.Row():
+                                clean = gr.Image(label="Clean original (before the defect)", elem_id="pic-clean", **PIC)
+                                truth = gr.Image(label="Ground-truth mask", elem_id="pic-truth", **PIC)
+                                hitmiss = gr.Image(label="Prediction vs truth: hit, missed, false alarm", elem_id="pic-hitmiss", **PIC)
                         with gr.Accordion("Details", open=False):
                             details = gr.JSON(label="Result", elem_id="details")
+
+            with gr.Tab("Step by step", id="teach", elem_id="teach-tab"):
+                gr.Markdown(
+                    "How the method rebuilds **the image in the Inspect tab** with **the model and settings above**. "
+                    "First the trajectory: the input noised to the start step t0 (partial diffusion), then at "
+                    "each step the noisy state x_t and the model's clean-image estimate (and, with blur guidance on, "
+                    "the blurred estimate it steers away from). Then the same image with each strategy switched off "
+                    "in turn, beside the full method: reconstruction and heat map (same colour scale) each.")
+                teach_cost = gr.Markdown(elem_id="teach-cost")
+                run_teach = gr.Button("Run step by step", variant="primary", elem_id="run-teach")
+                teach_status = gr.Markdown("", elem_id="teach-status")
+                strip = dict(columns=6, allow_preview=True, object_fit="contain", format="png", fit_columns=False,
+                             interactive=False, buttons=[])
+                noisy = gr.Gallery(label="Noisy state x_t, step by step (first: the partial-diffusion start)",
+                                   elem_id="teach-noisy", **strip)
+                estimates = gr.Gallery(label="Clean-image estimate at each step", elem_id="teach-x0", **strip)
+                blurred = gr.Gallery(label="Blurred estimate (what blur guidance steers away from)",
+                                     elem_id="teach-blurred", visible=False, **strip)
+                variant_outputs = []
+                for i in range(4):
+                    with gr.Row(elem_classes=["cgdiff-variant"]):
+                        line = gr.Markdown("", elem_id=f"variant-{i}-line")
+                        v_rec = gr.Image(label="Reconstruction", elem_id=f"variant-{i}-rec", **{**PIC, "height": 170})
+                        v_heat = gr.Image(label="Heat map (mid-scale = threshold)", elem_id=f"variant-{i}-heat",
+                                          **{**PIC, "height": 170})
+                    variant_outputs += [line, v_rec, v_heat]
 
             with gr.Tab("Batch", id="batch"):
                 gr.Markdown("Inspect several images at once with the model and settings above, and download "
@@ -657,30 +878,54 @@ def build_demo() -> gr.Blocks:
                             headers=BATCH_HEADERS,
                             datatype=["str", "str", "number", "number", "number", "number", "number", "str"],
                             label="Scores (x thr: score / threshold; area: predicted defect pixels)",
-                            interactive=False, wrap=True,
-                            column_widths=["18%", "10%", "8%", "9%", "7%", "7%", "6%", "35%"],
+                            interactive=False, wrap=False, max_height=900, elem_id="batch-table",
+                            column_widths=["17%", "12%", "8%", "9%", "7%", "7%", "8%", "32%"],
                         )
                         gallery = gr.Gallery(label="Overlays", columns=4, height=320, format="png",
                                              object_fit="contain")
 
         gr.Markdown(f"cgdiff {__version__}. The verdict compares the image score (maximum of the anomaly map) "
                     "with a threshold calibrated on normal images of the model's texture; colours in the heat "
-                    "map use a fixed scale, so they mean the same in every image.")
+                    "map use a fixed scale, so they mean the same in every image. An image unlike the model's "
+                    "normal images (more than half of its map above the level normal images reach only at their "
+                    "highest point) is said to be so instead of being called a defect.")
 
         # Events. Inference runs through one queue with the configured concurrency: extra
         # requests wait their turn instead of running at once. Choosing a model does not wait
-        # behind inference (the cache loads one model at a time).
-        model.change(select_model, [model, current, defaults_state],
-                     [model, *controls, note_md, info_md, status_md, current, defaults_state],
-                     api_name="select_model", concurrency_limit=None, concurrency_id="models")
+        # behind inference (the cache loads one model at a time). One progress bar per run, on
+        # the verdict box, which is emptied first so no old text shows under it.
+        result_outputs = [verdict, seen, recon, heat, over, mask, details, colorbar, truth_row, clean, truth, hitmiss,
+                          truth_md]
+        inspect_event = run.click(clear_result, model, result_outputs, queue=False, show_progress="hidden",
+                                  api_visibility="private").then(
+            inspect, [image, model, *controls], result_outputs, api_name="inspect", concurrency_id="inference",
+            show_progress_on=[verdict])
+        teach_outputs = [teach_status, noisy, estimates, blurred, *variant_outputs]
+        teach_event = run_teach.click(
+            teach, [image, model, *controls], teach_outputs, api_name="teach", concurrency_id="inference",
+            show_progress_on=[teach_status])
+        model_event = model.change(select_model, [model, current, defaults_state],
+                                   [model, *controls, note_md, info_md, status_md, current, defaults_state],
+                                   api_name="select_model", concurrency_limit=None, concurrency_id="models")
+        # A result always belongs to the model named above it: a model change clears it and
+        # cancels a run still going for the old model.
+        model.change(model_changed, model, result_outputs, show_progress="hidden", concurrency_limit=None,
+                     concurrency_id="models", cancels=[inspect_event, teach_event], api_visibility="private")
         reset.click(reset_controls, defaults_state, [*controls, note_md], api_name="reset", queue=False)
         for control in calibrated_controls:
             control.change(note_for, [defaults_state, *calibrated_controls], note_md, queue=False,
                            show_progress="hidden", api_visibility="private")
-        run.click(inspect, [image, model, *controls], [verdict, seen, recon, heat, over, mask, details],
-                  api_name="inspect", concurrency_id="inference")
+        cost_inputs = [model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed]
+        for trigger in [model_event.then, *(c.change for c in calibrated_controls), demo.load]:
+            trigger(teaching_cost, cost_inputs, teach_cost, queue=False, show_progress="hidden",
+                    api_visibility="private")
+        for name, items, example_gallery in example_galleries:
+            def pick(evt: gr.SelectData, name=name, items=items):
+                return items[evt.index][0], name
+            example_gallery.select(pick, None, [image, model], queue=False, show_progress="hidden",
+                                   api_visibility="private")
         run_batch.click(inspect_batch, [files, model, *controls], [table, gallery, archive, batch_status],
-                        api_name="batch", concurrency_id="inference")
+                        api_name="batch", concurrency_id="inference", show_progress_on=[batch_status])
         # API only: one image with the model's stored settings (no control values needed).
         api_button = gr.Button(visible=False)
         api_button.click(detect_api, [image, model], details, api_name="detect", concurrency_id="inference")

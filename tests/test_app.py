@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import sys
@@ -178,7 +179,7 @@ def test_progress_follows_the_denoising_steps(client, app_module):
         status = job.status()
         seen += [(p.index, p.length, p.desc) for p in status.progress_data or []]
         time.sleep(0.02)
-    assert job.result()[-1]["verdict"] in ("normal", "anomalous")
+    assert job.result()[6]["verdict"] in ("normal", "anomalous")
     assert seen, "no progress was reported"
     assert {length for _, length, _ in seen} == {6} and all(desc == "Denoising" for *_, desc in seen)
     indexes = [i for i, _, _ in seen]
@@ -359,7 +360,7 @@ def test_simultaneous_requests_wait_their_turn(client, app_module, monkeypatch):
                           *_controls(app_module, entry.name)[2:], api_name="/inspect") for _ in range(3)]
     jobs.append(client.submit(image, entry.name, api_name="/detect"))
     results = [job.result(timeout=120) for job in jobs]
-    assert all(r[-1]["verdict"] in ("normal", "anomalous") for r in results[:3])
+    assert all(r[6]["verdict"] in ("normal", "anomalous") for r in results[:3])
     assert results[3]["verdict"] in ("normal", "anomalous")
     assert peak[0] == 1, f"{peak[0]} inference requests ran at once"
 
@@ -444,3 +445,295 @@ def test_in_a_real_browser(server, bad_files, tmp_path):
         finally:
             browser.close()
     assert not errors, errors
+
+
+# ------------------------------------------------------------ teaching, strangers, page
+
+
+def test_teaching_endpoint_shows_the_trajectory_and_the_ablations(client, app_module):
+    from gradio_client import handle_file
+
+    entry = BUNDLED[0]
+    controls = _controls(app_module, entry.name)
+    controls[1], controls[3] = 2, 0.5  # K = 2 with blur guidance on
+    out = client.predict(handle_file(str(_examples(entry, "defect")[0])), entry.name, *controls, api_name="/teach")
+    status, noisy, estimates, blurred, variants = out[0], out[1], out[2], _value(out[3]), out[4:]
+    assert "2 steps" in status and entry.name in status
+    assert len(noisy) == 3 and len(estimates) == 2 and len(blurred) == 2  # start + steps + result
+    lines = variants[0::3]
+    assert [ln.split("**")[1] for ln in lines] == ["Full method", "Pure-noise start (t0 = 1000)",
+                                                     "No conditioning (w = 0)", "No blur guidance (s = 0)"]
+    assert all(variants[i] and variants[i + 1] for i in range(1, 12, 3))
+
+
+def _screenshot_dir(tmp_path_factory) -> Path:
+    """Where the browser tests keep their screenshots: $CGDIFF_SCREENSHOT_DIR, else a temp folder."""
+    folder = Path(os.environ.get("CGDIFF_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium chromium-driver)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    shots = _screenshot_dir(tmp_path_factory)
+    errors: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.shots = shots
+        yield page
+        browser.close()
+    assert not errors, errors
+
+
+def _open(page, server):
+    page.goto(server, wait_until="domcontentloaded")
+    page.wait_for_selector("#run", timeout=30_000)
+    page.wait_for_selector("#examples-" + BUNDLED[0].name + " img", timeout=30_000)
+
+
+def _shot(page, name: str) -> Path:
+    path = page.shots / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def _result(page):
+    box = page.locator(".cgdiff-verdict[data-verdict='anomalous'], .cgdiff-verdict[data-verdict='normal'], "
+                       ".cgdiff-verdict[data-verdict='unfamiliar'], .cgdiff-verdict[data-verdict='error']")
+    box.wait_for(timeout=90_000)
+    page.wait_for_timeout(400)
+    return box
+
+
+def _click_example(page, model: str, index: int) -> None:
+    page.locator(f"#examples-{model} img").nth(index).click()
+    page.wait_for_function(f"document.querySelector('#model input').value.startsWith('{model}')", timeout=15_000)
+    page.wait_for_selector("#input-image img", timeout=15_000)
+    page.wait_for_timeout(600)
+
+
+def _picture(page, selector: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(page.locator(selector).screenshot())).convert("RGB")).astype(int)
+
+
+@pytest.mark.browser
+def test_browser_examples_grouped_by_model_and_the_texture_each_knows(page, server):
+    _open(page, server)
+    for entry in BUNDLED:
+        gallery = page.locator(f"#examples-{entry.name}")
+        assert entry.name in gallery.inner_text()  # the group's label names the model and its texture
+        thumbs = gallery.locator("img")
+        assert thumbs.count() == len(entry.examples())
+        for i in range(thumbs.count()):  # every thumbnail is shown: no paging, nothing scrolled away
+            box, frame = thumbs.nth(i).bounding_box(), gallery.bounding_box()
+            assert box and box["width"] > 40 and frame["y"] <= box["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"] + 1
+    assert page.get_by_text("Pages:").count() == 0
+    info = page.locator("#model-info").inner_text()
+    name = BUNDLED[0].name
+    assert f"{name}: {name}:" not in info and info.count(f"{name}:") <= 1
+    assert f"Knows {name} texture" in info
+    assert f"knows {name} texture" in page.locator("#model input").input_value()
+    _shot(page, "examples_and_model_box")
+    if len(BUNDLED) > 1:
+        _click_example(page, BUNDLED[1].name, 0)
+        assert f"Knows {BUNDLED[1].name} texture" in page.locator("#model-info").inner_text()
+
+
+@pytest.mark.browser
+def test_browser_one_progress_bar_and_no_stale_text_while_running(page, server):
+    _open(page, server)
+    entry = BUNDLED[-1]  # the slowest bundled model
+    _click_example(page, entry.name, 0)
+    page.click("#run")
+    counted = []
+    for _ in range(200):
+        state = page.evaluate("""() => {
+            const visible = e => e.offsetParent !== null && e.getBoundingClientRect().height > 0;
+            const bars = [...document.querySelectorAll('*')].filter(e => e.children.length === 0 && visible(e)
+                && /^processing/.test((e.textContent || '').trim()));
+            const v = document.querySelector('.cgdiff-verdict');
+            return [bars.length, v ? v.dataset.verdict : '', v ? v.innerText : ''];
+        }""")
+        if state[1] in ("anomalous", "normal", "unfamiliar"):
+            break
+        if state[0]:
+            counted.append(state)
+        page.wait_for_timeout(25)
+    assert counted, "no progress was seen during the run"
+    assert max(c[0] for c in counted) == 1, f"{max(c[0] for c in counted)} progress bars at once"
+    assert not any("No result yet" in c[2] for c in counted), "stale text under the progress bar"
+    _result(page)
+
+
+@pytest.mark.browser
+def test_browser_result_shows_colour_bar_labels_and_ground_truth(page, server):
+    _open(page, server)
+    entry = BUNDLED[0]
+    _click_example(page, entry.name, 0)  # a defect example
+    page.click("#run")
+    verdict = _result(page)
+    assert verdict.get_attribute("data-model") == entry.name and f"model {entry.name}" in verdict.inner_text()
+    bar = page.locator(".cgdiff-colorbar")
+    assert "threshold" in bar.inner_text()
+    mark, frame = page.locator(".cgdiff-threshold-mark").bounding_box(), bar.bounding_box()
+    assert abs(mark["x"] + mark["width"] / 2 - (frame["x"] + frame["width"] / 2)) < frame["width"] * 0.05
+    # Labels are whole: nothing is cut off.
+    for label in ("Input (as the model sees it)", "Heat map (mid-scale = threshold)"):
+        el = page.locator("[data-testid='block-label']", has_text=label).first
+        assert el.inner_text().strip() == label
+        assert page.evaluate("e => e.scrollWidth <= e.clientWidth + 1 && [...e.querySelectorAll('*')].every("
+                             "c => c.scrollWidth <= c.clientWidth + 1)", el.element_handle())
+    # The ground truth beside the prediction.
+    truth = page.locator("#truth")
+    assert truth.is_visible() and "true defect found" in page.locator("#truth-caption").inner_text()
+    hitmiss = _picture(page, "#pic-hitmiss img")
+    green = (hitmiss[..., 1] > 150) & (hitmiss[..., 0] < 80)
+    assert green.mean() > 0.005, "the hit / miss picture shows hits"
+    _shot(page, "result_with_ground_truth")
+    # An upload that is no example has no ground truth.
+    page.locator("#input-image button[aria-label='Remove Image']").first.click()
+    other = page.shots / "flipped_example.png"
+    Image.fromarray(np.asarray(Image.open(entry.examples()[0]).convert("RGB"))[::-1].copy()).save(other)
+    page.locator("#input-image input[type=file]").set_input_files(str(other))
+    page.wait_for_selector("#input-image img", timeout=15_000)
+    page.click("#run")
+    _result(page)
+    assert not page.locator("#truth").is_visible()
+
+
+@pytest.mark.browser
+def test_browser_verdict_letters_all_bold(page, server):
+    _open(page, server)
+    _click_example(page, BUNDLED[0].name, 0)
+    page.click("#run")
+    _result(page)
+    title = page.locator(".cgdiff-title")
+    # Ink per letter: each "A" of the title against the same letters in a regular-weight copy.
+    ink = page.evaluate("""(el) => {
+        const measure = (node, weight) => {
+            const c = document.createElement('canvas'), s = getComputedStyle(node);
+            const ctx = c.getContext('2d'); c.width = 400; c.height = 80;
+            ctx.font = `${weight} ${s.fontSize} ${s.fontFamily}`; ctx.fillText('A', 10, 50);
+            return ctx.getImageData(0, 0, 400, 80).data.filter((v, i) => i % 4 === 3 && v > 128).length;
+        };
+        return [measure(el, getComputedStyle(el).fontWeight), measure(el, 400)];
+    }""", title.element_handle())
+    assert ink[0] > 1.15 * ink[1], f"the title's 'A' is not bold ({ink})"
+    # And on the page: the first letter carries as much ink per width as the rest of the word.
+    shot = np.asarray(Image.open(io.BytesIO(title.screenshot())).convert("L")).astype(int)
+    boxes = page.evaluate("""(el) => { const t = el.firstChild, r = document.createRange(), out = [];
+        const base = el.getBoundingClientRect();
+        for (let i = 0; i < 9; i++) { r.setStart(t, i); r.setEnd(t, i + 1); const b = r.getBoundingClientRect();
+            out.push([b.left - base.left, b.right - base.left, t.textContent[i]]); }
+        return out; }""", title.element_handle())
+    background = np.median(shot)
+    dark = np.abs(shot - background) > 60
+    per_letter = {(ch, i): dark[:, max(0, int(a)):int(b)].mean() for i, (a, b, ch) in enumerate(boxes)}
+    a_ink = [v for (ch, _), v in per_letter.items() if ch == "A"]
+    others = [v for (ch, _), v in per_letter.items() if ch != "A"]
+    assert a_ink and min(a_ink) > 0.55 * np.median(others), per_letter
+    title.screenshot(path=str(page.shots / "verdict_title.png"))
+
+
+@pytest.mark.browser
+def test_browser_a_stranger_image_is_called_unfamiliar_with_score_and_framed_mask(page, server):
+    _open(page, server)
+    entry = BUNDLED[0]
+    noise = page.shots / "noise.png"
+    _png(noise, np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    page.locator("#input-image input[type=file]").set_input_files(str(noise))
+    page.wait_for_selector("#input-image img", timeout=15_000)
+    page.click("#run")
+    verdict = _result(page)
+    text = verdict.inner_text()
+    assert verdict.get_attribute("data-verdict") == "unfamiliar", text
+    assert "UNLIKE THE IMAGES THIS MODEL KNOWS" in text and f"knows {entry.name} texture" in text
+    assert "Score" in text and "threshold" in text and "100% of the image" not in text.split("Score")[0]
+    assert page.locator("#pic-heat img").is_visible()
+    # The mask covers the whole image: its frame keeps it visible on the white page.
+    mask = _picture(page, "#pic-mask img")
+    h, w = mask.shape[:2]
+    centre = mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4]
+    assert centre.min() > 240, "the mask covers the image"
+    ring = np.concatenate([mask[:, :4].reshape(-1, 3), mask[:, -4:].reshape(-1, 3),
+                           mask[:4].reshape(-1, 3), mask[-4:].reshape(-1, 3)])
+    assert (ring.max(axis=1) < 200).mean() > 0.3, "a frame of another colour shows the mask's edge"
+    _shot(page, "unfamiliar_image")
+
+
+@pytest.mark.browser
+def test_browser_switching_the_model_during_a_run_never_shows_the_old_result_under_the_new_name(page, server):
+    if len(BUNDLED) < 2:
+        pytest.skip("needs two bundled models")
+    _open(page, server)
+    first, second = BUNDLED[-1], BUNDLED[0]
+    _click_example(page, first.name, 0)
+    page.click("#run")
+    page.wait_for_timeout(150)
+    page.locator("#model input").click()
+    page.get_by_role("option", name=re.compile(rf"^{second.name}\b")).click()
+    page.wait_for_function(f"document.querySelector('#model input').value.startsWith('{second.name}')")
+    page.wait_for_timeout(4000)  # past the end of the first run
+    verdict = page.locator(".cgdiff-verdict")
+    kind, model = verdict.get_attribute("data-verdict"), verdict.get_attribute("data-model")
+    assert kind == "idle" or model == second.name, (kind, model)
+    assert f"model {first.name}" not in verdict.inner_text()
+    _shot(page, "model_switched_during_run")
+    page.click("#run")
+    assert _result(page).get_attribute("data-model") == second.name
+
+
+@pytest.mark.browser
+def test_browser_teaching_view_states_its_cost_then_shows_the_steps(page, server):
+    _open(page, server)
+    _click_example(page, BUNDLED[0].name, 0)
+    page.get_by_role("tab", name="Step by step").click()
+    cost = page.locator("#teach-cost")
+    cost.get_by_text("denoiser calls").wait_for(timeout=15_000)
+    assert "reconstructions" in cost.inner_text()
+    page.click("#run-teach")
+    page.locator("#variant-3-line").get_by_text("denoiser calls").wait_for(timeout=120_000)
+    page.wait_for_timeout(500)
+    status = page.locator("#teach-status").inner_text()
+    steps = int(re.search(r"(\d+) steps", status).group(1))
+    assert page.locator("#teach-noisy img").count() == steps + 1
+    assert page.locator("#teach-x0 img").count() == steps
+    for i in range(4):
+        assert page.locator(f"#variant-{i}-rec img").is_visible() and page.locator(f"#variant-{i}-heat img").is_visible()
+    assert "Pure-noise start" in page.locator("#variant-1-line").inner_text()
+    _shot(page, "teaching_view")
+
+
+@pytest.mark.browser
+def test_browser_batch_table_keeps_words_whole_and_names_the_failed_files(page, server, bad_files):
+    _open(page, server)
+    page.get_by_role("tab", name="Batch").click()
+    entry = BUNDLED[0]
+    paths = [str(p) for p in entry.examples()] + [str(bad_files["not_an_image"])]
+    page.locator("#batch-files input[type=file]").set_input_files(paths)
+    page.wait_for_timeout(1500)
+    page.click("#run-batch")
+    status = page.locator("#batch-status")
+    status.get_by_text("images inspected").wait_for(timeout=120_000)
+    assert bad_files["not_an_image"].name in status.inner_text() and "not an image file" in status.inner_text()
+    table = page.locator("#batch-table")
+    for word in ("anomalous", "normal", "error"):
+        cells = table.locator("td", has_text=re.compile(rf"^\s*{word}\s*$"))
+        for i in range(cells.count()):
+            lines = page.evaluate("""(td) => { const w = document.createTreeWalker(td, NodeFilter.SHOW_TEXT);
+                let t = w.nextNode(); while (t && !t.textContent.trim()) t = w.nextNode();
+                const r = document.createRange(); r.selectNodeContents(t);
+                const tops = new Set([...r.getClientRects()].filter(b => b.width > 0).map(b => Math.round(b.top)));
+                return tops.size; }""", cells.nth(i).element_handle())
+            assert lines == 1, (f"'{word}' wraps over {lines} lines", cells.nth(i).inner_html()[:600])
+    error_row = table.locator("tr", has_text=bad_files["not_an_image"].name).first
+    box, frame = error_row.bounding_box(), table.bounding_box()
+    assert box["y"] + box["height"] <= frame["y"] + frame["height"] + 1, "the error row is scrolled out of the table"
+    _shot(page, "batch")
