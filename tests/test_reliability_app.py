@@ -223,7 +223,7 @@ def test_hostile_uploads_get_their_message_through_the_inspect_tab(server, uploa
     controls = [250, 2, 3.0, 0.5, 1.0, 0.0, 1.0, 1.0, 0]  # t0, K, w, s, sigma, eta, v, threshold x, seed
     for name, (path, message) in uploads.items():
         out = client.predict(handle_file(str(path)), "tiny", *controls, api_name="/inspect")
-        details = out[-1]
+        details = out[6]  # verdict, five pictures, details, then colour bar and ground truth
         if message is None:
             assert details["verdict"] in ("normal", "anomalous"), (name, details)
         else:
@@ -234,7 +234,7 @@ def test_hostile_uploads_get_their_message_through_the_inspect_tab(server, uploa
         client.predict(handle_file(str(uploads["texture.png"][0])), "tiny", 250, 2, 3.0, 0.5, 1e4, 0.0, 1.0, 1.0, 0,
                        api_name="/inspect")
     out = client.predict(handle_file(str(uploads["texture.png"][0])), "tiny", *controls[:8], 10**30, api_name="/inspect")
-    assert out[-1]["verdict"] == "error" and "64 bits" in out[-1]["error"]
+    assert out[6]["verdict"] == "error" and "64 bits" in out[6]["error"]
     assert proc.poll() is None and not unexpected_errors(server[2])
 
 
