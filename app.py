@@ -13,6 +13,9 @@ Every option can also be set in the environment (the command line wins):
     CGDIFF_APP_MAX_BATCH     (16)                images per batch request
     CGDIFF_APP_MAX_MODELS    (4)                 detectors kept in memory (least recently used go)
     CGDIFF_APP_CACHE_MINUTES (60)                uploads and result pictures are deleted after this
+    CGDIFF_APP_RUNTIME       (auto)              how the U-Net runs: auto (the measured CPU default,
+                                                 channels-last PyTorch), reference (fp32 eager),
+                                                 channels_last, onnxruntime, openvino, openvino-bf16
     CGDIFF_CHECKPOINTS                           folder with registry.json (default: checkpoints/)
 
 `import app` builds the interface as `app.demo` without serving it; `app.launch()` serves it
@@ -49,6 +52,8 @@ from cgdiff.detector import Detection, Detector
 from cgdiff.hub import CheckpointError
 from cgdiff.images import ImageError, load_image
 from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoints, registry_problems
+from cgdiff.runtime import CHOICES as RUNTIME_CHOICES
+from cgdiff.runtime import keep_freed_memory, path_options
 from cgdiff.scorer import BackboneUnavailable
 from cgdiff.viz import compare_masks, heatmap, mask_image, overlay
 
@@ -75,6 +80,7 @@ class AppConfig:
     max_batch: int = 16
     max_models: int = 4
     cache_minutes: int = 60
+    runtime: str = "auto"
 
     @classmethod
     def from_env(cls) -> "AppConfig":
@@ -87,6 +93,7 @@ class AppConfig:
             max_batch=_env_int("CGDIFF_APP_MAX_BATCH", cls.max_batch),
             max_models=_env_int("CGDIFF_APP_MAX_MODELS", cls.max_models),
             cache_minutes=_env_int("CGDIFF_APP_CACHE_MINUTES", cls.cache_minutes),
+            runtime=os.environ.get("CGDIFF_APP_RUNTIME", cls.runtime).strip() or cls.runtime,
         ).validate()
 
     def validate(self) -> "AppConfig":
@@ -100,6 +107,9 @@ class AppConfig:
                 raise SystemExit(f"{name} must be at least {low}, got {getattr(self, name)} (set by {where}).")
         if self.port is not None and not 0 < self.port < 65536:
             raise SystemExit(f"port must be in 1..65535, got {self.port}.")
+        if self.runtime not in RUNTIME_CHOICES:
+            raise SystemExit(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {self.runtime!r} "
+                             "(set by --runtime or CGDIFF_APP_RUNTIME).")
         return self
 
 
@@ -127,8 +137,9 @@ class ModelCache:
     `max_models`). One load runs at a time, so a burst of model switches cannot fill the
     memory; requests for a loaded model never wait for a load."""
 
-    def __init__(self, max_models: int):
+    def __init__(self, max_models: int, runtime: str = "auto"):
         self.max_models = max(1, max_models)
+        self.runtime = runtime  # cgdiff.runtime: how each loaded detector runs its U-Net
         self._models: OrderedDict[str, Detector] = OrderedDict()
         self._lock = threading.Lock()  # guards _models
         self._load_lock = threading.Lock()  # one load at a time
@@ -155,6 +166,7 @@ class ModelCache:
             detector = Detector.from_pretrained(key)
             if detector.calibration is None:
                 raise CheckpointError(f"'{key}' holds an uncalibrated detector (no threshold); calibrate it first.")
+            detector.use_fast_path(**path_options(self.runtime, detector.device))  # a missing runtime warns
             with self._lock:
                 self.loads += 1
                 self._models[key] = detector
@@ -162,12 +174,23 @@ class ModelCache:
                     self._models.popitem(last=False)
         return detector
 
+    def set_runtime(self, runtime: str) -> None:
+        """Run the U-Net of every detector, loaded and to come, on `runtime` (see cgdiff.runtime)."""
+        with self._load_lock:
+            if runtime == self.runtime:
+                return
+            self.runtime = runtime
+            with self._lock:
+                loaded = list(self._models.values())
+            for detector in loaded:
+                detector.use_fast_path(**path_options(runtime, detector.device))
+
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._models)
 
 
-MODELS = ModelCache(CONFIG.max_models)
+MODELS = ModelCache(CONFIG.max_models, CONFIG.runtime)
 LOAD_ERRORS = (CheckpointError, BackboneUnavailable, OSError, ValueError)
 
 
@@ -580,7 +603,7 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
         overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
         threshold = _threshold_scale(threshold_scale) * detector.threshold
         cost = teaching.ablation_cost(detector, **overrides)
-        total, done = cost["model_calls"], [0]
+        total = cost["model_calls"]
 
         def report(i: int, n: int, offset: int = 0) -> None:
             progress((min(total, offset + i), total), desc="Reconstructing", unit="model calls")
@@ -942,6 +965,8 @@ def launch(config: Optional[AppConfig] = None, **kwargs: Any):
     """Serve `demo` with the queue, concurrency and upload limits of `config` (default: the
     environment). Extra keyword arguments go to `demo.launch`."""
     config = config or CONFIG
+    keep_freed_memory()
+    MODELS.set_runtime(config.runtime)
     demo.queue(default_concurrency_limit=max(1, config.concurrency), max_size=config.queue_size or None)
     options: dict[str, Any] = dict(
         server_name=config.host, server_port=config.port, max_file_size=config.max_upload,
@@ -960,12 +985,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--queue-size", type=int, default=env.queue_size, help="requests that may wait (0: no limit)")
     parser.add_argument("--max-upload", default=env.max_upload, help="largest upload, e.g. 20mb")
     parser.add_argument("--max-batch", type=int, default=env.max_batch, help="images per batch request")
+    parser.add_argument("--runtime", default=env.runtime, choices=RUNTIME_CHOICES,
+                        help="how the U-Net runs: auto (the measured CPU default, channels-last PyTorch), "
+                        "reference (fp32 eager PyTorch), channels_last, or a CPU runtime (pip install 'cgdiff[fast]')")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     args = parser.parse_args(argv)
     CONFIG.max_batch = args.max_batch
     config = AppConfig(host=args.host, port=args.port, concurrency=args.concurrency, queue_size=args.queue_size,
                        max_upload=args.max_upload, max_batch=args.max_batch, max_models=env.max_models,
-                       cache_minutes=env.cache_minutes).validate()
+                       cache_minutes=env.cache_minutes, runtime=args.runtime).validate()
     launch(config, share=args.share or None)
 
 

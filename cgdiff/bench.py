@@ -48,6 +48,7 @@ from .sampler import SamplerConfig
 __all__ = [
     "QUALITY_METHODS", "ABLATIONS", "quality_benchmark", "evaluate_map_fn", "expand_pairs", "texture_pairs",
     "app_speed", "sweep", "paper_scale_detector", "fast_path_benchmark", "gpu_variants", "PAPER_SAMPLER",
+    "cpu_variants", "cpu_fast_path_benchmark", "choose_cpu_default", "unet_call_time",
     "maps_metrics", "run_quality", "run_speed", "render_quality", "render_speed",
     "markdown_table", "machine_info", "plot_quality", "plot_speed", "timed_model_calls",
 ]
@@ -129,7 +130,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
 QUALITY_COLUMNS = [
     ("method", "method", "s"), ("image_auroc", "image AUROC", ".3f"), ("pixel_auroc", "pixel AUROC", ".3f"),
     ("aupro", "AUPRO", ".3f"), ("image_f1_max", "image F1-max", ".3f"), ("pixel_f1_max", "pixel F1-max", ".3f"),
-    ("fit_seconds", "fit s", ".4g"), ("seconds_per_image", "s / image", ".3g"),
+    ("removal", "removal", ".3f"), ("fidelity", "fidelity", ".4f"), ("fit_seconds", "fit s", ".4g"), ("seconds_per_image", "s / image", ".3g"),
     ("cpu_seconds_per_image", "CPU s / image", ".3g"), ("note", "note", "s"),
 ]
 
@@ -307,6 +308,7 @@ def quality_benchmark(
                      "fit_seconds": train_seconds, "seconds_per_image": m["seconds_per_image"],
                      "cpu_seconds_per_image": recon_cpu + score_cpu,
                      "model_calls_per_image": sampler.model_calls(), "note": note,
+                     "removal": m["removal"], "fidelity": m["fidelity"],
                      "sampler": m["sampler"], "scorer": m["scorer"],
                      "command": (base_cmd + (" " + _flags(changed) if changed else "")).strip()})
 
@@ -689,6 +691,140 @@ def fast_path_benchmark(
     return rows
 
 
+def cpu_variants() -> list[tuple[str, dict[str, Any]]]:
+    """The CPU variants of `Detector.use_fast_path` measured against fp32 eager, the reference
+    first; the runtimes (`cgdiff.runtime`) only where their packages are installed."""
+    from .runtime import RUNTIMES, available
+
+    rows = [
+        ("fp32 eager (reference)", {}),
+        ("channels_last", {"channels_last": True}),
+        ("bf16 autocast", {"autocast_dtype": torch.bfloat16}),
+        ("torch.compile", {"compile": True}),
+    ]
+    return rows + [(name, {"runtime": name}) for name in RUNTIMES if available(name)]
+
+
+def _rusage() -> tuple[float, float, float, int]:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), r.ru_utime + r.ru_stime, r.ru_stime, r.ru_minflt
+
+
+@torch.no_grad()
+def unet_call_time(detector, image_size: int, calls: int = 10, seed: int = 0) -> dict[str, Any]:
+    """One U-Net call (batch 1, `image_size` px) on the detector's current path, after two
+    warm-up calls: milliseconds per call (wall and process CPU), kernel (system) CPU time and
+    minor page faults per call, the allocator churn that `cgdiff.runtime.keep_freed_memory`
+    removes."""
+    x = _inputs(1, image_size, seed=seed).to(detector.device)
+    t = torch.full((1,), 200, dtype=torch.long, device=detector.device)
+    for _ in range(2):
+        detector._eps(x, t)
+    _sync(detector.device)
+    start = _rusage()
+    for _ in range(calls):
+        detector._eps(x, t)
+    _sync(detector.device)
+    end = _rusage()
+    wall, cpu, sys_, faults = (b - a for a, b in zip(start, end))
+    return {"image_size": image_size, "ms_per_call": 1e3 * wall / calls, "cpu_ms_per_call": 1e3 * cpu / calls,
+            "system_ms_per_call": 1e3 * sys_ / calls, "page_faults_per_call": faults / calls}
+
+
+def _compare(reference: Sequence[Any], results: Sequence[Any], threshold: float) -> dict[str, Any]:
+    score = max(abs(a.score - b.score) for a, b in zip(reference, results))
+    return {"n_compared": len(results), "verdicts_matching": sum(a.verdict == b.verdict for a, b in zip(reference, results)),
+            "max_score_difference": score, "max_score_difference_rel_threshold": score / threshold,
+            "max_map_difference": max(float(np.abs(a.anomaly_map - b.anomaly_map).max()) for a, b in zip(reference, results))}
+
+
+@torch.no_grad()
+def cpu_fast_path_benchmark(
+    cases: Sequence[tuple[str, Any, Sequence[Any], Sequence[Any]]],
+    variants: Sequence[tuple[str, dict[str, Any]]],
+    unet_sizes: Sequence[int] = (128, 256),
+    paper=None,
+    paper_image: Optional[torch.Tensor] = None,
+    repeats: int = 1,
+    log: Callable[[str], None] = _log_nothing,
+) -> dict[str, Any]:
+    """Every CPU variant against the first (the reference) on the same images, seed and threads.
+
+    cases: (name, detector, timed images, extra images) per checkpoint: the timed images are
+        inspected one per call as the app does (after one warm-up image, whose time with the
+        variant's export or compilation is the first-call cost); the extra images (a test split)
+        are only compared with the reference, in batches.
+    Per variant: U-Net milliseconds per call at each of `unet_sizes` (the first case's U-Net),
+    per case seconds per image end to end at its stored settings, first-call cost, peak
+    memory, verdicts matching the reference and the largest score and map differences; at
+    paper scale (`paper`, a detector; one image) seconds per image and score difference.
+    `chosen` is the fastest variant (mean seconds per image over the cases) whose verdicts all
+    match and whose scores stay within 1 % of each threshold. Detectors end on the reference path."""
+    reference: dict[str, list] = {}
+    rows, unet_rows, paper_rows = [], [], []
+    paper_ref = None
+    try:
+        for variant, options in variants:
+            log(f"  {variant}")
+            for size in unet_sizes:
+                cases[0][1].use_fast_path(**options)
+                unet_rows.append({"variant": variant, **unet_call_time(cases[0][1], size)})
+            for name, detector, images, extra in cases:
+                start = time.perf_counter()
+                detector.use_fast_path(**options)
+                detector.detect(images[0])
+                warmup = time.perf_counter() - start
+                with PeakMemory(detector.device) as mem, timed_model_calls(detector) as timers:
+                    t0, cpu0 = time.perf_counter(), time.process_time()
+                    timed = [d for _ in range(repeats) for image in images for d in detector.detect(image)]
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                results = timed[: len(images)] + (detector.detect(list(extra)) if extra else [])
+                if variant == variants[0][0]:
+                    reference[name] = results
+                n = len(timed)
+                rows.append({"variant": variant, "checkpoint": name, "seconds_per_image": wall / n,
+                             "cpu_seconds_per_image": cpu / n, "unet_seconds": timers.unet.seconds / n,
+                             "unet_calls_per_image": timers.unet.calls / n, "warmup_seconds": warmup,
+                             "peak_memory_mib": mem.peak_mib,
+                             **_compare(reference[name], results, detector.threshold),
+                             **detector.fast_path()})
+                detector.use_fast_path()
+            if paper is not None:
+                x = paper_image.to(paper.device)
+                start = time.perf_counter()
+                paper.use_fast_path(**options)
+                paper._eps(x, torch.full((1,), 200, dtype=torch.long, device=paper.device))
+                warmup = time.perf_counter() - start
+                t0, cpu0 = time.perf_counter(), time.process_time()
+                score = paper.score_maps(x, paper.reconstruct(x)).flatten(1).amax(1).item()
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                paper_ref = score if paper_ref is None else paper_ref
+                paper_rows.append({"variant": variant, "seconds_per_image": wall, "cpu_seconds_per_image": cpu,
+                                   "warmup_seconds": warmup, "unet_calls_per_image": paper.sampler.model_calls(),
+                                   "max_score_difference": abs(score - paper_ref)})
+                paper.use_fast_path()
+    finally:
+        for _, detector, _, _ in cases:
+            detector.use_fast_path()
+        if paper is not None:
+            paper.use_fast_path()
+    return {"rows": rows, "unet": unet_rows, "paper": paper_rows, "chosen": choose_cpu_default(rows)}
+
+
+def choose_cpu_default(rows: Sequence[dict]) -> Optional[str]:
+    """The fastest variant (mean seconds per image over its rows) whose verdicts all match the
+    reference and whose largest score difference stays within 1 % of the threshold."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], []).append(r)
+    eligible = {v: float(np.mean([r["seconds_per_image"] for r in rs])) for v, rs in by_variant.items()
+                if all(r["verdicts_matching"] == r["n_compared"] and r["max_score_difference_rel_threshold"] <= 0.01
+                       for r in rs)}
+    return min(eligible, key=eligible.get) if eligible else None
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -821,50 +957,88 @@ def run_speed(
     fast_path: Optional[bool] = None,
     gpu_batch_size: int = 32,
     compile_mode: Optional[str] = None,
+    agreement: Optional[dict[str, Sequence[Any]]] = None,
+    sweeps: bool = True,
     log: Callable[[str], None] = _log_nothing,
 ) -> dict[str, Any]:
-    """App latency per checkpoint; batch/size sweep of the first; paper scale; GPU fast path."""
+    """App latency per checkpoint (on the path the app runs: on a CPU `cgdiff.runtime.CPU_DEFAULT`);
+    batch/size sweep of the first; paper scale; the fast path against fp32
+    eager: on a GPU autocast, channels_last and torch.compile; on a CPU also bf16 autocast and
+    the CPU runtimes, with the allocator's page faults before and after `keep_freed_memory`.
+    `agreement` maps a checkpoint (as given) to extra images (its test split) on which every CPU
+    variant's verdicts and scores are compared with the reference."""
     from .detector import Detector
     from .images import to_batch
+    from .runtime import keep_freed_memory
 
-    result: dict[str, Any] = {"app": [], "sweeps": {}, "paper": None, "fast_path": None, "notes": []}
-    first = None
+    result: dict[str, Any] = {"app": [], "sweeps": {}, "paper": None, "fast_path": None, "cpu_fast_path": None,
+                              "allocator": None, "notes": []}
+    loaded = []
     for checkpoint in checkpoints:
         detector = Detector.from_pretrained(checkpoint, device=device)
         if detector.calibration is None:
             raise ValueError(f"checkpoint '{checkpoint}' is not calibrated; retrain or calibrate it.")
         images, source = _example_images(str(checkpoint), detector.image_size)
-        log(f"app latency: {checkpoint} ({detector.describe()}), on {source}")
+        loaded.append((checkpoint, detector, images, source))
+    if not loaded:
+        return result
+    cuda = loaded[0][1].device.type == "cuda"
+    if fast_path is None:
+        fast_path = True
+    if not cuda and fast_path:
+        log("allocator: U-Net calls before and after keep_freed_memory")
+        before = [unet_call_time(loaded[0][1], size) for size in (128, 256)]
+        applied = keep_freed_memory()
+        after = [unet_call_time(loaded[0][1], size) for size in (128, 256)]
+        result["allocator"] = {"applied": applied, "rows": [{"allocator": "glibc defaults", **r} for r in before]
+                               + [{"allocator": "keep_freed_memory", **r} for r in after]}
+    from .runtime import describe_path, path_options
+
+    for checkpoint, detector, images, source in loaded:
+        detector.use_fast_path(**path_options("auto", detector.device))
+        path = describe_path(detector.fast_path())
+        log(f"app latency: {checkpoint} ({detector.describe()}), on {source}, path: {path}")
         row = app_speed(detector, images, repeats)
-        row.update(checkpoint=str(checkpoint), images=source,
+        row.update(checkpoint=str(checkpoint), images=source, path=path, within_1_second=row["seconds_per_image"] <= 1.0,
                    within_3_seconds=row["seconds_per_image"] <= 3.0, within_15_percent=row["outside_models_share"] < 0.15)
         result["app"].append(row)
-        if first is None:
-            first = (checkpoint, detector, to_batch(images, detector.image_size))
-    if first is None:
-        return result
-    checkpoint, detector, images = first
-    cuda = detector.device.type == "cuda"
+        detector.use_fast_path()
+    checkpoint, detector, images, _ = loaded[0]
+    images = to_batch(images, detector.image_size)
     batch_sizes = tuple(batch_sizes or ((1, 8, 32, 64) if cuda else (1, 2, 4, 8)))
     image_sizes = tuple(image_sizes or (64, 128, 256))
-    name = f"{Path(str(checkpoint)).name} (app settings)"
-    log(f"sweep: {name}")
-    result["sweeps"][name] = sweep(detector, batch_sizes, image_sizes, detector.sampler, repeats, images, log)
+    if sweeps:
+        name = f"{Path(str(checkpoint)).name} (app settings, reference path)"
+        log(f"sweep: {name}")
+        result["sweeps"][name] = sweep(detector, batch_sizes, image_sizes, detector.sampler, repeats, images, log)
     paper = None
     if paper_scale:
         paper = paper_scale_detector(detector)
-        sizes = tuple(paper_batch_sizes or ((1, 8, 32, 64, 128) if cuda else (1,)))
-        log("sweep: paper scale")
         result["paper"] = {"unet_parameters": sum(p.numel() for p in paper.unet.parameters()),
                            "sampler": PAPER_SAMPLER.to_dict(), "image_size": PAPER_IMAGE_SIZE}
-        result["sweeps"]["paper scale (reference path)"] = sweep(
-            paper, sizes, (PAPER_IMAGE_SIZE,), PAPER_SAMPLER, repeats if cuda else 1, images, log)
-    if fast_path is None:
-        fast_path = cuda
+        if sweeps:
+            sizes = tuple(paper_batch_sizes or ((1, 8, 32, 64, 128) if cuda else (1,)))
+            log("sweep: paper scale")
+            result["sweeps"]["paper scale (reference path)"] = sweep(
+                paper, sizes, (PAPER_IMAGE_SIZE,), PAPER_SAMPLER, repeats if cuda else 1, images, log)
     if not fast_path:
-        result["notes"].append(
-            "GPU fast path skipped: no CUDA device here. bf16/fp16 autocast, channels_last and torch.compile are "
-            "measured against fp32 eager on a GPU: run `cgdiff bench --speed --device cuda` on one.")
+        return result
+    if not cuda:
+        import tempfile
+
+        log("CPU fast path: every variant against fp32 eager (exports into a fresh cache, so warm-up includes them)")
+        cases = [(Path(str(c)).name, d, imgs, list((agreement or {}).get(str(c), ()))) for c, d, imgs, _ in loaded]
+        previous = os.environ.get("CGDIFF_CACHE")
+        with tempfile.TemporaryDirectory(prefix="cgdiff-bench-cache-") as cache:
+            os.environ["CGDIFF_CACHE"] = cache
+            try:
+                result["cpu_fast_path"] = cpu_fast_path_benchmark(
+                    cases, cpu_variants(), paper=paper, paper_image=_inputs(1, PAPER_IMAGE_SIZE, images), log=log)
+            finally:
+                if previous is None:
+                    os.environ.pop("CGDIFF_CACHE", None)
+                else:
+                    os.environ["CGDIFF_CACHE"] = previous
         return result
     options = {"mode": compile_mode} if compile_mode else None
     log("fast path: the app checkpoint on its images")
@@ -904,12 +1078,31 @@ def render_quality(result: dict[str, Any]) -> str:
 
 
 APP_COLUMNS = [
-    ("checkpoint", "checkpoint", "s"), ("image_size", "px", "d"), ("unet_calls_per_image", "U-Net calls", ".0f"),
+    ("checkpoint", "checkpoint", "s"), ("path", "path", "s"), ("image_size", "px", "d"),
+    ("unet_calls_per_image", "U-Net calls", ".0f"),
     ("seconds_per_image", "s / image", ".3f"), ("cpu_seconds_per_image", "CPU s / image", ".3f"),
     ("unet_seconds", "U-Net s", ".3f"), ("backbone_seconds", "backbone s", ".3f"), ("other_seconds", "other s", ".3f"),
     ("outside_models_share", "outside models", ".1%"), ("sampler_overhead_share", "sampler overhead", ".1%"),
-    ("peak_memory_mib", "peak MiB", ".0f"), ("within_3_seconds", "<= 3 s", "s"),
+    ("peak_memory_mib", "peak MiB", ".0f"), ("within_1_second", "<= 1 s", "s"), ("within_3_seconds", "<= 3 s", "s"),
     ("within_15_percent", "< 15 %", "s"),
+]
+CPU_UNET_COLUMNS = [
+    ("variant", "variant", "s"), ("image_size", "px", "d"), ("ms_per_call", "ms / call", ".1f"),
+    ("ratio", "/ fp32 eager", ".2f"), ("cpu_ms_per_call", "CPU ms / call", ".1f"),
+    ("system_ms_per_call", "system ms / call", ".1f"), ("page_faults_per_call", "page faults / call", ".0f"),
+]
+ALLOCATOR_COLUMNS = [("allocator", "allocator", "s")] + CPU_UNET_COLUMNS[1:3] + CPU_UNET_COLUMNS[4:]
+CPU_FAST_COLUMNS = [
+    ("variant", "variant", "s"), ("checkpoint", "checkpoint", "s"), ("seconds_per_image", "s / image", ".3f"),
+    ("cpu_seconds_per_image", "CPU s / image", ".3f"), ("speedup", "speed-up", ".2f"),
+    ("warmup_seconds", "first call s", ".1f"), ("peak_memory_mib", "peak MiB", ".0f"),
+    ("verdicts", "verdicts = reference", "s"), ("max_score_difference_rel_threshold", "max |score diff| / threshold", ".1e"),
+    ("max_map_difference", "max |map diff|", ".1e"),
+]
+PAPER_CPU_COLUMNS = [
+    ("variant", "variant", "s"), ("seconds_per_image", "s / image", ".2f"), ("cpu_seconds_per_image", "CPU s / image", ".2f"),
+    ("speedup", "speed-up", ".2f"), ("warmup_seconds", "first call s", ".1f"),
+    ("max_score_difference", "max |score diff|", ".1e"),
 ]
 SWEEP_COLUMNS = [
     ("image_size", "px", "d"), ("batch_size", "batch", "d"), ("model_calls_per_image", "U-Net calls / image", "d"),
@@ -923,6 +1116,17 @@ FAST_COLUMNS = [
     ("warmup_seconds", "warm-up s", ".1f"), ("max_score_difference", "max |score diff|", ".2e"),
     ("max_score_difference_rel_threshold", "/ threshold", ".2e"), ("max_map_difference", "max |map diff|", ".2e"),
 ]
+
+
+def _ratios(rows: Sequence[dict], value: str, group: Optional[str], name: str, invert: bool) -> list[dict]:
+    """Each row's `value` against the first row of its group (the reference variant comes first):
+    reference / value (a speed-up) when `invert`, else value / reference."""
+    first: dict[Any, float] = {}
+    out = []
+    for r in rows:
+        ref = first.setdefault(r.get(group) if group else None, r[value])
+        out.append({**r, name: (ref / r[value] if invert else r[value] / ref) if r[value] and ref else None})
+    return out
 
 
 def _yes(rows: list[dict]) -> list[dict]:
@@ -943,6 +1147,22 @@ def render_speed(result: dict[str, Any]) -> str:
         s = p["sampler"]
         parts.append(f"Paper scale: DDAD's U-Net ({p['unet_parameters'] / 1e6:.1f} M parameters) at {p['image_size']} px, "
                      f"t0={s['t0']}, K={s['steps']}, w={s['w']}, s={s['guidance_scale']} (blur guidance: 2 U-Net calls per step).")
+    if result.get("allocator"):
+        parts.append("### Allocator: fp32 eager U-Net calls before and after `keep_freed_memory` (batch 1)\n\n"
+                     + markdown_table(result["allocator"]["rows"], ALLOCATOR_COLUMNS))
+    cpu = result.get("cpu_fast_path")
+    if cpu:
+        parts.append("### CPU fast path: U-Net time per call (batch 1)\n\n" + markdown_table(_ratios(cpu["unet"], "ms_per_call", "image_size", "ratio", invert=False), CPU_UNET_COLUMNS))
+        rows = [{**r, "verdicts": f"{r['verdicts_matching']}/{r['n_compared']}"} for r in cpu["rows"]]
+        parts.append("### CPU fast path: end to end at each checkpoint's stored settings (one image per call)\n\n"
+                     + markdown_table(_ratios(rows, "seconds_per_image", "checkpoint", "speedup", invert=True), CPU_FAST_COLUMNS)
+                     + "\n\n'first call s': switching to the variant plus the first image (export or compilation "
+                     "included; the exports went to a fresh cache). Verdicts are compared on the timed images and the "
+                     f"extra test images given. Chosen by the rule (fastest with every verdict equal and scores within "
+                     f"1 % of the threshold): **{cpu['chosen']}**.")
+        if cpu["paper"]:
+            parts.append("### CPU fast path at paper scale (DDAD's U-Net, 256 px, one image)\n\n"
+                         + markdown_table(_ratios(cpu["paper"], "seconds_per_image", None, "speedup", invert=True), PAPER_CPU_COLUMNS))
     fast = result.get("fast_path") or {}
     for scale, rows in fast.items():
         parts.append(f"### GPU fast path ({scale})\n\n" + markdown_table(rows, FAST_COLUMNS))

@@ -21,6 +21,7 @@ import os
 import shlex
 import shutil
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -120,10 +121,18 @@ def _add_setting_flags(group, defaults: Optional[dict] = None, seed: bool = True
         group.add_argument(flag, dest=dest, type=parse, default=None, metavar=metavar, help=help_text)
 
 
-def _add_common(p, device: bool = True) -> None:
+def _add_common(p, device: bool = True, runtime: bool = False) -> None:
     if device:
         p.add_argument("--device", default="auto",
                        help="'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps'")
+    if runtime:
+        from .runtime import CHOICES
+
+        p.add_argument("--runtime", default="auto", choices=CHOICES,
+                       help="how the U-Net runs: 'auto' the measured CPU default (channels-last PyTorch; "
+                       "on a GPU the reference), 'reference' plain fp32 eager PyTorch, 'channels_last', or a CPU "
+                       "runtime (onnxruntime, openvino, openvino-bf16: pip install 'cgdiff[fast]'; exported once "
+                       "per checkpoint into ~/.cache/cgdiff); see BENCHMARKS.md (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -161,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="N",
                    help="crops per step (per process)")
     p.add_argument("--lr", type=positive_float, default=t.learning_rate, metavar="X", help="learning rate (AdamW)")
+    p.add_argument("--max-timestep", type=_number(int, 1), default=t.max_timestep, metavar="N",
+                   help="train the noise levels t < N only (the sampler starts at t0 <= 500 except in the "
+                   "pure-noise ablation)")
+    p.add_argument("--snr-gamma", type=_number(float, 0), default=t.snr_gamma, metavar="X",
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023, e.g. 5); 0: plain MSE")
     p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
                    help=f"training steps in total (default: {t.max_steps}; on --resume: the run's own)")
     p.add_argument("--max-minutes", type=positive_float, default=None, metavar="M",
@@ -221,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "only with the checkpoint's own settings")
     g = p.add_argument_group("overrides of the checkpoint's settings")
     _add_setting_flags(g)
-    _add_common(p)
+    _add_common(p, runtime=True)
 
     # ---------------------------------------------------------------- detect
     p = sub.add_parser(
@@ -243,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g = p.add_argument_group("overrides of the checkpoint's settings")
     _add_setting_flags(g)
-    _add_common(p)
+    _add_common(p, runtime=True)
 
     # ---------------------------------------------------------------- build-textures
     p = sub.add_parser(
@@ -326,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "be a root of categories (MVTec AD, DTD-Synthetic) with CKPT a folder of checkpoints named "
                    "like the categories")
     p.add_argument("--textures", metavar="DIR", help="(quality) the scikit-image texture set in DIR (built there "
-                   "if missing), each texture with the bundled checkpoint of its name")
+                   "if missing), each texture with the bundled checkpoint of its name; (speed) their test images "
+                   "are also compared across the CPU fast-path variants")
     p.add_argument("--methods", nargs="+", choices=list(QUALITY_METHODS), default=list(QUALITY_METHODS),
                    metavar="NAME", help=f"(quality) rows to run: {' '.join(QUALITY_METHODS)}")
     p.add_argument("--coreset-ratio", type=positive_float, default=1.0, metavar="X",
@@ -342,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(speed) image sizes of the sweep (default: 64 128 256)")
     p.add_argument("--repeats", type=positive_int, default=2, metavar="N", help="(speed) timed runs per measurement")
     p.add_argument("--no-paper-scale", action="store_true", help="(speed) skip DDAD's U-Net at 256 px")
+    p.add_argument("--no-sweeps", action="store_true", help="(speed) skip the batch and image size sweeps")
+    p.add_argument("--no-fast-path", action="store_true",
+                   help="(speed) skip the fast-path variants (CPU: bf16, channels_last, compile, the runtimes)")
     p.add_argument("--gpu-batch-size", type=positive_int, default=32, metavar="N",
                    help="(speed) batch of the GPU fast-path comparison at paper scale")
     p.add_argument("--compile-mode", default=None, metavar="MODE",
@@ -459,7 +477,14 @@ def _load_detector(args: argparse.Namespace):
     detector = Detector.from_pretrained(args.checkpoint, device=device)
     if detector.calibration is None:
         raise ValueError(f"checkpoint '{args.checkpoint}' is not calibrated (no threshold); retrain or calibrate it.")
-    _info(f"detector: {detector.describe()}; device {detector.device}")
+    from .runtime import describe_path, path_options
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        detector.use_fast_path(**path_options(getattr(args, "runtime", "reference"), detector.device))
+    for w in caught:
+        _info(f"warning: {w.message}")
+    _info(f"detector: {detector.describe()}; device {detector.device}; U-Net on {describe_path(detector.fast_path())}")
     return detector
 
 
@@ -521,7 +546,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         image_size=args.image_size, crop_size=args.crop_size, unet_preset=args.preset, batch_size=args.batch_size,
         learning_rate=args.lr, max_steps=max_steps, max_minutes=args.max_minutes,
         mixed_precision=args.mixed_precision, save_every=save_every, seed=args.seed,
-        flips=not args.no_flips, rotations=args.rotations,
+        flips=not args.no_flips, rotations=args.rotations, max_timestep=args.max_timestep, snr_gamma=args.snr_gamma,
     )
     if not args.resume:
         config.validate()  # before reading the data: a bad value is reported at once
@@ -550,13 +575,21 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     info["images"] = [p.name for p in images]
     if holdout:
         info["holdout"] = holdout
+    # The threshold is set on normal images the denoiser did not train on where there are some
+    # (a threshold from in-sample normals sits too low for unseen ones).
+    held = set(holdout.get("images") or [])
+    calibration_images = [p for p in all_images if p.name in held] or all_images
+    info["calibration_normals"] = (
+        f"{len(calibration_images)} held-out training images (not used in training)" if held else
+        f"the {len(calibration_images)} training images (in-sample: the denoiser trained on them; "
+        "train with --holdout N for a threshold from unseen normals)")
 
     # Checked here too, so the record never lands in a folder train() would refuse.
     check_output_folder(out, args.resume, args.overwrite)
     _write_json(out / TRAIN_ARGS_NAME, record)
     detector = train(images, out, config, resume=args.resume, overwrite=args.overwrite, info=info,
                      sampler=sampler, scorer_config=scorer, progress_bar=not args.no_progress,
-                     calibration_images=all_images, holdout_rows=holdout_rows)
+                     calibration_images=calibration_images, holdout_rows=holdout_rows)
     if detector is not None and args.tune:
         _run_tuning(detector, args.data, out, args.tune_minutes * 60, f"{command}  (--tune)", seed=args.seed,
                     quiet=args.no_progress)
@@ -570,7 +603,8 @@ def _warn_fixed_on_resume(args: argparse.Namespace, saved: dict) -> None:
     """The shape of a resumed run comes from its saved state; say so when a flag asks otherwise."""
     pairs = {"--image-size": ("image_size", args.image_size), "--crop-size": ("crop_size", args.crop_size),
              "--preset": ("unet_preset", args.preset), "--batch-size": ("batch_size", args.batch_size),
-             "--lr": ("learning_rate", args.lr), "--seed": ("seed", args.seed)}
+             "--lr": ("learning_rate", args.lr), "--seed": ("seed", args.seed),
+             "--max-timestep": ("max_timestep", args.max_timestep), "--snr-gamma": ("snr_gamma", args.snr_gamma)}
     defaults = TrainConfig()
     for flag, (key, value) in pairs.items():
         if key in saved and value != saved[key] and value != getattr(defaults, key):
@@ -611,8 +645,8 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if maps_dir is not None:
         _info(f"wrote heat maps and overlays to {maps_dir}")
     if args.record:
-        keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "n_images", "mask_size",
-                "seconds_per_image", "pixel_metrics_note", "pixel_excluded", "command")
+        keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "removal", "fidelity",
+                "n_images", "mask_size", "seconds_per_image", "pixel_metrics_note", "pixel_excluded", "command")
         detector.info["metrics"] = {
             **{k: result[k] for k in keys},
             "dataset": dataset.category,
@@ -647,6 +681,12 @@ def _evaluation_table(r: dict) -> str:
     ]
     if r.get("pixel_metrics_note"):
         lines.insert(7, f"  {'':<24}(pixel metrics: {r['pixel_metrics_note']})")
+    if r.get("removal") is not None:
+        lines.insert(-1, f"  {'defect removal':<24}{r['removal']:.3f}  (pooled over the defect pixels of "
+                     f"{r['removal_n_images']} image(s) with a clean original; per-image mean {r['removal_mean']:.3f}; "
+                     "1 = removed, 0 = kept)")
+        lines.insert(-1, f"  {'fidelity outside':<24}{r['fidelity']:.4f}  (mean |reconstruction - input| over "
+                     "normal pixels, fraction of the pixel range)")
     at = r.get("at_threshold")
     if at:
         lines.append(
@@ -890,7 +930,8 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .detector import read_config
-    from .hub import check_checkpoint_files, looks_like_repo_id, push_folder, render_model_card
+    from .card import render_model_card
+    from .hub import check_checkpoint_files, looks_like_repo_id, push_folder
     from .registry import resolve
 
     folder = Path(args.checkpoint) if Path(args.checkpoint).exists() else Path(resolve(args.checkpoint))
@@ -953,9 +994,14 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         results["quality"] = quality
         sections.append("## Quality\n\n" + bench.render_quality(quality) + "".join(f"\n\n{n}" for n in notes))
     if args.speed:
+        agreement = {}
+        if args.textures:  # each bundled checkpoint's test split, for the CPU variants' verdicts
+            for ckpt, data in bench.texture_pairs(args.textures)[0]:
+                agreement[ckpt] = sorted(str(p) for p in (Path(data) / "test").rglob("*.png"))
         speed = bench.run_speed(checkpoints, device, args.batch_sizes, args.image_sizes, args.repeats,
                                 paper_scale=not args.no_paper_scale, gpu_batch_size=args.gpu_batch_size,
-                                compile_mode=args.compile_mode, log=_info)
+                                compile_mode=args.compile_mode, agreement=agreement, sweeps=not args.no_sweeps,
+                                fast_path=False if args.no_fast_path else None, log=_info)
         results["speed"] = speed
         sections.append("## Speed\n\n" + bench.render_speed(speed))
     results["machine"] = m = machine
@@ -1002,6 +1048,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if args.command != "bench":  # bench measures the allocator before and after itself
+            from .runtime import keep_freed_memory
+
+            keep_freed_memory()
         return COMMANDS[args.command](args, argv)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

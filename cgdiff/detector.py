@@ -29,10 +29,10 @@ from .hub import (
     atomic_replace_dir,
     check_checkpoint_files,
     push_folder,
-    render_model_card,
     resolve_checkpoint,
     temp_dir_beside,
 )
+from .card import render_model_card
 from .images import ImageLike, to_batch, to_uint8
 from .model import NUM_TRAIN_TIMESTEPS, build_scheduler, count_parameters, downsampling_factor
 from .sampler import SamplerConfig, reconstruct, timesteps
@@ -100,6 +100,7 @@ class Detector:
         self.channels_last = False
         self._fast_unet: Optional[torch.nn.Module] = None
         self._compiled = False
+        self._runtime = None  # a cgdiff.runtime.RuntimeUNet when the U-Net runs outside PyTorch
         factor = downsampling_factor(unet)
         if self.image_size % factor:
             raise ValueError(f"image_size {self.image_size} must be a multiple of {factor} for this U-Net.")
@@ -114,6 +115,8 @@ class Detector:
         self.scorer.to(device)
         if self._fast_unet is not None:
             self._fast_unet.to(device)
+        if self._runtime is not None and torch.device(device).type != "cpu":
+            self._runtime = None  # the CPU runtimes stay on the CPU: back to the reference path
         return self
 
     def use_fast_path(
@@ -122,20 +125,36 @@ class Detector:
         channels_last: bool = False,
         compile: bool = False,
         compile_options: Optional[dict[str, Any]] = None,
+        runtime: Optional[str] = None,
     ) -> "Detector":
         """Speed-ups of the U-Net calls, each switchable; calling it with no arguments restores
         the reference path (fp32, eager, contiguous), which `self.unet` always stays.
 
-        autocast_dtype: torch.bfloat16 or torch.float16 mixed precision (GPU / MPS only; the CPU
-            keeps fp32). channels_last: NHWC layout for a copy of the U-Net and its inputs.
+        autocast_dtype: torch.bfloat16 or torch.float16 mixed precision (on the CPU bf16 only,
+            which CPUs with AVX512-BF16 or AMX run natively). channels_last: NHWC layout for a
+            copy of the U-Net and its inputs.
         compile: `torch.compile` the U-Net (or its channels-last copy); `compile_options` go to
             torch.compile, e.g. {"mode": "max-autotune"} or {"backend": "eager"}.
+        runtime: run the U-Net on a CPU inference runtime instead ("onnxruntime", "openvino",
+            "openvino-bf16"; see `cgdiff.runtime`). When the runtime is missing or its export
+            fails, the detector stays on the reference path and a warning says why. Excludes the
+            other options. (`cgdiff.runtime.path_options` turns the CLI's --runtime choice,
+            including the measured CPU default, into these arguments.)
         `cgdiff bench --speed` measures each against the reference and reports the largest
         difference in score they cause."""
         import copy
 
         self.autocast_dtype = autocast_dtype
         self.channels_last = bool(channels_last)
+        self._runtime = None
+        if runtime is not None:
+            if autocast_dtype is not None or channels_last or compile:
+                raise ValueError("runtime= runs the U-Net outside PyTorch: it excludes autocast, channels_last and compile.")
+            self._fast_unet, self._compiled = None, False
+            self._runtime = _load_runtime(self.unet, runtime)
+            return self
+        if autocast_dtype == torch.float16 and self.device.type == "cpu":
+            raise ValueError("fp16 autocast is not for the CPU; use torch.bfloat16 there.")
         fast: Optional[torch.nn.Module] = None
         if channels_last:
             fast = copy.deepcopy(self.unet).to(memory_format=torch.channels_last)
@@ -149,7 +168,8 @@ class Detector:
         """The speed-ups in use (all off / None on the reference path)."""
         return {"autocast_dtype": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None,
                 "channels_last": self.channels_last,
-                "compile": self._compiled}
+                "compile": self._compiled,
+                "runtime": self._runtime.runtime if self._runtime is not None else None}
 
     @property
     def threshold(self) -> float:
@@ -171,10 +191,12 @@ class Detector:
 
     # ---------------------------------------------------------------------------- inference
     def _eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self._runtime is not None:
+            return self._runtime(x, t)
         unet = self._fast_unet if self._fast_unet is not None else self.unet
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.autocast_dtype is not None and x.device.type != "cpu":
+        if self.autocast_dtype is not None:
             with torch.autocast(x.device.type, dtype=self.autocast_dtype):
                 return unet(x, t).sample.float()
         return unet(x, t).sample
@@ -383,6 +405,25 @@ class Detector:
             f"{self.scorer.config.backbone}; t0={s.t0}, K={s.steps}, w={s.w}, s={s.guidance_scale}, "
             f"blur sigma={s.blur_sigma}, eta={s.eta}"
         )
+
+
+def _load_runtime(unet: torch.nn.Module, runtime: str):
+    """A RuntimeUNet for `runtime`, or None with a warning when it cannot be had (the
+    reference path then runs)."""
+    import warnings
+
+    from . import runtime as rt
+
+    device = next(unet.parameters()).device
+    if runtime not in rt.RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(rt.RUNTIMES)}.")
+    if device.type != "cpu":
+        raise ValueError(f"the '{runtime}' runtime runs on the CPU; this detector is on {device}.")
+    try:
+        return rt.RuntimeUNet(unet, runtime)
+    except rt.RuntimeUnavailable as e:
+        warnings.warn(f"{e} Using the reference path (PyTorch, fp32).", RuntimeWarning, stacklevel=3)
+        return None
 
 
 _CORE_KEYS = {"format_version", "cgdiff_version", "image_size", "sampler", "scorer", "calibration", "backbone_adapted"}

@@ -68,6 +68,9 @@ class Reconstructions:
     seconds_per_image: float  # reconstruction time (model calls only, no file decoding)
     pixel_excluded: list[int] = field(default_factory=list)  # defect images with empty masks, left out
     pixel_metrics_note: Optional[str] = None  # why there are no pixel metrics / what was left out
+    # cgdiff.metrics.removal on the defect images with a clean original (None without any); it
+    # depends on the reconstructions only, so every scorer setting shares it.
+    removal: Optional[dict[str, Any]] = None
     _distances: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -202,9 +205,10 @@ def reconstruct_dataset(
             recs.append(r)
     finally:
         close()
+    inputs, recs = torch.cat(inputs), torch.cat(recs)
     return Reconstructions(
-        inputs=torch.cat(inputs),
-        reconstructions=torch.cat(recs),
+        inputs=inputs,
+        reconstructions=recs,
         labels=np.array([s.label for s in samples], dtype=np.int64),
         masks=masks,
         paths=[s.path for s in samples],
@@ -214,7 +218,28 @@ def reconstruct_dataset(
         seconds_per_image=seconds / len(samples),
         pixel_excluded=excluded,
         pixel_metrics_note=note,
+        removal=_removal(detector, dataset, samples, inputs, recs),
     )
+
+
+def _removal(detector, dataset: AnomalyDataset, samples: list, inputs: torch.Tensor, recs: torch.Tensor
+             ) -> Optional[dict[str, Any]]:
+    """The removal measure on the defect images that have a clean original and a mask, at the
+    working size, on the [0, 1] pixel scale (fidelity is a fraction of the full range)."""
+    from .metrics import removal
+
+    chosen = [i for i, s in enumerate(samples) if s.label and s.clean_path is not None and s.mask_path is not None]
+    if not chosen:
+        return None
+    size = inputs.shape[-1]
+    cleans = torch.cat([detector.prepare([samples[i].clean_path]).float().cpu() for i in chosen])
+    masks = np.stack([dataset.load_mask(samples[i], size) for i in chosen])
+    if not masks.any():
+        return None
+    out = removal((inputs[chosen].numpy() + 1) / 2, (recs[chosen].numpy() + 1) / 2, (cleans.numpy() + 1) / 2, masks)
+    out["paths"] = [str(samples[i].path) for i in chosen]
+    out["n_images"] = len(chosen)
+    return out
 
 
 def resize_maps(maps: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
@@ -300,6 +325,10 @@ def score_reconstructions(
         reconstruction_seconds_per_image=recs.seconds_per_image,
         sampler=recs.sampler.to_dict(),
         scorer=config.to_dict(),
+        removal=recs.removal["removal"] if recs.removal else None,
+        removal_mean=recs.removal["removal_mean"] if recs.removal else None,
+        fidelity=recs.removal["fidelity"] if recs.removal else None,
+        removal_n_images=recs.removal["n_images"] if recs.removal else 0,
     )
     stored = (recs.sampler.to_dict() == detector.sampler.to_dict()
               and config.to_dict() == detector.scorer.config.to_dict())
@@ -350,7 +379,9 @@ def evaluate(
     seed, pixel_weight, feature_weight, feature_smoothing, map_sigma).
 
     Returns image_auroc, pixel_auroc, aupro, image_f1_max, pixel_f1_max (fractions in [0, 1];
-    pixel ones None without masks), pixel_metrics_note (why they are None, or which images
+    pixel ones None without masks), removal / removal_mean / fidelity (`cgdiff.metrics.removal`
+    on the defect images that have a clean original, e.g. `build_texture_dataset`'s; None
+    without), pixel_metrics_note (why they are None, or which images
     they leave out; None when complete), pixel_excluded (paths), n_images, seconds_per_image,
     mask_size, the settings used, and per image its path, label and score. save_maps: a
     folder to write each test image's heat map and overlay to (see `save_map_images`).
@@ -384,8 +415,13 @@ def evaluate(
         save_map_images(recs, scored, save_maps, detector.calibration.threshold)
         result["maps_folder"] = str(save_maps)
     if per_image:
+        removal = {}
+        if recs.removal:
+            removal = {p: (r, f) for p, r, f in zip(recs.removal["paths"], recs.removal["removal_per_image"],
+                                                     recs.removal["fidelity_per_image"])}
         result["per_image"] = [
-            {"path": str(p), "defect_type": d, "label": int(y), "score": float(s)}
+            {"path": str(p), "defect_type": d, "label": int(y), "score": float(s),
+             **({"removal": removal[str(p)][0], "fidelity": removal[str(p)][1]} if str(p) in removal else {})}
             for p, d, y, s in zip(recs.paths, recs.defect_types, recs.labels, scored.scores)
         ]
     return result

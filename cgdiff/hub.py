@@ -18,7 +18,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .scorer import hub_offline
 
@@ -200,100 +200,6 @@ def temp_dir_beside(target: Path) -> Path:
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     return tmp
-
-
-def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector") -> str:
-    """A Hub model card (YAML front matter + prose) from a checkpoint's cgdiff.json."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    training = config.get("training", {}) or {}
-    metrics = config.get("metrics", {}) or {}
-    dataset_name = str(metrics.get("dataset") or training.get("data") or "unknown")
-    eval_results = []
-    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"):
-        value = metrics.get(key)
-        if isinstance(value, (int, float)):
-            eval_results.append(
-                EvalResult(
-                    task_type="image-segmentation",
-                    task_name="Texture anomaly detection and localisation",
-                    dataset_type="custom",
-                    dataset_name=dataset_name,
-                    dataset_split=str(metrics.get("split", "test")),
-                    metric_type=key,
-                    metric_name=key.replace("_", " "),
-                    metric_value=round(float(value), 4),
-                )
-            )
-    card_data = ModelCardData(
-        library_name="cgdiff",
-        license=config.get("license", "apache-2.0"),
-        tags=["anomaly-detection", "diffusion", "ddim", "texture", "cgdiff"],
-        pipeline_tag="image-segmentation",
-        model_name=repo_name,
-        eval_results=eval_results or None,
-    )
-    sampler = config.get("sampler", {})
-    scorer = config.get("scorer", {})
-    calibration = config.get("calibration", {}) or {}
-    lines = [
-        "---",
-        card_data.to_yaml(),
-        "---",
-        "",
-        f"# {repo_name}",
-        "",
-        "A texture anomaly detector made with cgdiff: a diffusion model trained",
-        "on normal images only reconstructs each image from a partially noised start, conditioned on the",
-        "image itself and steered away from a blurred copy of its own estimate (blur guidance); the pixel",
-        "and feature difference between the image and its reconstruction localises defects.",
-        "",
-        "```python",
-        "from cgdiff import Detector",
-        f'detector = Detector.from_pretrained("{config.get("hub_repo_id") or "path/to/this/folder"}")',
-        'result = detector.detect("image.png")[0]',
-        "print(result.score, result.is_anomalous)",
-        "```",
-        "",
-        "## Training",
-        "",
-    ]
-    for key in ("data", "description", "image_size", "crop_size", "unet_preset", "parameters", "steps", "batch_size",
-                "learning_rate", "seconds", "device", "command"):
-        if key in training:
-            value = training[key]
-            if key == "command":
-                lines.append(f"- {key}: `{value}`")
-            else:
-                lines.append(f"- {key}: {value}")
-    lines += ["", "## Settings stored in the checkpoint", "", f"- image size: {config.get('image_size')}"]
-    lines.append("- sampler: " + ", ".join(f"{k}={v}" for k, v in sampler.items()))
-    lines.append("- scorer: " + ", ".join(f"{k}={v}" for k, v in scorer.items()))
-    if calibration:
-        lines.append(
-            f"- calibration on {calibration.get('n_images')} normal images: pixel scale c = "
-            f"{calibration.get('pixel_scale', 0):.4g}, threshold = {calibration.get('threshold', 0):.4g}"
-        )
-    tuning = config.get("tuning")
-    if tuning:
-        from .tune import model_card_section
-
-        lines += ["", "## Label-free tuning", "", *model_card_section(tuning)]
-    if metrics:
-        lines += ["", "## Evaluation", ""]
-        if metrics.get("description"):
-            lines += [str(metrics["description"]), ""]
-        lines += ["| metric | value |", "|---|---|"]
-        for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "seconds_per_image", "n_images"):
-            if isinstance(metrics.get(key), (int, float)):
-                lines.append(f"| {key} | {metrics[key]:.4g} |")
-        if metrics.get("command"):
-            lines += ["", "Reproduce with:", "", "```bash", str(metrics["command"]), "```"]
-    lines += ["", "## Limits", "",
-              "Trained on the data above only: other textures, scales or lighting need their own model. The",
-              "threshold was calibrated on normal images; check it on your own normal samples before relying",
-              "on the verdict.", ""]
-    return ModelCard("\n".join(lines)).content
 
 
 def push_folder(folder: Path, repo_id: str, token: Optional[str] = None, private: bool = False,

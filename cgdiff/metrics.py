@@ -271,3 +271,48 @@ def evaluate(
     out["aupro"] = aupro(mask, amap, fpr_limit)
     out["pixel_f1_max"] = f1_max(mask, amap)
     return out
+
+
+def removal(images: Any, reconstructions: Any, cleans: Any, masks: Any) -> dict[str, Any]:
+    """How much of each defect the reconstruction removes, and how faithful it stays elsewhere.
+
+    images, reconstructions, cleans: N x C x H x W (or N x H x W) arrays on one scale (any: the
+    measure is a ratio, fidelity is in that scale); cleans are the images before their defects
+    (for a normal image, the image itself). masks: N x H x W, non-zero = defect pixel.
+
+    Per image with defect pixels (`removal_per_image`, NaN for an image without any):
+        removal  = 1 - mean_D |rec - clean| / mean_D |input - clean|      (D: its defect pixels)
+    1 means the defect is gone (the reconstruction equals the clean image there), 0 that the
+    reconstruction kept it as it was, below 0 that it moved further from the clean image.
+    `removal` pools the defect pixels of all images (the sums over D of every image, so large
+    defects weigh more); `removal_mean` averages the per-image values.
+    fidelity = mean over every non-defect pixel of |rec - input| (0: the normal texture is
+    reproduced exactly), pooled, and per image in `fidelity_per_image`.
+    Raises ValueError when shapes differ or no image has a defect pixel where input and clean
+    differ (nothing to remove)."""
+    x, r, c = (np.asarray(a, dtype=np.float64) for a in (images, reconstructions, cleans))
+    m = np.asarray(masks) != 0
+    if not (x.shape == r.shape == c.shape):
+        raise ValueError(f"images {x.shape}, reconstructions {r.shape} and cleans {c.shape} must have one shape.")
+    if x.ndim == 3:
+        x, r, c = x[:, None], r[:, None], c[:, None]
+    if x.ndim != 4 or m.shape != (x.shape[0],) + x.shape[2:]:
+        raise ValueError(f"masks {m.shape} must be N x H x W for images {x.shape}.")
+    kept = np.abs(r - c).mean(1)  # N x H x W: what is left of the defect (and of normal texture)
+    made = np.abs(x - c).mean(1)  # the defect itself
+    moved = np.abs(r - x).mean(1)
+    per_removal, per_fidelity = [], []
+    for i in range(x.shape[0]):
+        d = m[i]
+        per_removal.append(1 - kept[i][d].mean() / made[i][d].mean() if d.any() and made[i][d].mean() > 0 else np.nan)
+        per_fidelity.append(moved[i][~d].mean() if (~d).any() else np.nan)
+    total_made = made[m].sum()
+    if not m.any() or total_made <= 0:
+        raise ValueError("no defect pixel where image and clean original differ: nothing to measure removal on.")
+    return {
+        "removal": float(1 - kept[m].sum() / total_made),
+        "removal_mean": float(np.nanmean(per_removal)),
+        "fidelity": float(moved[~m].mean()) if (~m).any() else None,
+        "removal_per_image": [float(v) for v in per_removal],
+        "fidelity_per_image": [float(v) for v in per_fidelity],
+    }

@@ -57,14 +57,14 @@ import numpy as np
 import torch
 
 from .data import DEFECT_KINDS, AnomalyDataset, DatasetError, Sample, SyntheticDefects, iter_images
-from .images import load_image, to_uint8
-from .metrics import aupro, image_auroc, pixel_auroc
+from .images import to_uint8
+from .metrics import aupro, image_auroc, pixel_auroc, removal
 from .sampler import SamplerConfig
 from .scorer import Scorer, ScorerConfig
 
 __all__ = ["ValidationSet", "TuneResult", "DEFAULT_GRIDS", "BALANCES", "training_folder_images",
            "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout", "holdout_stripe",
-           "model_card_section", "FRONT_PLOT_NAME"]
+           "FRONT_PLOT_NAME"]
 
 FRONT_PLOT_NAME = "tuning_front.png"
 AUPRO_FPR_LIMIT = 0.3
@@ -86,7 +86,6 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple]] = {
 # leather subset, validation picked the pixel term alone, the worst balance on the test set).
 BALANCES: tuple[tuple[float, float], ...] = ((0.25, 1.0), (0.5, 1.0), (1.0, 1.0), (2.0, 1.0), (4.0, 1.0))
 SAMPLER_SEARCHED = tuple(DEFAULT_GRIDS)
-TABLE_KEYS = ("t0", "steps", "w", "guidance_scale", "blur_sigma", "pixel_weight", "feature_weight")
 
 Clock = Callable[[], float]
 
@@ -170,6 +169,7 @@ class ValidationSet:
     origins: list[int]  # per image: index into normal_paths
     seed: int
     calibration_paths: list[Path] = field(default_factory=list)  # normal images for recalibration
+    cleans: Optional[np.ndarray] = None  # N x S x S x 3 uint8: each image before its defect
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -276,11 +276,12 @@ def validation_set(
             picked[i] = to_uint8(detector.prepare(sources[i]).cpu())[0]
         return picked[i]
 
-    images, masks, labels, kinds_out, origins = [], [], [], [], []
+    images, masks, labels, kinds_out, origins, cleans = [], [], [], [], [], []
     r0, r1 = rows
     for j in range(n_normal):
         i = int(order[j % len(sources)])
         images.append(image(i))
+        cleans.append(image(i))
         masks.append(np.zeros((size, size), dtype=bool))
         labels.append(0)
         kinds_out.append("normal")
@@ -294,6 +295,7 @@ def validation_set(
         mask = np.zeros((size, size), dtype=bool)
         mask[r0:r1] = region_mask
         images.append(base)
+        cleans.append(image(i))
         masks.append(mask)
         labels.append(1)
         kinds_out.append(kind)
@@ -303,7 +305,10 @@ def validation_set(
     return ValidationSet(
         images=np.stack(images), masks=np.stack(masks), labels=np.array(labels, dtype=np.int64), rows=rows,
         source=source, in_sample=in_sample, normal_paths=[sources[i] for i in used], kinds=kinds_out,
-        origins=[remap[i] for i in origins], seed=seed, calibration_paths=list(folder_images),
+        origins=[remap[i] for i in origins], seed=seed,
+        # Recalibration uses the normals the denoiser did not train on where there are some.
+        calibration_paths=list(sources) if not in_sample and source != "holdout stripe" else list(folder_images),
+        cleans=np.stack(cleans),
     )
 
 
@@ -453,6 +458,7 @@ class _Search:
         with_features = ScorerConfig(**{**base.to_dict(), "pixel_weight": 1.0, "feature_weight": 1.0})
         d_p, d_f, feature_seconds = recs.distances(det, with_features, self.batch_size)
         c = self._c_scorer.calibrate(d_p[normals], d_f[normals]).pixel_scale  # as Detector.calibrate fits it
+        removed = self._removal(recs, idx)
         out = []
         for pixel_weight, feature_weight in self.balances:
             config = ScorerConfig(**{**base.to_dict(), "pixel_weight": pixel_weight, "feature_weight": feature_weight})
@@ -468,9 +474,25 @@ class _Search:
                 "image_auroc": image_auroc(labels, scores),
                 "scoring_seconds_per_image": feature_seconds if feature_weight > 0 else 0.0,
                 "pixel_scale": scale,
+                "removal": removed,
             })
         self.score_seconds.append(self.clock() - t)
         return out
+
+    def _removal(self, recs, idx: np.ndarray) -> Optional[float]:
+        """`cgdiff.metrics.removal` (pooled) on the scored rows of the defect images `idx`: the
+        validation defects are painted on known normals, so their clean originals are known."""
+        anomalous = self.vset.labels[idx] == 1
+        if self.vset.cleans is None or not anomalous.any():
+            return None
+        r0, r1 = self.vset.rows
+        to_unit = lambda t: ((t[anomalous].numpy() + 1) / 2)[..., r0:r1, :]  # noqa: E731
+        clean = self.vset.cleans[idx][anomalous].transpose(0, 3, 1, 2)[..., r0:r1, :] / 255.0
+        try:
+            return removal(to_unit(recs.inputs), to_unit(recs.reconstructions), clean,
+                           self.vset.masks[idx][anomalous][:, r0:r1])["removal"]
+        except ValueError:  # no defect pixel differs from its clean original
+            return None
 
     def incumbent(self) -> Optional[int]:
         try:
@@ -540,6 +562,7 @@ class _Search:
                 "aupro_half": round(self.half_scores.get(_key(sampler), r["aupro"]), 5),
                 "pixel_auroc": round(r["pixel_auroc"], 5) if complete else None,
                 "image_auroc": round(r["image_auroc"], 5) if complete else None,
+                "removal": round(r["removal"], 4) if complete and r["removal"] is not None else None,
                 "stage": stage,
                 "complete": complete,
             })
@@ -619,8 +642,9 @@ def tune(
     validation: a ready ValidationSet instead of one made from `root`.
     metric_size: pixel metrics are computed on maps and masks reduced to about this size
         (block means of the maps), which keeps scoring cheap next to reconstruction.
-    apply: make the chosen settings the detector's own, recalibrate it on the normal
-        training-folder images and record the tuning in `detector.info["tuning"]`.
+    apply: make the chosen settings the detector's own, recalibrate it on the normal images
+        training did not use where there are some (held-out images), else on the
+        training-folder images, and record the tuning in `detector.info["tuning"]`.
     clock: the time source for the budget (tests pass a fake one)."""
     log = log or (lambda message: None)
     if budget_s is None or not budget_s > 0:
@@ -631,6 +655,12 @@ def tune(
     unknown = set(grids) - set(SAMPLER_SEARCHED)
     if unknown:
         raise ValueError(f"unknown grid setting(s) {sorted(unknown)}; searchable: {', '.join(SAMPLER_SEARCHED)}.")
+    # A denoiser trained on t < max_timestep only (`cgdiff train --max-timestep`) is not searched
+    # at starts it never learned.
+    trained = int(((detector.info.get("training") or {}).get("config") or {}).get("max_timestep", 1000))
+    if "t0" in grids and trained < 1000:
+        grids = {**grids, "t0": {stage: tuple(v for v in values if v < trained) or (trained - 1,)
+                                 for stage, values in grids["t0"].items()}}
     for pw, fw in balances:
         ScorerConfig(pixel_weight=pw, feature_weight=fw)
     stored_balance = (detector.scorer.config.pixel_weight, detector.scorer.config.feature_weight)
@@ -742,7 +772,8 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
         "previous": result.start,
         "validation": {"aupro": c["aupro"], "pixel_auroc": c["pixel_auroc"], "image_auroc": c["image_auroc"],
                        "previous_aupro": s["aupro"], "previous_pixel_auroc": s["pixel_auroc"],
-                       "previous_image_auroc": s["image_auroc"], "mask_size": vset.image_size // search.factor,
+                       "previous_image_auroc": s["image_auroc"], "removal": c.get("removal"),
+                       "previous_removal": s.get("removal"), "mask_size": vset.image_size // search.factor,
                        "aupro_fpr_limit": AUPRO_FPR_LIMIT},
         "validation_set": vset.describe(),
         "search": {
@@ -779,6 +810,9 @@ def apply_result(detector, result: TuneResult, log: Optional[Callable[[str], Non
     detector.calibrate(paths)
     record = dict(result.record)
     record["calibrated_on"] = len(paths)
+    unseen = result.validation.source in ("holdout images", "unseen training-folder images")
+    record["calibration_normals"] = (f"{len(paths)} {result.validation.source} (not used in training)" if unseen
+                                     else f"{len(paths)} training images (in-sample)")
     if result.chosen != result.start and detector.info.get("metrics"):
         # Test metrics recorded earlier belong to the previous settings.
         record["metrics_before_tuning"] = detector.info.pop("metrics")
@@ -839,32 +873,6 @@ def front_table(record: dict[str, Any]) -> list[str]:
                  f"--blur-sigma {r['blur_sigma']:g} --pixel-weight {r['pixel_weight']:g} "
                  f"--feature-weight {r['feature_weight']:g}")
         mark = "  <- chosen" if i == record["chosen_row"] else ""
-        lines.append(f"  {r['seconds_per_image']:7.2f} s/img  AUPRO {r['aupro']:.4f}  {flags}{mark}")
-    return lines
-
-
-def model_card_section(tuning: dict[str, Any]) -> list[str]:
-    """Markdown lines for the model card's 'Label-free tuning' section."""
-    lines = [tuning.get("summary", "")]
-    chosen, previous = tuning.get("chosen") or {}, tuning.get("previous") or {}
-    if chosen and previous:
-        lines += ["", "| setting | before | chosen |", "|---|---|---|"]
-        for key in TABLE_KEYS:
-            if key in chosen:
-                lines.append(f"| {key} | {previous.get(key)} | {chosen.get(key)} |")
-        v = tuning.get("validation") or {}
-        if v.get("aupro") is not None:
-            lines.append(f"| validation AUPRO | {v.get('previous_aupro')} | {v.get('aupro')} |")
-    vs = tuning.get("validation_set") or {}
-    if vs:
-        lines += ["", f"Validation images made from: {vs.get('source')} ({', '.join(vs.get('images', [])[:12])}"
-                  f"{', ...' if len(vs.get('images', [])) > 12 else ''}), rows {vs.get('rows')} at "
-                  f"{vs.get('image_size')} px, seed {vs.get('seed')}."]
-        if vs.get("in_sample"):
-            lines += ["", "Training used all of these images: the validation measures in-sample normals, so its "
-                      "scores are optimistic."]
-    if tuning.get("front_plot"):
-        lines += ["", f"![speed/quality front of the tuning]({tuning['front_plot']})"]
-    if tuning.get("calibrated_on"):
-        lines += ["", f"Recalibrated on {tuning['calibrated_on']} normal images with the chosen settings."]
+        removed = f"removal {r['removal']:.3f}" if r.get("removal") is not None else "removal  n/a"
+        lines.append(f"  {r['seconds_per_image']:7.2f} s/img  AUPRO {r['aupro']:.4f}  {removed}  {flags}{mark}")
     return lines

@@ -29,7 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cgdiff.hub import atomic_replace_dir, render_model_card  # noqa: E402
+from cgdiff.card import render_model_card  # noqa: E402
+from cgdiff.hub import atomic_replace_dir  # noqa: E402
 
 KEEP = ("cgdiff.json", "unet", "scheduler", "training_log.csv", "train_args.json", "tuning_front.png")
 MAX_MB = 15.0

@@ -5,6 +5,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Runtime exports (cgdiff.runtime) go to one folder per test session, never the user's cache;
+# app servers the tests start inherit it.
+if not os.environ.get("CGDIFF_CACHE"):
+    import tempfile
+
+    os.environ["CGDIFF_CACHE"] = tempfile.mkdtemp(prefix="cgdiff-test-cache-")
 LEATHER = Path(os.environ.get("CGDIFF_LEATHER", REPO.parent / "shared" / "data" / "mvtec_leather_mini" / "leather"))
 
 

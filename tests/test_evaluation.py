@@ -182,3 +182,33 @@ def test_a_defect_type_without_masks_gives_image_metrics_and_the_reason(tiny_det
     monkeypatch.setattr(tiny_detector, "reconstruct", lambda *a, **k: pytest.fail("should stop before reconstructing"))
     with pytest.raises(DatasetError, match=f"pixel metrics were asked for, but no masks for the defect type.*{kind}"):
         evaluate(tiny_detector, ds, require_pixel_metrics=True)
+
+
+def test_evaluate_measures_removal_on_the_clean_originals_the_texture_set_keeps(tiny_detector, dataset):
+    from cgdiff.metrics import removal
+
+    defects = [s for s in dataset.test if s.label]
+    assert defects and all(s.clean_path is not None and s.clean_path.is_file() for s in defects)
+    r = evaluate(tiny_detector, dataset, mask_size=48)
+    assert r["removal_n_images"] == len(defects) and r["removal"] is not None and r["fidelity"] >= 0
+    # The same number from the measure itself, on the detector's own reconstructions.
+    recs = reconstruct_dataset(tiny_detector, dataset, mask_size=48)
+    idx = [i for i, s in enumerate(dataset.test) if s.label]
+    cleans = np.concatenate([tiny_detector.prepare([dataset.test[i].clean_path]).numpy() for i in idx])
+    masks = np.stack([dataset.load_mask(dataset.test[i], 32) for i in idx])
+    expected = removal((recs.inputs[idx].numpy() + 1) / 2, (recs.reconstructions[idx].numpy() + 1) / 2,
+                       (cleans + 1) / 2, masks)
+    assert r["removal"] == pytest.approx(expected["removal"]) and r["fidelity"] == pytest.approx(expected["fidelity"])
+    per = {p["path"]: p for p in r["per_image"]}
+    assert all("removal" in per[str(s.path)] for s in defects)
+    assert not any("removal" in per[str(s.path)] for s in dataset.test if not s.label)
+
+
+def test_without_clean_originals_removal_is_not_reported(tiny_detector, dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "gravel"
+    shutil.copytree(dataset.root, copy)
+    shutil.rmtree(copy / "clean")
+    r = evaluate(tiny_detector, load_dataset(copy), mask_size=48)
+    assert r["removal"] is None and r["removal_n_images"] == 0

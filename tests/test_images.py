@@ -117,7 +117,7 @@ import hypothesis.extra.numpy as hnp  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cgdiff.images import load_mask, to_tensor  # noqa: E402
+from cgdiff.images import to_tensor  # noqa: E402
 
 
 def _expected_rgb8(arr: np.ndarray) -> np.ndarray:

@@ -260,3 +260,42 @@ def test_pixel_metrics_are_fast_at_benchmark_size():
     elapsed = time.perf_counter() - t
     assert 0.5 < value < 1
     assert elapsed < 15, f"AUPRO over 6.5 M pixels took {elapsed:.1f} s"
+
+
+def test_removal_is_one_when_the_defect_is_gone_and_zero_when_kept():
+    from cgdiff.metrics import removal
+
+    rng = np.random.default_rng(0)
+    clean = rng.random((3, 3, 16, 16))
+    mask = np.zeros((3, 16, 16), dtype=bool)
+    mask[:, 4:8, 4:8] = True
+    image = clean.copy()
+    image[:, :, 4:8, 4:8] += 0.5  # the defect: +0.5 inside the mask
+    halfway = clean + (image - clean) / 2  # a reconstruction that removes half of it
+    noisy = clean + 0.01  # removes all of it, but changes every normal pixel by 0.01
+    assert removal(image, clean, clean, mask)["removal"] == pytest.approx(1.0)
+    assert removal(image, image, clean, mask)["removal"] == pytest.approx(0.0)
+    r = removal(image, halfway, clean, mask)
+    assert r["removal"] == pytest.approx(0.5) and r["removal_mean"] == pytest.approx(0.5)
+    assert r["removal_per_image"] == pytest.approx([0.5] * 3) and r["fidelity"] == pytest.approx(0.0)
+    r = removal(image, noisy, clean, mask)
+    assert r["removal"] == pytest.approx(1 - 0.01 / 0.5) and r["fidelity"] == pytest.approx(0.01)
+    # A reconstruction further from the clean image than the input: negative.
+    assert removal(image, clean + 2 * (image - clean), clean, mask)["removal"] == pytest.approx(-1.0)
+
+
+def test_removal_pools_pixels_and_names_bad_input():
+    from cgdiff.metrics import removal
+
+    clean = np.zeros((2, 8, 8))
+    mask = np.zeros((2, 8, 8), dtype=bool)
+    mask[0, :1] = True  # 8 pixels, fully removed
+    mask[1, :3] = True  # 24 pixels, kept
+    image = clean + mask
+    rec = np.where(mask & (np.arange(2)[:, None, None] == 0), 0.0, image)
+    r = removal(image, rec, clean, mask)
+    assert r["removal"] == pytest.approx(8 / 32) and r["removal_mean"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="nothing to measure removal on"):
+        removal(clean, clean, clean, mask)
+    with pytest.raises(ValueError, match="one shape"):
+        removal(image, rec[:1], clean, mask)

@@ -126,3 +126,28 @@ def test_callback_sees_progress_and_ema_reconstructions_without_changing_trainin
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     with pytest.raises(TrainingError, match="callback_every"):
         train(images, tmp_path / "bad", config(), progress_bar=False, callback=look, callback_every=0)
+
+
+def test_training_can_keep_to_the_noise_levels_the_sampler_uses_and_weight_by_min_snr(images, tmp_path, monkeypatch):
+    drawn = []
+    randint = torch.randint
+
+    def recording(low, high, size, **kw):
+        drawn.append(high)
+        return randint(low, high, size, **kw)
+
+    monkeypatch.setattr(torch, "randint", recording)
+    out = tmp_path / "run"
+    plain = train(images, tmp_path / "plain", config(max_steps=3), progress_bar=False)
+    assert 1000 in drawn  # the timesteps' draws (crops draw their own, smaller ranges)
+    drawn.clear()
+    det = train(images, out, config(max_steps=3, max_timestep=500, snr_gamma=5.0), progress_bar=False)
+    assert 500 in drawn and 1000 not in drawn
+    saved = json.loads((out / "cgdiff.json").read_text())["training"]["config"]
+    assert saved["max_timestep"] == 500 and saved["snr_gamma"] == 5.0
+    # The weighting changes the loss, hence the weights (same seed, same crops, same noise).
+    differs = [not torch.equal(a, b) for a, b in zip(weights(out).values(), weights(tmp_path / "plain").values())]
+    assert any(differs) and det.threshold > 0 and plain.threshold > 0
+    for bad in (dict(max_timestep=0), dict(max_timestep=1001), dict(snr_gamma=-1.0), dict(snr_gamma=float("nan"))):
+        with pytest.raises(TrainingError, match="max_timestep|snr_gamma"):
+            config(**bad).validate()

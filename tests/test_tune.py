@@ -88,6 +88,14 @@ def test_tuning_never_reads_the_test_split_and_is_deterministic_for_a_seed(tiny_
     assert first.validation.in_sample and "in-sample" in first.validation.note()
     assert first.validation.labels.tolist().count(1) == 4
     assert all(m.any() for m in first.validation.masks[first.validation.labels == 1])
+    # The clean originals of the painted defects: equal to the image outside each mask, so the
+    # tuner's table can report how much of each defect a setting removes.
+    v = first.validation
+    outside = ~v.masks[..., None].repeat(3, axis=-1)
+    np.testing.assert_array_equal(v.cleans[outside], v.images[outside])
+    assert all(not np.array_equal(c, i) for c, i in zip(v.cleans[v.labels == 1], v.images[v.labels == 1]))
+    complete = [r for r in first.table if r["complete"]]
+    assert complete and all(r["removal"] is not None and r["removal"] <= 1 for r in complete)
 
 
 def test_tuning_keeps_to_its_budget(tiny_detector, gravel):
@@ -145,6 +153,9 @@ def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys
     held = config["training"]["holdout"]["images"]
     assert len(held) == 2 and not set(held) & set(config["training"]["images"])
     assert config["training"]["n_images"] == 10
+    # The threshold comes from the two held-out normals, not from images the denoiser trained on.
+    assert config["calibration"]["n_images"] == 2 and "2 held-out" in config["training"]["calibration_normals"]
+    assert "calibration on 2 held-out training images" in (ckpt / "README.md").read_text()
 
     with _Watch(gravel) as watch:
         code = main(["tune", "--checkpoint", str(ckpt), "--data", str(gravel), "--normal", "2", "--anomalous", "2",
@@ -159,7 +170,8 @@ def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys
     assert sorted(tuning["validation_set"]["images"]) == sorted(held)
     assert {k: tuned["sampler"][k] for k in ("t0", "steps", "w")} == {k: tuning["chosen"][k] for k in ("t0", "steps", "w")}
     assert tuned["scorer"]["pixel_weight"] == tuning["chosen"]["pixel_weight"]
-    assert tuning["calibrated_on"] == 12 and tuned["calibration"]["n_images"] == 12
+    assert tuning["calibrated_on"] == 2 and tuned["calibration"]["n_images"] == 2
+    assert tuning["calibration_normals"] == "2 holdout images (not used in training)"
     assert len(tuning["table"]) >= 2 and tuning["search"]["sampler_settings"] == 2
     assert (ckpt / "tuning_front.png").read_bytes()[:4] == b"\x89PNG"
     card = (ckpt / "README.md").read_text()

@@ -1,0 +1,249 @@
+"""The denoiser on CPU inference runtimes (ONNX Runtime, OpenVINO), and the allocator setting.
+
+A reconstruction costs K to 2K U-Net calls, so on a CPU the U-Net is where the time goes. Plain
+fp32 eager PyTorch is the reference path; this module runs the same weights through a runtime
+made for CPU inference:
+
+- `export_onnx(unet)` exports the U-Net once to ONNX (`torch.onnx.export`, dynamic batch and
+  image size) into a cache folder outside the repository, keyed by a hash of the weights and
+  the U-Net's config, so an edited or retrained checkpoint gets a new export (a stale one is
+  never used) and a second process reuses the first one's export;
+- `RuntimeUNet` runs that export with ONNX Runtime ("onnxruntime", fp32: the same arithmetic
+  as the reference up to rounding) or OpenVINO ("openvino" fp32, "openvino-bf16" with bf16
+  inference precision on CPUs that have it);
+- `keep_freed_memory()` stops glibc's allocator from handing large freed buffers back to the
+  kernel after every call, which made the eager path fault them in again each time (about
+  20,000 page faults per U-Net call at 256 px, a quarter of the CPU time spent in the kernel).
+
+`Detector.use_fast_path(runtime=...)` switches a detector onto a runtime; `cgdiff bench --speed`
+measures every variant against the reference (`BENCHMARKS.md`), and CPU_DEFAULT names the one
+`detect`, `evaluate` and the app use. The runtimes are the optional extra `cgdiff[fast]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# Runtime names accepted by `RuntimeUNet` and `Detector.use_fast_path(runtime=...)`.
+RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")
+# What the CLI's and the app's --runtime accept (see `path_options`).
+CHOICES = ("auto", "reference", "channels_last") + RUNTIMES
+# The CPU default of `detect`, `evaluate` and the app: by the rule of `cgdiff bench --speed`
+# (`cgdiff.bench.choose_cpu_default`), the fastest variant whose verdicts equal the reference's on
+# every bundled example and test tile and whose scores stay within 1 % of the threshold. Measured
+# in BENCHMARKS.md: channels-last PyTorch (fp32, no export, no extra package). ONNX Runtime and
+# torch.compile were within a few per cent of it; the bf16 variants were faster but moved scores
+# by more than 1 % of the threshold.
+CPU_DEFAULT = "channels_last"
+EXPORT_VERSION = 1  # bump when the export itself changes: older cache entries are then ignored
+_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}
+
+
+def path_options(choice: str, device: torch.device | str = "cpu") -> dict:
+    """`Detector.use_fast_path` keyword arguments for a --runtime choice: "reference" (plain fp32
+    eager PyTorch), "auto" (CPU_DEFAULT on a CPU; the reference elsewhere), "channels_last", or a
+    runtime of RUNTIMES. Raises ValueError for anything else."""
+    if choice not in CHOICES:
+        raise ValueError(f"unknown runtime {choice!r}; choose from {', '.join(CHOICES)}.")
+    if choice == "auto":
+        choice = CPU_DEFAULT if torch.device(device).type == "cpu" else "reference"
+    if choice == "reference":
+        return {}
+    if choice == "channels_last":
+        return {"channels_last": True}
+    return {"runtime": choice}
+
+
+def describe_path(fast_path: dict) -> str:
+    """'PyTorch fp32 (reference)', 'PyTorch fp32, channels_last', 'onnxruntime', ... from
+    `Detector.fast_path()`."""
+    if fast_path.get("runtime"):
+        return str(fast_path["runtime"])
+    parts = [k for k in ("channels_last", "compile") if fast_path.get(k)]
+    dtype = fast_path.get("autocast_dtype") or "fp32"
+    return f"PyTorch {dtype}" + (", " + ", ".join(parts) if parts else (" (reference)" if dtype == "fp32" else ""))
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The runtime is not installed or cannot run this U-Net; the message says which and why."""
+
+
+def available(runtime: str) -> bool:
+    """Whether the runtime's package (and the ONNX exporter's) can be imported."""
+    import importlib.util
+
+    if runtime not in _MODULES:
+        return False
+    needed = (_MODULES[runtime], "onnx", "onnxscript")
+    return all(importlib.util.find_spec(name) is not None for name in needed)
+
+
+def cache_dir() -> Path:
+    """Where exports are kept: $CGDIFF_CACHE, else $XDG_CACHE_HOME/cgdiff, else ~/.cache/cgdiff."""
+    if os.environ.get("CGDIFF_CACHE"):
+        return Path(os.environ["CGDIFF_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "cgdiff"
+
+
+def weights_hash(unet: torch.nn.Module) -> str:
+    """SHA-256 (hex, 16 characters) of the U-Net's config and every weight's name, shape, dtype
+    and bytes, with the torch version and EXPORT_VERSION: the cache key of its export."""
+    h = hashlib.sha256()
+    config = dict(getattr(unet, "config", {}) or {})
+    h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode())
+    h.update(f"torch {torch.__version__} export {EXPORT_VERSION}".encode())
+    for name, tensor in sorted(unet.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class _EpsOnly(torch.nn.Module):
+    """diffusers' UNet2DModel returns an output object; ONNX wants plain tensors."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+
+def export_onnx(unet: torch.nn.Module, cache: Optional[Path] = None) -> Path:
+    """The U-Net as an ONNX file (inputs x: B x 3 x H x W float32, t: B int64; output the noise
+    estimate, B x 3 x H x W), exported once per weights hash into `cache` (default `cache_dir()`)
+    and reused afterwards. The file is written beside its final place and renamed into it when
+    complete, so an interrupted export leaves nothing that a later run would load.
+    Raises RuntimeUnavailable when the exporter is missing or fails."""
+    from .model import downsampling_factor
+
+    folder = Path(cache or cache_dir()) / "onnx" / weights_hash(unet)
+    path = folder / "unet.onnx"
+    if path.is_file():
+        return path
+    for name in ("onnx", "onnxscript"):
+        if _missing(name):
+            raise RuntimeUnavailable(f"exporting the U-Net needs the '{name}' package: pip install 'cgdiff[fast]'.")
+    folder.mkdir(parents=True, exist_ok=True)
+    factor = downsampling_factor(unet)
+    size = max(factor, 64 // factor * factor)
+    device = next(unet.parameters()).device
+    # Example batch 2 and a non-square example: torch.export would fix a dimension of size 1
+    # (or two equal ones) in the exported graph.
+    x = torch.zeros(2, 3, size, size + factor, device=device)
+    t = torch.zeros(2, dtype=torch.long, device=device)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    side = {d: factor * torch.export.Dim(d, min=1, max=4096 // factor) for d in ("h", "w")}
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                _EpsOnly(unet).eval(), (x, t), dynamo=True, input_names=["x", "t"], output_names=["eps"],
+                dynamic_shapes={"x": {0: batch, 2: side["h"], 3: side["w"]}, "t": {0: batch}}, verbose=False,
+            )
+            program.save(str(tmp / "unet.onnx"), external_data=False)
+        os.replace(tmp / "unet.onnx", path)
+    except Exception as e:  # the exporter raises many types; the caller falls back to PyTorch
+        raise RuntimeUnavailable(f"the ONNX export of the U-Net failed: {type(e).__name__}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+class RuntimeUNet:
+    """A callable eps(x, t) -> noise estimate (torch tensors, CPU, float32, same shapes as the
+    U-Net's) backed by a CPU runtime. `warmup_seconds` is what loading cost (export included
+    when the cache was cold); `exported` says whether this call exported."""
+
+    def __init__(self, unet: torch.nn.Module, runtime: str, threads: Optional[int] = None,
+                 cache: Optional[Path] = None):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}.")
+        if not available(runtime):
+            raise RuntimeUnavailable(
+                f"the '{runtime}' runtime is not installed (pip install 'cgdiff[fast]' brings ONNX Runtime and OpenVINO).")
+        start = time.perf_counter()
+        threads = int(threads or torch.get_num_threads())
+        cached = (Path(cache or cache_dir()) / "onnx" / weights_hash(unet) / "unet.onnx").is_file()
+        path = export_onnx(unet, cache)
+        self.runtime, self.path, self.exported = runtime, path, not cached
+        try:
+            self._run = _onnxruntime(path, threads) if runtime == "onnxruntime" else _openvino(
+                path, threads, "bf16" if runtime.endswith("bf16") else "f32")
+        except Exception as e:
+            if not cached:
+                raise RuntimeUnavailable(f"{runtime} cannot load the exported U-Net: {type(e).__name__}: {e}") from None
+            # A damaged cache entry (a disk fault, an edit): export again once.
+            shutil.rmtree(path.parent, ignore_errors=True)
+            self.__init__(unet, runtime, threads, cache)
+            return
+        self.warmup_seconds = time.perf_counter() - start
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self._run(x.detach().to("cpu", torch.float32).contiguous().numpy(),
+                        t.detach().to("cpu", torch.int64).reshape(-1).expand(x.shape[0]).contiguous().numpy())
+        return torch.from_numpy(out).to(x.device)
+
+
+def _onnxruntime(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x, t: session.run(None, {"x": x, "t": t})[0]
+
+
+def _openvino(path: Path, threads: int, precision: str):
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+
+    def run(x, t):
+        request.infer({"x": x, "t": t})
+        return request.get_output_tensor(0).data.copy()
+
+    return run
+
+
+def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
+    """Keep freed buffers up to `limit_bytes` in the process instead of returning them to the
+    kernel (glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), so that the next call reuses them
+    without page faults. Returns False (and changes nothing) where the C library is not glibc.
+    Affects the whole process: the CLI, the app and the benchmark call it; the library does not."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        mmap_ok = libc.mallopt(m_mmap_threshold, limit_bytes) or libc.mallopt(m_mmap_threshold, 32 << 20)
+        return bool(mmap_ok and libc.mallopt(m_trim_threshold, limit_bytes))
+    except (OSError, AttributeError):
+        return False
+
+
+def _missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
