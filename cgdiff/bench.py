@@ -35,6 +35,7 @@ import os
 import platform
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -761,56 +762,96 @@ def cpu_fast_path_benchmark(
     memory, verdicts matching the reference and the largest score and map differences; at
     paper scale (`paper`, a detector; one image) seconds per image and score difference.
     `chosen` is the fastest variant (mean seconds per image over the cases) whose verdicts all
-    match and whose scores stay within 1 % of each threshold. Detectors end on the reference path."""
+    match and whose scores stay within 1 % of each threshold; `failed` lists the variants that
+    could not run (a runtime missing or failing, no compiler), with the error. Detectors end on
+    the reference path."""
+    if any(options.get("compile") for _, options in variants):
+        import torch._dynamo
+
+        # One compilation per checkpoint, image size and the paper-scale U-Net: above dynamo's
+        # default limit, later ones would silently run eager.
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     reference: dict[str, list] = {}
-    rows, unet_rows, paper_rows = [], [], []
+    rows, unet_rows, paper_rows, failed = [], [], [], []
     paper_ref = None
     try:
         for variant, options in variants:
             log(f"  {variant}")
-            for size in unet_sizes:
-                cases[0][1].use_fast_path(**options)
-                unet_rows.append({"variant": variant, **unet_call_time(cases[0][1], size)})
-            for name, detector, images, extra in cases:
-                start = time.perf_counter()
-                detector.use_fast_path(**options)
-                detector.detect(images[0])
-                warmup = time.perf_counter() - start
-                with PeakMemory(detector.device) as mem, timed_model_calls(detector) as timers:
-                    t0, cpu0 = time.perf_counter(), time.process_time()
-                    timed = [d for _ in range(repeats) for image in images for d in detector.detect(image)]
-                    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-                results = timed[: len(images)] + (detector.detect(list(extra)) if extra else [])
-                if variant == variants[0][0]:
-                    reference[name] = results
-                n = len(timed)
-                rows.append({"variant": variant, "checkpoint": name, "seconds_per_image": wall / n,
-                             "cpu_seconds_per_image": cpu / n, "unet_seconds": timers.unet.seconds / n,
-                             "unet_calls_per_image": timers.unet.calls / n, "warmup_seconds": warmup,
-                             "peak_memory_mib": mem.peak_mib,
-                             **_compare(reference[name], results, detector.threshold),
-                             **detector.fast_path()})
-                detector.use_fast_path()
-            if paper is not None:
-                x = paper_image.to(paper.device)
-                start = time.perf_counter()
-                paper.use_fast_path(**options)
-                paper._eps(x, torch.full((1,), 200, dtype=torch.long, device=paper.device))
-                warmup = time.perf_counter() - start
-                t0, cpu0 = time.perf_counter(), time.process_time()
-                score = paper.score_maps(x, paper.reconstruct(x)).flatten(1).amax(1).item()
-                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-                paper_ref = score if paper_ref is None else paper_ref
-                paper_rows.append({"variant": variant, "seconds_per_image": wall, "cpu_seconds_per_image": cpu,
-                                   "warmup_seconds": warmup, "unet_calls_per_image": paper.sampler.model_calls(),
-                                   "max_score_difference": abs(score - paper_ref)})
-                paper.use_fast_path()
+            try:
+                rows += _variant_rows(variant, options, cases, reference, repeats, variant == variants[0][0])
+                for size in unet_sizes:  # after the warm-ups above: the export or compilation is done
+                    cases[0][1].use_fast_path(**options)
+                    unet_rows.append({"variant": variant, **unet_call_time(cases[0][1], size)})
+                if paper is not None:
+                    row = _paper_row(variant, options, paper, paper_image)
+                    paper_ref = row["score"] if paper_ref is None else paper_ref
+                    paper_rows.append({**row, "max_score_difference": abs(row["score"] - paper_ref)})
+            except Exception as e:  # noqa: BLE001 - one variant's failure (no compiler, a runtime error) is a row
+                log(f"    failed: {type(e).__name__}: {e}")
+                failed.append({"variant": variant, "error": f"{type(e).__name__}: {e}"})
+                rows = [r for r in rows if r["variant"] != variant]
+                unet_rows = [r for r in unet_rows if r["variant"] != variant]
+                paper_rows = [r for r in paper_rows if r["variant"] != variant]
+            finally:
+                for _, detector, _, _ in cases:
+                    detector.use_fast_path()
+                if paper is not None:
+                    paper.use_fast_path()
     finally:
         for _, detector, _, _ in cases:
             detector.use_fast_path()
-        if paper is not None:
-            paper.use_fast_path()
-    return {"rows": rows, "unet": unet_rows, "paper": paper_rows, "chosen": choose_cpu_default(rows)}
+    return {"rows": rows, "unet": unet_rows, "paper": paper_rows, "failed": failed, "chosen": choose_cpu_default(rows)}
+
+
+def _check_active(variant: str, options: dict[str, Any], detector) -> None:
+    """A runtime that could not be had leaves the detector on the reference path (with a
+    warning): such a row would time the reference under the runtime's name."""
+    wanted = options.get("runtime")
+    if wanted and detector.fast_path()["runtime"] != wanted:
+        raise RuntimeError(f"{wanted} is not active (missing, or its export failed): not measured")
+
+
+def _variant_rows(variant, options, cases, reference, repeats, is_reference) -> list[dict[str, Any]]:
+    rows = []
+    for name, detector, images, extra in cases:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            detector.use_fast_path(**options)
+        _check_active(variant, options, detector)
+        detector.detect(images[0])
+        warmup = time.perf_counter() - start
+        with PeakMemory(detector.device) as mem, timed_model_calls(detector) as timers:
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            timed = [d for _ in range(repeats) for image in images for d in detector.detect(image)]
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        results = timed[: len(images)] + (detector.detect(list(extra)) if extra else [])
+        if is_reference:
+            reference[name] = results
+        n = len(timed)
+        rows.append({"variant": variant, "checkpoint": name, "seconds_per_image": wall / n,
+                     "cpu_seconds_per_image": cpu / n, "unet_seconds": timers.unet.seconds / n,
+                     "unet_calls_per_image": timers.unet.calls / n, "warmup_seconds": warmup,
+                     "peak_memory_mib": mem.peak_mib, **_compare(reference[name], results, detector.threshold),
+                     **detector.fast_path()})
+        detector.use_fast_path()
+    return rows
+
+
+def _paper_row(variant, options, paper, paper_image) -> dict[str, Any]:
+    x = paper_image.to(paper.device)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        paper.use_fast_path(**options)
+    _check_active(variant, options, paper)
+    paper._eps(x, torch.full((1,), 200, dtype=torch.long, device=paper.device))
+    warmup = time.perf_counter() - start
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    score = paper.score_maps(x, paper.reconstruct(x)).flatten(1).amax(1).item()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"variant": variant, "seconds_per_image": wall, "cpu_seconds_per_image": cpu, "warmup_seconds": warmup,
+            "unet_calls_per_image": paper.sampler.model_calls(), "score": score}
 
 
 def choose_cpu_default(rows: Sequence[dict]) -> Optional[str]:
@@ -936,12 +977,13 @@ def run_quality(
 
 
 def _example_images(location: str, image_size: int, n: int = 4) -> tuple[list[Any], str]:
-    """Images to time the app on: a bundled checkpoint's examples, else seeded noise textures."""
+    """Images to time the app on: every example of a bundled checkpoint, else `n` seeded noise
+    textures."""
     from .registry import known_checkpoints
 
     for entry in known_checkpoints():
         if entry.bundled and Path(entry.location).resolve() == Path(location).resolve() and entry.examples():
-            return [str(p) for p in entry.examples()[:n]], "the checkpoint's example images"
+            return [str(p) for p in entry.examples()], "the checkpoint's example images"
     x = _inputs(n, image_size)
     return list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()), "seeded noise images"
 
@@ -1027,18 +1069,27 @@ def run_speed(
         import tempfile
 
         log("CPU fast path: every variant against fp32 eager (exports into a fresh cache, so warm-up includes them)")
-        cases = [(Path(str(c)).name, d, imgs, list((agreement or {}).get(str(c), ()))) for c, d, imgs, _ in loaded]
+        from .registry import resolve
+
+        def where(checkpoint: Any) -> str:  # a registry name, a path with or without a trailing slash
+            return str(Path(resolve(str(checkpoint))).resolve())
+
+        extra = {where(k): v for k, v in (agreement or {}).items()}
+        cases = [(Path(str(c)).name, d, imgs, list(extra.get(where(c), ()))) for c, d, imgs, _ in loaded]
         previous = os.environ.get("CGDIFF_CACHE")
+        previous_inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         with tempfile.TemporaryDirectory(prefix="cgdiff-bench-cache-") as cache:
             os.environ["CGDIFF_CACHE"] = cache
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache, "inductor")  # compilation measured cold
             try:
                 result["cpu_fast_path"] = cpu_fast_path_benchmark(
                     cases, cpu_variants(), paper=paper, paper_image=_inputs(1, PAPER_IMAGE_SIZE, images), log=log)
             finally:
-                if previous is None:
-                    os.environ.pop("CGDIFF_CACHE", None)
-                else:
-                    os.environ["CGDIFF_CACHE"] = previous
+                for name, value in (("CGDIFF_CACHE", previous), ("TORCHINDUCTOR_CACHE_DIR", previous_inductor)):
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
         return result
     options = {"mode": compile_mode} if compile_mode else None
     log("fast path: the app checkpoint on its images")
@@ -1156,10 +1207,14 @@ def render_speed(result: dict[str, Any]) -> str:
         rows = [{**r, "verdicts": f"{r['verdicts_matching']}/{r['n_compared']}"} for r in cpu["rows"]]
         parts.append("### CPU fast path: end to end at each checkpoint's stored settings (one image per call)\n\n"
                      + markdown_table(_ratios(rows, "seconds_per_image", "checkpoint", "speedup", invert=True), CPU_FAST_COLUMNS)
-                     + "\n\n'first call s': switching to the variant plus the first image (export or compilation "
-                     "included; the exports went to a fresh cache). Verdicts are compared on the timed images and the "
+                     + "\n\n'first call s': switching to the variant plus the first image (export "
+                     "or compilation included: the ONNX exports and torch.compile's kernels went to fresh caches; the "
+                     "first checkpoint's row also pays for that variant's first imports). Verdicts are compared on the "
+                     "timed images (every bundled example) and the "
                      f"extra test images given. Chosen by the rule (fastest with every verdict equal and scores within "
                      f"1 % of the threshold): **{cpu['chosen']}**.")
+        for f in cpu.get("failed", []):
+            parts.append(f"Not measured: {f['variant']} ({f['error']}).")
         if cpu["paper"]:
             parts.append("### CPU fast path at paper scale (DDAD's U-Net, 256 px, one image)\n\n"
                          + markdown_table(_ratios(cpu["paper"], "seconds_per_image", None, "speedup", invert=True), PAPER_CPU_COLUMNS))

@@ -577,12 +577,21 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         info["holdout"] = holdout
     # The threshold is set on normal images the denoiser did not train on where there are some
     # (a threshold from in-sample normals sits too low for unseen ones).
-    held = set(holdout.get("images") or [])
-    calibration_images = [p for p in all_images if p.name in held] or all_images
-    info["calibration_normals"] = (
-        f"{len(calibration_images)} held-out training images (not used in training)" if held else
-        f"the {len(calibration_images)} training images (in-sample: the denoiser trained on them; "
-        "train with --holdout N for a threshold from unseen normals)")
+    from .tune import MIN_HELDOUT_CALIBRATION
+
+    held = [p for p in all_images if p.name in set(holdout.get("images") or [])]
+    if len(held) >= MIN_HELDOUT_CALIBRATION:
+        calibration_images = held
+        info["calibration_normals"] = f"{len(held)} held-out training images (not used in training)"
+    else:
+        calibration_images = all_images
+        info["calibration_normals"] = (
+            f"the {len(all_images)} training images (in-sample: the denoiser trained on "
+            f"{len(all_images) - len(held)} of them; --holdout {MIN_HELDOUT_CALIBRATION} or more gives a "
+            "threshold from unseen normals only)")
+    if sampler.t0 >= config.max_timestep:
+        raise ValueError(f"--t0 {sampler.t0} starts at a noise level that --max-timestep {config.max_timestep} never "
+                         f"trains: give --t0 below {config.max_timestep} (or a larger --max-timestep).")
 
     # Checked here too, so the record never lands in a folder train() would refuse.
     check_output_folder(out, args.resume, args.overwrite)
@@ -631,10 +640,13 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     detector = _load_detector(args)
     detector.settings(**overrides)  # bad values are reported before the long part
 
+    from .runtime import describe_path
+
     result = evaluate(detector, dataset, mask_size=args.mask_size, batch_size=args.batch_size,
                       progress=not args.no_progress, save_maps=maps_dir,
                       empty_masks="skip" if args.skip_empty_masks else "error",
                       require_pixel_metrics=args.require_pixel_metrics, **overrides)
+    result["unet_path"] = describe_path(detector.fast_path())  # how the U-Net ran (timings depend on it)
     if result["pixel_excluded"]:
         _info(f"warning: {result['pixel_metrics_note']}.")
     result["command"] = _command_line(argv)
@@ -646,7 +658,8 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _info(f"wrote heat maps and overlays to {maps_dir}")
     if args.record:
         keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "removal", "fidelity",
-                "n_images", "mask_size", "seconds_per_image", "pixel_metrics_note", "pixel_excluded", "command")
+                "n_images", "mask_size", "seconds_per_image", "unet_path", "pixel_metrics_note", "pixel_excluded",
+                "command")
         detector.info["metrics"] = {
             **{k: result[k] for k in keys},
             "dataset": dataset.category,
@@ -685,8 +698,9 @@ def _evaluation_table(r: dict) -> str:
         lines.insert(-1, f"  {'defect removal':<24}{r['removal']:.3f}  (pooled over the defect pixels of "
                      f"{r['removal_n_images']} image(s) with a clean original; per-image mean {r['removal_mean']:.3f}; "
                      "1 = removed, 0 = kept)")
-        lines.insert(-1, f"  {'fidelity outside':<24}{r['fidelity']:.4f}  (mean |reconstruction - input| over "
-                     "normal pixels, fraction of the pixel range)")
+        if r.get("fidelity") is not None:
+            lines.insert(-1, f"  {'fidelity outside':<24}{r['fidelity']:.4f}  (mean |reconstruction - input| over "
+                         "normal pixels, fraction of the pixel range)")
     at = r.get("at_threshold")
     if at:
         lines.append(

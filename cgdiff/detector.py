@@ -116,7 +116,11 @@ class Detector:
         if self._fast_unet is not None:
             self._fast_unet.to(device)
         if self._runtime is not None and torch.device(device).type != "cpu":
-            self._runtime = None  # the CPU runtimes stay on the CPU: back to the reference path
+            import warnings
+
+            warnings.warn(f"the '{self._runtime.runtime}' runtime runs on the CPU: on {device} the detector uses "
+                          "the reference path.", RuntimeWarning, stacklevel=2)
+            self._runtime = None
         return self
 
     def use_fast_path(
@@ -144,17 +148,19 @@ class Detector:
         difference in score they cause."""
         import copy
 
+        # Every check first: a refused call leaves the detector as it was.
+        if runtime is not None and (autocast_dtype is not None or channels_last or compile):
+            raise ValueError("runtime= runs the U-Net outside PyTorch: it excludes autocast, channels_last and compile.")
+        if autocast_dtype == torch.float16 and self.device.type == "cpu":
+            raise ValueError("fp16 autocast is not for the CPU; use torch.bfloat16 there.")
+        if runtime is not None:
+            loaded = _load_runtime(self.unet, runtime)  # None (with a warning) when it cannot be had
+            self.autocast_dtype, self.channels_last = None, False
+            self._fast_unet, self._compiled, self._runtime = None, False, loaded
+            return self
         self.autocast_dtype = autocast_dtype
         self.channels_last = bool(channels_last)
         self._runtime = None
-        if runtime is not None:
-            if autocast_dtype is not None or channels_last or compile:
-                raise ValueError("runtime= runs the U-Net outside PyTorch: it excludes autocast, channels_last and compile.")
-            self._fast_unet, self._compiled = None, False
-            self._runtime = _load_runtime(self.unet, runtime)
-            return self
-        if autocast_dtype == torch.float16 and self.device.type == "cpu":
-            raise ValueError("fp16 autocast is not for the CPU; use torch.bfloat16 there.")
         fast: Optional[torch.nn.Module] = None
         if channels_last:
             fast = copy.deepcopy(self.unet).to(memory_format=torch.channels_last)
@@ -418,7 +424,9 @@ def _load_runtime(unet: torch.nn.Module, runtime: str):
     if runtime not in rt.RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(rt.RUNTIMES)}.")
     if device.type != "cpu":
-        raise ValueError(f"the '{runtime}' runtime runs on the CPU; this detector is on {device}.")
+        warnings.warn(f"the '{runtime}' runtime runs on the CPU and this detector is on {device}: using the "
+                      "reference path there.", RuntimeWarning, stacklevel=3)
+        return None
     try:
         return rt.RuntimeUNet(unet, runtime)
     except rt.RuntimeUnavailable as e:

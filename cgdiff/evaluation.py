@@ -225,7 +225,9 @@ def reconstruct_dataset(
 def _removal(detector, dataset: AnomalyDataset, samples: list, inputs: torch.Tensor, recs: torch.Tensor
              ) -> Optional[dict[str, Any]]:
     """The removal measure on the defect images that have a clean original and a mask, at the
-    working size, on the [0, 1] pixel scale (fidelity is a fraction of the full range)."""
+    working size, on the [0, 1] pixel scale (fidelity is a fraction of the full range); None
+    when no defect pixel differs from its clean original. Inside the masks the reconstruction's
+    ordinary error on normal texture counts as defect left, so a faint defect scores low."""
     from .metrics import removal
 
     chosen = [i for i, s in enumerate(samples) if s.label and s.clean_path is not None and s.mask_path is not None]
@@ -234,9 +236,12 @@ def _removal(detector, dataset: AnomalyDataset, samples: list, inputs: torch.Ten
     size = inputs.shape[-1]
     cleans = torch.cat([detector.prepare([samples[i].clean_path]).float().cpu() for i in chosen])
     masks = np.stack([dataset.load_mask(samples[i], size) for i in chosen])
-    if not masks.any():
+    try:
+        out = removal((inputs[chosen].numpy() + 1) / 2, (recs[chosen].numpy() + 1) / 2, (cleans.numpy() + 1) / 2, masks)
+    except ValueError:  # no defect pixel differs from its clean original: nothing to measure
         return None
-    out = removal((inputs[chosen].numpy() + 1) / 2, (recs[chosen].numpy() + 1) / 2, (cleans.numpy() + 1) / 2, masks)
+    # JSON has no NaN: an image without a measurable defect gets None.
+    out = {k: ([None if v != v else v for v in val] if isinstance(val, list) else val) for k, val in out.items()}
     out["paths"] = [str(samples[i].path) for i in chosen]
     out["n_images"] = len(chosen)
     return out

@@ -102,13 +102,18 @@ def cache_dir() -> Path:
 
 def weights_hash(unet: torch.nn.Module) -> str:
     """SHA-256 (hex, 16 characters) of the U-Net's config and every weight's name, shape, dtype
-    and bytes, with the torch version and EXPORT_VERSION: the cache key of its export."""
+    and bytes, with the versions of torch, diffusers, onnx and onnxscript and EXPORT_VERSION: the
+    cache key of its export."""
+    import diffusers
+
     h = hashlib.sha256()
     config = dict(getattr(unet, "config", {}) or {})
     h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode())
-    h.update(f"torch {torch.__version__} export {EXPORT_VERSION}".encode())
+    # The exported graph depends on the code that traced it, not only on the weights.
+    versions = {name: _version(name) for name in ("onnx", "onnxscript")}
+    h.update(f"torch {torch.__version__} diffusers {diffusers.__version__} {versions} export {EXPORT_VERSION}".encode())
     for name, tensor in sorted(unet.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
@@ -125,22 +130,28 @@ class _EpsOnly(torch.nn.Module):
         return self.unet(x, t).sample
 
 
-def export_onnx(unet: torch.nn.Module, cache: Optional[Path] = None) -> Path:
+def export_onnx(unet: torch.nn.Module, cache: Optional[Path] = None, key: Optional[str] = None) -> Path:
     """The U-Net as an ONNX file (inputs x: B x 3 x H x W float32, t: B int64; output the noise
     estimate, B x 3 x H x W), exported once per weights hash into `cache` (default `cache_dir()`)
     and reused afterwards. The file is written beside its final place and renamed into it when
-    complete, so an interrupted export leaves nothing that a later run would load.
-    Raises RuntimeUnavailable when the exporter is missing or fails."""
+    complete, so an interrupted export leaves nothing that a later run would load. `key`: the
+    weights hash when the caller has it. Raises RuntimeUnavailable when the exporter is missing
+    or fails, or the cache folder cannot be written."""
     from .model import downsampling_factor
 
-    folder = Path(cache or cache_dir()) / "onnx" / weights_hash(unet)
+    folder = Path(cache or cache_dir()) / "onnx" / (key or weights_hash(unet))
     path = folder / "unet.onnx"
     if path.is_file():
         return path
     for name in ("onnx", "onnxscript"):
         if _missing(name):
             raise RuntimeUnavailable(f"exporting the U-Net needs the '{name}' package: pip install 'cgdiff[fast]'.")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+    except OSError as e:
+        raise RuntimeUnavailable(f"cannot write the export into '{folder}' ({e.strerror or e}); set CGDIFF_CACHE "
+                                 "to a writable folder.") from None
     factor = downsampling_factor(unet)
     size = max(factor, 64 // factor * factor)
     device = next(unet.parameters()).device
@@ -150,7 +161,6 @@ def export_onnx(unet: torch.nn.Module, cache: Optional[Path] = None) -> Path:
     t = torch.zeros(2, dtype=torch.long, device=device)
     batch = torch.export.Dim("batch", min=1, max=1024)
     side = {d: factor * torch.export.Dim(d, min=1, max=4096 // factor) for d in ("h", "w")}
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -181,19 +191,18 @@ class RuntimeUNet:
                 f"the '{runtime}' runtime is not installed (pip install 'cgdiff[fast]' brings ONNX Runtime and OpenVINO).")
         start = time.perf_counter()
         threads = int(threads or torch.get_num_threads())
-        cached = (Path(cache or cache_dir()) / "onnx" / weights_hash(unet) / "unet.onnx").is_file()
-        path = export_onnx(unet, cache)
+        key = weights_hash(unet)
+        path = Path(cache or cache_dir()) / "onnx" / key / "unet.onnx"
+        if path.is_file() and not _valid_onnx(path):
+            path.unlink(missing_ok=True)  # a damaged cache entry (a disk fault, an edit): export again
+        cached = path.is_file()
+        path = export_onnx(unet, cache, key)
         self.runtime, self.path, self.exported = runtime, path, not cached
         try:
             self._run = _onnxruntime(path, threads) if runtime == "onnxruntime" else _openvino(
                 path, threads, "bf16" if runtime.endswith("bf16") else "f32")
-        except Exception as e:
-            if not cached:
-                raise RuntimeUnavailable(f"{runtime} cannot load the exported U-Net: {type(e).__name__}: {e}") from None
-            # A damaged cache entry (a disk fault, an edit): export again once.
-            shutil.rmtree(path.parent, ignore_errors=True)
-            self.__init__(unet, runtime, threads, cache)
-            return
+        except Exception as e:  # the runtimes raise their own types
+            raise RuntimeUnavailable(f"{runtime} cannot load the exported U-Net: {type(e).__name__}: {e}") from None
         self.warmup_seconds = time.perf_counter() - start
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -216,31 +225,56 @@ def _onnxruntime(path: Path, threads: int):
 def _openvino(path: Path, threads: int, precision: str):
     import openvino as ov
 
+    import threading
+
     compiled = ov.Core().compile_model(str(path), "CPU", {
         "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
+    lock = threading.Lock()  # one infer request: callers from several threads (the app) take turns
 
     def run(x, t):
-        request.infer({"x": x, "t": t})
-        return request.get_output_tensor(0).data.copy()
+        with lock:
+            request.infer({"x": x, "t": t})
+            return request.get_output_tensor(0).data.copy()
 
     return run
 
 
-def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
-    """Keep freed buffers up to `limit_bytes` in the process instead of returning them to the
-    kernel (glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), so that the next call reuses them
-    without page faults. Returns False (and changes nothing) where the C library is not glibc.
-    Affects the whole process: the CLI, the app and the benchmark call it; the library does not."""
+def keep_freed_memory() -> bool:
+    """Serve buffers up to 1 GiB from the heap instead of fresh mmaps (glibc's M_MMAP_THRESHOLD;
+    where glibc refuses that, 32 MiB, the largest every 64-bit glibc takes) and keep up to 1 GiB
+    of freed heap in the process (M_TRIM_THRESHOLD) instead of returning it to the kernel, so that
+    the next U-Net call reuses it without page faults. Returns whether glibc took both settings
+    (False elsewhere, e.g. macOS or musl). Affects the whole process: the CLI, the app and the
+    benchmark call it; the library does not."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        mmap_ok = libc.mallopt(m_mmap_threshold, limit_bytes) or libc.mallopt(m_mmap_threshold, 32 << 20)
-        return bool(mmap_ok and libc.mallopt(m_trim_threshold, limit_bytes))
+        mmap_ok = libc.mallopt(m_mmap_threshold, 1 << 30) or libc.mallopt(m_mmap_threshold, 32 << 20)
+        return bool(mmap_ok) & bool(libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+def _valid_onnx(path: Path) -> bool:
+    try:
+        import onnx
+
+        onnx.checker.check_model(str(path))
+        return True
+    except Exception:  # noqa: BLE001 - any failure to parse or check means: export again
+        return False
+
+
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "none"
 
 
 def _missing(name: str) -> bool:

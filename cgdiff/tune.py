@@ -67,6 +67,9 @@ __all__ = ["ValidationSet", "TuneResult", "DEFAULT_GRIDS", "BALANCES", "training
            "FRONT_PLOT_NAME"]
 
 FRONT_PLOT_NAME = "tuning_front.png"
+# Fewest held-out normals a threshold is set on alone (mean + 3 sigma and the largest normal score
+# of fewer images are too noisy); with fewer, the training images are used as well.
+MIN_HELDOUT_CALIBRATION = 8
 AUPRO_FPR_LIMIT = 0.3
 
 # Searched sampler settings in order of influence (a short budget gets the important ones),
@@ -170,6 +173,7 @@ class ValidationSet:
     seed: int
     calibration_paths: list[Path] = field(default_factory=list)  # normal images for recalibration
     cleans: Optional[np.ndarray] = None  # N x S x S x 3 uint8: each image before its defect
+    calibration_unseen: bool = False  # calibration_paths are normals the denoiser did not train on
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -302,12 +306,14 @@ def validation_set(
         origins.append(i)
     used = sorted(set(origins))
     remap = {i: n for n, i in enumerate(used)}
+    unseen_calibration = not in_sample and source != "holdout stripe" and len(sources) >= MIN_HELDOUT_CALIBRATION
     return ValidationSet(
         images=np.stack(images), masks=np.stack(masks), labels=np.array(labels, dtype=np.int64), rows=rows,
         source=source, in_sample=in_sample, normal_paths=[sources[i] for i in used], kinds=kinds_out,
         origins=[remap[i] for i in origins], seed=seed,
-        # Recalibration uses the normals the denoiser did not train on where there are some.
-        calibration_paths=list(sources) if not in_sample and source != "holdout stripe" else list(folder_images),
+        # Recalibration uses the normals the denoiser did not train on where there are enough.
+        calibration_paths=list(sources) if unseen_calibration else list(folder_images),
+        calibration_unseen=unseen_calibration,
         cleans=np.stack(cleans),
     )
 
@@ -810,9 +816,9 @@ def apply_result(detector, result: TuneResult, log: Optional[Callable[[str], Non
     detector.calibrate(paths)
     record = dict(result.record)
     record["calibrated_on"] = len(paths)
-    unseen = result.validation.source in ("holdout images", "unseen training-folder images")
-    record["calibration_normals"] = (f"{len(paths)} {result.validation.source} (not used in training)" if unseen
-                                     else f"{len(paths)} training images (in-sample)")
+    record["calibration_normals"] = (f"{len(paths)} {result.validation.source} (not used in training)"
+                                     if result.validation.calibration_unseen
+                                     else f"{len(paths)} training-folder images (in-sample)")
     if result.chosen != result.start and detector.info.get("metrics"):
         # Test metrics recorded earlier belong to the previous settings.
         record["metrics_before_tuning"] = detector.info.pop("metrics")

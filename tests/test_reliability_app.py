@@ -261,3 +261,22 @@ def test_serving_limits_are_read_from_the_environment_and_checked(monkeypatch):
     with pytest.raises(SystemExit, match="--concurrency or CGDIFF_APP_CONCURRENCY"):
         app.main(["--concurrency", "0"])
     assert app.demo.delete_cache == (600, 60 * app.CONFIG.cache_minutes)  # old uploads and pictures go
+
+
+def test_the_unet_path_is_chosen_by_the_environment_and_applied_to_loaded_models(monkeypatch):
+    sys.path.insert(0, str(REPO))
+    try:
+        import app
+    finally:
+        sys.path.remove(str(REPO))
+    monkeypatch.setenv("CGDIFF_APP_RUNTIME", "reference")
+    assert app.AppConfig.from_env().runtime == "reference"
+    monkeypatch.setenv("CGDIFF_APP_RUNTIME", "tensorrt")
+    with pytest.raises(SystemExit, match="runtime must be one of auto, reference, channels_last"):
+        app.AppConfig.from_env()
+    cache = app.ModelCache(2, "auto")
+    detector = cache.get(app.DEFAULT.name)
+    assert detector.fast_path()["channels_last"]  # the measured CPU default
+    cache.set_runtime("reference")
+    assert detector.fast_path() == {"autocast_dtype": None, "channels_last": False, "compile": False, "runtime": None}
+    assert cache.get(app.DEFAULT.name) is detector and cache.loads == 1

@@ -153,9 +153,9 @@ def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys
     held = config["training"]["holdout"]["images"]
     assert len(held) == 2 and not set(held) & set(config["training"]["images"])
     assert config["training"]["n_images"] == 10
-    # The threshold comes from the two held-out normals, not from images the denoiser trained on.
-    assert config["calibration"]["n_images"] == 2 and "2 held-out" in config["training"]["calibration_normals"]
-    assert "calibration on 2 held-out training images" in (ckpt / "README.md").read_text()
+    # Two held-out normals are too few for a threshold of their own: all 12, and the card says so.
+    assert config["calibration"]["n_images"] == 12 and "in-sample" in config["training"]["calibration_normals"]
+    assert "calibration on the 12 training images (in-sample" in (ckpt / "README.md").read_text()
 
     with _Watch(gravel) as watch:
         code = main(["tune", "--checkpoint", str(ckpt), "--data", str(gravel), "--normal", "2", "--anomalous", "2",
@@ -170,14 +170,33 @@ def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys
     assert sorted(tuning["validation_set"]["images"]) == sorted(held)
     assert {k: tuned["sampler"][k] for k in ("t0", "steps", "w")} == {k: tuning["chosen"][k] for k in ("t0", "steps", "w")}
     assert tuned["scorer"]["pixel_weight"] == tuning["chosen"]["pixel_weight"]
-    assert tuning["calibrated_on"] == 2 and tuned["calibration"]["n_images"] == 2
-    assert tuning["calibration_normals"] == "2 holdout images (not used in training)"
+    assert tuning["calibrated_on"] == 12 and tuned["calibration"]["n_images"] == 12
+    assert tuning["calibration_normals"] == "12 training-folder images (in-sample)"
     assert len(tuning["table"]) >= 2 and tuning["search"]["sampler_settings"] == 2
     assert (ckpt / "tuning_front.png").read_bytes()[:4] == b"\x89PNG"
     card = (ckpt / "README.md").read_text()
     assert "Label-free tuning" in card and "tuning_front.png" in card
     assert json.loads((tmp_path / "tuning.json").read_text())["summary"] == tuning["summary"]
     assert (ckpt / "training_state").is_dir()  # the save keeps what was there
+
+
+def test_enough_held_out_normals_set_the_threshold_alone(gravel, tmp_path, capsys):
+    from cgdiff.tune import MIN_HELDOUT_CALIBRATION
+
+    ckpt = tmp_path / "held"
+    n = MIN_HELDOUT_CALIBRATION
+    assert main(["train", "--data", str(gravel), "--out", str(ckpt), "--holdout", str(n), *TRAIN]) == 0
+    config = json.loads((ckpt / "cgdiff.json").read_text())
+    assert config["calibration"]["n_images"] == n
+    assert config["training"]["calibration_normals"] == f"{n} held-out training images (not used in training)"
+    assert f"calibration on {n} held-out training images" in (ckpt / "README.md").read_text()
+    capsys.readouterr()
+
+
+def test_a_start_the_denoiser_never_trained_is_refused(gravel, tmp_path, capsys):
+    code = main(["train", "--data", str(gravel), "--out", str(tmp_path / "x"), "--max-timestep", "200", *TRAIN])
+    assert code == 2 and "--t0 250 starts at a noise level that --max-timestep 200 never trains" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "cgdiff.json").exists()
 
 
 def test_train_with_a_holdout_stripe_and_tune_at_the_end(gravel, tmp_path, capsys):
