@@ -477,11 +477,14 @@ def _load_detector(args: argparse.Namespace):
     detector = Detector.from_pretrained(args.checkpoint, device=device)
     if detector.calibration is None:
         raise ValueError(f"checkpoint '{args.checkpoint}' is not calibrated (no threshold); retrain or calibrate it.")
-    from .runtime import describe_path, path_options
+    from .runtime import RUNTIMES, available, describe_path, is_exported, path_options
 
+    options = path_options(getattr(args, "runtime", "reference"), detector.device)
+    if options.get("runtime") in RUNTIMES and available(options["runtime"]) and not is_exported(detector.unet):
+        _info("exporting the U-Net to ONNX (once per checkpoint, kept in the cache; about 15 s for a small one) ...")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        detector.use_fast_path(**path_options(getattr(args, "runtime", "reference"), detector.device))
+        detector.use_fast_path(**options)
     for w in caught:
         _info(f"warning: {w.message}")
     _info(f"detector: {detector.describe()}; device {detector.device}; U-Net on {describe_path(detector.fast_path())}")

@@ -119,6 +119,11 @@ def weights_hash(unet: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def is_exported(unet: torch.nn.Module, cache: Optional[Path] = None) -> bool:
+    """Whether `export_onnx` would find this U-Net's export in the cache (no export needed)."""
+    return (Path(cache or cache_dir()) / "onnx" / weights_hash(unet) / "unet.onnx").is_file()
+
+
 class _EpsOnly(torch.nn.Module):
     """diffusers' UNet2DModel returns an output object; ONNX wants plain tensors."""
 

@@ -163,8 +163,8 @@ def ablation_cost(detector: Detector, **overrides: Any) -> dict[str, int]:
 
 
 _WHY = {
-    "pure_noise": "starts from pure noise instead of the noised input, so nothing ties the reconstruction to "
-                  "this image's layout",
+    "pure_noise": "starts from pure noise instead of the noised input, so only the conditioning ties the "
+                  "reconstruction to this image (a small denoiser usually fails to rebuild the texture from there)",
     "no_conditioning": "drops the pull toward the input at every step, so the reconstruction drifts from the input",
     "no_guidance": "drops the push away from the blurred estimate",
     "with_guidance": "adds the push away from the blurred estimate (this model's settings leave it off)",
