@@ -12,8 +12,9 @@ made for CPU inference:
   as the reference up to rounding) or OpenVINO ("openvino" fp32, "openvino-bf16" with bf16
   inference precision on CPUs that have it);
 - `keep_freed_memory()` stops glibc's allocator from handing large freed buffers back to the
-  kernel after every call, which made the eager path fault them in again each time (about
-  20,000 page faults per U-Net call at 256 px, a quarter of the CPU time spent in the kernel).
+  kernel after every call, which made the eager path fault them in again each time (16,000 to
+  23,000 page faults and 29 to 36 ms of kernel time, about an eighth of the CPU time, per U-Net
+  call at 256 px in BENCHMARKS.md).
 
 `Detector.use_fast_path(runtime=...)` switches a detector onto a runtime; `cgdiff bench --speed`
 measures every variant against the reference (`BENCHMARKS.md`), and CPU_DEFAULT names the one
@@ -46,8 +47,9 @@ CHOICES = ("auto", "reference", "channels_last") + RUNTIMES
 # (`cgdiff.bench.choose_cpu_default`), the fastest variant whose verdicts equal the reference's on
 # every bundled example and test tile and whose scores stay within 1 % of the threshold. Measured
 # in BENCHMARKS.md: channels-last PyTorch (fp32, no export, no extra package). ONNX Runtime and
-# torch.compile were within a few per cent of it; the bf16 variants were faster but moved scores
-# by more than 1 % of the threshold.
+# torch.compile were within run-to-run variation of it (10-20 %) and cost an export or a
+# compilation per model; the bf16 variants were faster but moved scores by more than 1 % of the
+# threshold.
 CPU_DEFAULT = "channels_last"
 EXPORT_VERSION = 1  # bump when the export itself changes: older cache entries are then ignored
 _MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .detector import Detection, Detector
-from .images import to_uint8
+from .images import load_image, load_mask, to_uint8
 from .sampler import SamplerConfig
 
 FAMILIAR_SIGMAS = 1.0  # the level: mean + this many sd of the normal scores
@@ -244,11 +244,10 @@ def example_truth(image_path: Any, examples: list[Path]) -> Optional[ExampleTrut
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     for example in examples:
         if example.is_file() and example.stat().st_size == path.stat().st_size and _digest(example) == digest:
-            from PIL import Image
-
+            # The package's own decoding: a mask pixel is a defect when non-zero, in any encoding.
             mask_path, clean_path = example.parent / "ground_truth" / example.name, example.parent / "clean" / example.name
-            mask = np.asarray(Image.open(mask_path).convert("L")) > 127 if mask_path.is_file() else None
-            clean = np.asarray(Image.open(clean_path).convert("RGB")) if clean_path.is_file() else None
+            mask = load_mask(mask_path) if mask_path.is_file() else None
+            clean = np.asarray(load_image(clean_path)) if clean_path.is_file() else None
             return ExampleTruth(example, mask, clean)
     return None
 
