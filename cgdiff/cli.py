@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 from .data import IMAGE_EXTENSIONS, LAYOUTS, TEXTURES, DatasetError, iter_images
 from .sampler import SamplerConfig
 from .scorer import OFFLINE_BACKBONE, PAPER_BACKBONE, ScorerConfig
-from .train import UNET_PRESETS, TrainConfig, TrainingError
+from .train import LR_SCHEDULES, UNET_PRESETS, TrainConfig, TrainingError
 
 PROG = "cgdiff"
 TRAIN_ARGS_NAME = "train_args.json"  # beside the checkpoint: what `--resume` must keep
@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "pure-noise ablation)")
     p.add_argument("--snr-gamma", type=_number(float, 0), default=t.snr_gamma, metavar="X",
                    help="min-SNR-gamma loss weighting (Hang et al. 2023, e.g. 5); 0: plain MSE")
+    p.add_argument("--lr-schedule", default=t.lr_schedule, choices=LR_SCHEDULES,
+                   help="learning rate over the run: constant, or cosine (half a cosine from --lr down to 0 "
+                   "at --max-steps; a run stopped earlier by --max-minutes ends above 0)")
+    p.add_argument("--warmup-steps", type=whole, default=t.warmup_steps, metavar="N",
+                   help="linear learning-rate warm-up from 0 over the first N steps")
     p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
                    help=f"training steps in total (default: {t.max_steps}; on --resume: the run's own)")
     p.add_argument("--max-minutes", type=positive_float, default=None, metavar="M",
@@ -550,6 +555,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         learning_rate=args.lr, max_steps=max_steps, max_minutes=args.max_minutes,
         mixed_precision=args.mixed_precision, save_every=save_every, seed=args.seed,
         flips=not args.no_flips, rotations=args.rotations, max_timestep=args.max_timestep, snr_gamma=args.snr_gamma,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
     )
     if not args.resume:
         config.validate()  # before reading the data: a bad value is reported at once
@@ -616,7 +622,8 @@ def _warn_fixed_on_resume(args: argparse.Namespace, saved: dict) -> None:
     pairs = {"--image-size": ("image_size", args.image_size), "--crop-size": ("crop_size", args.crop_size),
              "--preset": ("unet_preset", args.preset), "--batch-size": ("batch_size", args.batch_size),
              "--lr": ("learning_rate", args.lr), "--seed": ("seed", args.seed),
-             "--max-timestep": ("max_timestep", args.max_timestep), "--snr-gamma": ("snr_gamma", args.snr_gamma)}
+             "--max-timestep": ("max_timestep", args.max_timestep), "--snr-gamma": ("snr_gamma", args.snr_gamma),
+             "--lr-schedule": ("lr_schedule", args.lr_schedule), "--warmup-steps": ("warmup_steps", args.warmup_steps)}
     defaults = TrainConfig()
     for flag, (key, value) in pairs.items():
         if key in saved and value != saved[key] and value != getattr(defaults, key):

@@ -42,6 +42,7 @@ MIN_FREE_BYTES = 200 * 1024 * 1024
 # Disk per U-Net parameter: the state holds model, EMA and two Adam moments (4 x 4 bytes), a
 # save writes the new state before the old one goes (x 2), and the checkpoint (4 bytes).
 BYTES_PER_PARAMETER = 36
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class TrainingError(RuntimeError):
@@ -73,6 +74,10 @@ class TrainConfig:
     # Min-SNR-gamma loss weighting (Hang et al., "Efficient Diffusion Training via Min-SNR
     # Weighting Strategy", ICCV 2023), for the noise prediction: min(SNR_t, gamma) / SNR_t; 0: off.
     snr_gamma: float = 0.0
+    # Learning-rate schedule (diffusers.optimization.get_scheduler): "constant" or "cosine"
+    # (half a cosine from the peak to 0 over max_steps), after warmup_steps of linear warm-up.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
 
     def validate(self) -> "TrainConfig":
         if self.unet_preset not in UNET_PRESETS:
@@ -97,6 +102,10 @@ class TrainConfig:
             raise TrainingError(f"max_timestep must be a whole number in [1, 1000], got {self.max_timestep!r}.")
         if not (math.isfinite(self.snr_gamma) and self.snr_gamma >= 0):
             raise TrainingError(f"snr_gamma must be a finite number >= 0, got {self.snr_gamma!r}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainingError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}.")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.max_steps:
+            raise TrainingError(f"warmup_steps must be a whole number in [0, max_steps), got {self.warmup_steps!r}.")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise TrainingError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
         return self
@@ -332,6 +341,7 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import UNet2DModel
+    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
@@ -375,6 +385,14 @@ def train(
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
+    # Stepped once per training step by hand (accelerate's prepared scheduler steps once per
+    # process); a constant rate without warm-up needs no state, which keeps older runs resumable.
+    lr_scheduler = None
+    if config.lr_schedule != "constant" or config.warmup_steps:
+        name = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
+        lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps,
+                                     num_training_steps=config.max_steps)
+        accelerator.register_for_checkpointing(lr_scheduler)
     scheduler = build_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
 
@@ -437,6 +455,9 @@ def train(
                     accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                learning_rate = optimizer.param_groups[0]["lr"]
+                if lr_scheduler is not None:
+                    lr_scheduler.step()
                 ema.step(accelerator.unwrap_model(unet).parameters())
                 step += 1
 
@@ -456,7 +477,7 @@ def train(
                     last_call = (step, elapsed)
                 if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
                     with log_path.open("a") as f:
-                        f.write(f"{step},{value:.6f},{config.learning_rate},{seconds_before + elapsed:.1f}\n")
+                        f.write(f"{step},{value:.6f},{learning_rate:.6g},{seconds_before + elapsed:.1f}\n")
 
                 # Every process must agree to stop on the same step (a signal reaches one).
                 over_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes

@@ -60,6 +60,40 @@ def test_resume_continues_exactly_where_it_stopped(images, tmp_path):
     assert losses(straight) == losses(parts)
 
 
+def test_cosine_schedule_with_warmup_follows_its_formula_and_resumes_exactly(images, tmp_path):
+    import math
+    import signal
+
+    cfg = dict(max_steps=8, lr_schedule="cosine", warmup_steps=2)
+    straight = tmp_path / "straight"
+    train(images, straight, config(**cfg), progress_bar=False)
+    rows = [r.split(",") for r in (straight / "training_log.csv").read_text().splitlines()[1:]]
+    peak = TrainConfig().learning_rate
+    # diffusers' cosine schedule: linear warm-up, then half a cosine from the peak to 0 at max_steps.
+    expected = [peak * i / 2 if i < 2 else peak * 0.5 * (1 + math.cos(math.pi * (i - 2) / 6)) for i in range(8)]
+    assert [float(r[2]) for r in rows] == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+    parts = tmp_path / "parts"
+
+    def interrupt(status):  # as a Ctrl-C would, halfway through the schedule
+        if status.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(images, parts, config(**cfg), progress_bar=False, callback=interrupt, callback_every=4)
+    assert json.loads((parts / STATE_DIR / "progress.json").read_text())["step"] == 4
+    train(images, parts, config(**cfg), resume=True, progress_bar=False)
+    assert [
+        r.split(",")[:3] for r in (parts / "training_log.csv").read_text().splitlines()[1:]
+    ] == [r[:3] for r in rows]
+    a, b = weights(straight), weights(parts)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    for bad in (dict(lr_schedule="linear"), dict(warmup_steps=-1), dict(warmup_steps=8)):
+        with pytest.raises(TrainingError, match="lr_schedule|warmup_steps"):
+            config(**bad).validate()
+
+
 def test_refuses_to_clobber_or_resume_nothing(images, tmp_path):
     out = tmp_path / "run"
     train(images, out, config(max_steps=2), progress_bar=False)
