@@ -24,7 +24,7 @@ import numpy as np
 
 from cgdiff import Detector
 from cgdiff.data import load_dataset
-from cgdiff.evaluation import evaluate
+from cgdiff.evaluation import evaluate, load_masks
 from cgdiff.images import to_uint8
 from cgdiff.tune import ValidationSet, training_folder_images, tune
 
@@ -35,7 +35,9 @@ def test_split_as_validation(detector, dataset) -> ValidationSet:
     """The labelled test split as a 'validation' set: for the upper bound only."""
     size = detector.image_size
     images = np.stack([to_uint8(detector.prepare(s.path).cpu())[0] for s in dataset.test])
-    masks = np.stack([dataset.load_mask(s, size) for s in dataset.test])
+    masks, _, _ = load_masks(dataset, list(dataset.test), size)  # an empty mask stops here, naming the files
+    if masks is None:
+        raise SystemExit(f"the upper bound needs a mask for every defect image: {dataset.no_masks_reason}")
     labels = dataset.test_labels()
     return ValidationSet(images=images, masks=masks, labels=labels, rows=(0, size), source="test split (upper bound)",
                          in_sample=False, normal_paths=[s.path for s in dataset.test if not s.label],

@@ -197,6 +197,7 @@ def evaluate_map_fn(
     mask_size: int = 256,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
+    empty_masks: str = "error",
 ) -> dict[str, Any]:
     """Metrics of any map function (B x 3 x S x S in [-1, 1] -> B x S x S) on the test set of
     `dataset`, with the conventions of `cgdiff.evaluation`: score = max of the map at the
@@ -212,13 +213,17 @@ def evaluate_map_fn(
         seconds += time.perf_counter() - t_start
         cpu += time.process_time() - c_start
         maps.append(m)
-    return {**maps_metrics(torch.cat(maps).numpy(), dataset, mask_size), "seconds_per_image": seconds / len(samples),
+    return {**maps_metrics(torch.cat(maps).numpy(), dataset, mask_size, empty_masks), "seconds_per_image": seconds / len(samples),
             "cpu_seconds_per_image": cpu / len(samples)}
 
 
-def maps_metrics(maps: np.ndarray, dataset: AnomalyDataset, mask_size: int = 256) -> dict[str, Any]:
-    """Metrics of N x S x S maps of the test images of `dataset`, in its order."""
-    from .evaluation import AUPRO_FPR_LIMIT, resize_maps
+def maps_metrics(maps: np.ndarray, dataset: AnomalyDataset, mask_size: int = 256, empty_masks: str = "error"
+                 ) -> dict[str, Any]:
+    """Metrics of N x S x S maps of the test images of `dataset`, in its order. Defect images
+    with an empty mask raise a DatasetError naming the files, or with empty_masks="skip" are
+    left out of the pixel metrics and listed in `pixel_excluded` (see
+    `cgdiff.evaluation.load_masks`)."""
+    from .evaluation import AUPRO_FPR_LIMIT, load_masks, resize_maps
     from .metrics import evaluate as compute_metrics
 
     samples = list(dataset.test)
@@ -226,12 +231,16 @@ def maps_metrics(maps: np.ndarray, dataset: AnomalyDataset, mask_size: int = 256
         raise ValueError(f"{len(maps)} maps for {len(samples)} test images.")
     labels = dataset.test_labels()
     scores = maps.reshape(len(maps), -1).max(axis=1)
-    if dataset.has_masks:
-        masks = np.stack([dataset.load_mask(s, mask_size) for s in samples])
-        values = compute_metrics(labels, scores, masks, resize_maps(maps, mask_size), AUPRO_FPR_LIMIT)
-    else:
-        values = compute_metrics(labels, scores, fpr_limit=AUPRO_FPR_LIMIT)
-    return {**{k: (None if v is None else float(v)) for k, v in values.items()}, "n_images": len(samples)}
+    masks, excluded, _ = load_masks(dataset, samples, mask_size, empty_masks)
+    values = compute_metrics(labels, scores, fpr_limit=AUPRO_FPR_LIMIT)
+    if masks is not None:
+        keep = np.ones(len(samples), dtype=bool)
+        keep[excluded] = False
+        pixel = compute_metrics(labels[keep], scores[keep], masks[keep], resize_maps(maps[keep], mask_size),
+                                AUPRO_FPR_LIMIT)
+        values.update({k: pixel[k] for k in ("pixel_auroc", "aupro", "pixel_f1_max")})
+    return {**{k: (None if v is None else float(v)) for k, v in values.items()}, "n_images": len(samples),
+            "pixel_excluded": [str(samples[i].path) for i in excluded]}
 
 
 def ablation_overrides(detector) -> dict[str, dict[str, Any]]:
@@ -262,11 +271,15 @@ def quality_benchmark(
     checkpoint: Optional[str] = None,
     progress: bool = False,
     log: Callable[[str], None] = _log_nothing,
+    empty_masks: str = "error",
 ) -> list[dict[str, Any]]:
-    """One row per method (see the module docstring) on the test set of `dataset`."""
+    """One row per method (see the module docstring) on the test set of `dataset`. Defect
+    images with an empty mask stop it before any work (a DatasetError naming the files), or
+    with empty_masks="skip" are left out of every row's pixel metrics."""
     from .baselines import AnoDDPM, PatchCore
-    from .evaluation import DEFAULT_MASK_SIZE, reconstruct_dataset, score_reconstructions
+    from .evaluation import DEFAULT_MASK_SIZE, load_masks, reconstruct_dataset, score_reconstructions
 
+    load_masks(dataset, list(dataset.test), mask_size, empty_masks)  # stops here, before any reconstruction
     unknown = set(methods) - set(QUALITY_METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(QUALITY_METHODS)}.")
@@ -293,7 +306,7 @@ def quality_benchmark(
             detector.reconstruct = timer.wrap(type(detector).reconstruct.__get__(detector))
             try:
                 recs = reconstruct_dataset(detector, dataset, sampler, batch_size=batch_size, progress=progress,
-                                           mask_size=mask_size)
+                                           mask_size=mask_size, empty_masks=empty_masks)
             finally:
                 del detector.reconstruct
             recs_cache[cache_key] = (recs, timer.cpu_seconds / len(recs))
@@ -309,14 +322,15 @@ def quality_benchmark(
                      "fit_seconds": train_seconds, "seconds_per_image": m["seconds_per_image"],
                      "cpu_seconds_per_image": recon_cpu + score_cpu,
                      "model_calls_per_image": sampler.model_calls(), "note": note,
-                     "removal": m["removal"], "fidelity": m["fidelity"],
+                     "removal": m["removal"], "fidelity": m["fidelity"], "pixel_excluded": m["pixel_excluded"],
                      "sampler": m["sampler"], "scorer": m["scorer"],
                      "command": (base_cmd + (" " + _flags(changed) if changed else "")).strip()})
 
     if "anoddpm" in methods:
         log(f"  {dataset.category}: AnoDDPM-style reconstruction")
         base = AnoDDPM.from_detector(detector, map_sigma=detector.scorer.config.map_sigma)
-        m = evaluate_map_fn(base.maps, dataset, detector.image_size, mask_size, batch_size, detector.device)
+        m = evaluate_map_fn(base.maps, dataset, detector.image_size, mask_size, batch_size, detector.device,
+                            empty_masks)
         rows.append({"key": "anoddpm", "method": QUALITY_METHODS["anoddpm"], **m, "fit_seconds": train_seconds,
                      "model_calls_per_image": base.sampler.model_calls(),
                      "note": f"same denoiser, t0={base.sampler.t0} K={base.sampler.steps}, w=0 s=0, pixel map",
@@ -326,13 +340,15 @@ def quality_benchmark(
         log(f"  {dataset.category}: PatchCore-style memory bank of {len(dataset.train)} training images")
         pc = PatchCore(detector.scorer.backbone, detector.image_size, detector.scorer.config.feature_smoothing,
                        detector.scorer.config.map_sigma, coreset_ratio).fit(dataset.train, batch_size=batch_size)
-        m = evaluate_map_fn(pc.maps, dataset, detector.image_size, mask_size, batch_size, detector.device)
+        m = evaluate_map_fn(pc.maps, dataset, detector.image_size, mask_size, batch_size, detector.device,
+                            empty_masks)
         rows.append({"key": "patchcore", "method": QUALITY_METHODS["patchcore"], **m, "fit_seconds": pc.fit_seconds,
                      "note": f"{detector.scorer.config.backbone}, bank {pc.memory.shape[0]} x {pc.memory.shape[1]}"
                      + (f", coreset {coreset_ratio:g}" if coreset_ratio < 1 else "")})
 
     if "anomalib" in methods:
-        rows.extend(anomalib_benchmark(dataset, detector.image_size, mask_size, device=detector.device, log=log))
+        rows.extend(anomalib_benchmark(dataset, detector.image_size, mask_size, device=detector.device, log=log,
+                                       empty_masks=empty_masks))
     for row in rows:
         row["dataset"] = dataset.category
     return rows
@@ -348,6 +364,7 @@ def anomalib_benchmark(
     models: Sequence[str] = ANOMALIB_MODELS,
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = _log_nothing,
+    empty_masks: str = "error",
 ) -> list[dict[str, Any]]:
     """anomalib's models (its defaults: WideResNet-50 features from the Hub) on the same test
     images, scored with cgdiff's metrics at the same mask size. anomalib is optional: without
@@ -359,14 +376,14 @@ def anomalib_benchmark(
     rows = []
     for name in models:
         try:
-            rows.append(_run_anomalib_model(name, dataset, image_size, mask_size, device, log))
+            rows.append(_run_anomalib_model(name, dataset, image_size, mask_size, device, log, empty_masks))
         except Exception as e:  # anomalib's failures are many (weights download, API drift)
             rows.append({"key": f"anomalib-{name.lower()}", "method": f"anomalib {name}",
                          "note": f"failed: {type(e).__name__}: {' '.join(str(e).split())[:160]}"})
     return rows
 
 
-def _run_anomalib_model(name, dataset, image_size, mask_size, device, log) -> dict[str, Any]:
+def _run_anomalib_model(name, dataset, image_size, mask_size, device, log, empty_masks="error") -> dict[str, Any]:
     """Fit one anomalib model on the training images and map the test images (written against
     anomalib 2.7: Engine, ImageItem / ImageBatch; anomalib resizes and normalises itself)."""
     import anomalib.models
@@ -414,7 +431,7 @@ def _run_anomalib_model(name, dataset, image_size, mask_size, device, log) -> di
     maps = torch.cat([b.anomaly_map.float().reshape(-1, *b.anomaly_map.shape[-2:]) for b in batches]).cpu()
     if maps.shape[-2:] != size:
         maps = torch.nn.functional.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    m = {**maps_metrics(maps.numpy(), dataset, mask_size), "seconds_per_image": seconds}
+    m = {**maps_metrics(maps.numpy(), dataset, mask_size, empty_masks), "seconds_per_image": seconds}
     return {"key": f"anomalib-{name.lower()}", "method": f"anomalib {name}", **m, "fit_seconds": fit_seconds,
             "note": f"anomalib {anomalib.__version__} defaults"}
 
@@ -951,6 +968,7 @@ def run_quality(
     device: Optional[str] = None,
     progress: bool = False,
     log: Callable[[str], None] = _log_nothing,
+    empty_masks: str = "error",
 ) -> dict[str, Any]:
     """`quality_benchmark` for every (checkpoint, dataset category) pair."""
     from .detector import Detector
@@ -966,7 +984,7 @@ def run_quality(
         seen.add(label)
         log(f"{label}: {dataset.summary()}; {detector.describe()}")
         found = quality_benchmark(detector, dataset, methods, mask_size, batch_size, coreset_ratio,
-                                  checkpoint=str(checkpoint), progress=progress, log=log)
+                                  checkpoint=str(checkpoint), progress=progress, log=log, empty_masks=empty_masks)
         for row in found:
             row["dataset"] = label
         rows.extend(found)

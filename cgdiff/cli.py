@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAME", help=f"(quality) rows to run: {' '.join(QUALITY_METHODS)}")
     p.add_argument("--coreset-ratio", type=positive_float, default=1.0, metavar="X",
                    help="(quality) PatchCore-style memory bank kept by coreset subsampling, in (0, 1]")
+    p.add_argument("--skip-empty-masks", action="store_true",
+                   help="(quality) leave defect images whose mask is empty out of the pixel metrics and name them "
+                   "(default: stop before any work and name them)")
     p.add_argument("--mask-size", type=_number(int, 8), default=256, metavar="N",
                    help="(quality) resolution at which maps are compared with masks")
     p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="(quality) images per batch")
@@ -1013,7 +1016,12 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     sections = []
     if args.quality:
         quality = bench.run_quality(pairs, args.methods, args.mask_size, args.batch_size, args.coreset_ratio, device,
-                                    progress=not args.no_progress, log=_info)
+                                    progress=not args.no_progress, log=_info,
+                                    empty_masks="skip" if args.skip_empty_masks else "error")
+        excluded = sorted({p for row in quality["rows"] for p in row.get("pixel_excluded") or []})
+        if excluded:
+            notes.append(f"Left out of the pixel metrics (empty masks, --skip-empty-masks): {len(excluded)} image(s): "
+                         + ", ".join(excluded) + ".")
         quality["notes"] = notes
         results["quality"] = quality
         sections.append("## Quality\n\n" + bench.render_quality(quality) + "".join(f"\n\n{n}" for n in notes))

@@ -203,6 +203,34 @@ def test_bench_command_prints_tables_and_writes_results(data_root, checkpoint, t
     assert (out / "bench.md").read_text().strip() == stdout.strip()
 
 
+def test_bench_stops_on_an_empty_mask_before_any_work_or_leaves_it_out_and_names_it(data_root, checkpoint, tmp_path,
+                                                                                     capsys, monkeypatch):
+    import shutil
+
+    from PIL import Image
+
+    copy = tmp_path / "gravel"
+    shutil.copytree(data_root / "gravel", copy)
+    empty = sorted((copy / "ground_truth").rglob("*.png"))[0]
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(empty)
+    reconstructions = []
+    args = ["bench", "--quality", "--pair", str(checkpoint), str(copy), "--methods", "patchcore", "full",
+            "--mask-size", "32", "--device", "cpu", "--no-progress"]
+    import cgdiff.evaluation as evaluation
+
+    real = evaluation.reconstruct_dataset
+    monkeypatch.setattr(evaluation, "reconstruct_dataset", lambda *a, **k: reconstructions.append(1) or real(*a, **k))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 defect image(s) have an empty mask" in err and str(empty) in err and not reconstructions
+    assert main([*args, "--skip-empty-masks", "--out", str(tmp_path / "out")]) == 0
+    stdout = capsys.readouterr().out
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["quality"]["rows"]
+    left_out = str(copy / "test" / empty.parent.name / empty.name.replace("_mask", ""))
+    assert [r["pixel_excluded"] for r in rows] == [[left_out], [left_out]]
+    assert all(r["pixel_auroc"] is not None for r in rows) and left_out in stdout
+
+
 def test_bench_command_needs_a_section_and_data(capsys):
     assert main(["bench"]) == 2
     assert "choose --quality, --speed or both" in capsys.readouterr().err
