@@ -321,7 +321,8 @@ def to_tensor(image: ImageLike, size: int | None = None) -> torch.Tensor:
 
 
 def to_batch(images, size: int) -> torch.Tensor:
-    """A list of image-likes (or a B x 3 x H x W tensor in [-1, 1]) -> B x 3 x size x size."""
+    """A list of image-likes (or a B x 3 x H x W tensor in [-1, 1]) -> B x 3 x size x size, in
+    [-1, 1]. Raises ImageError naming every image of the list that cannot be used."""
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         if not torch.isfinite(images).all():
             raise ImageError("the input batch contains NaN or infinite values.")
@@ -347,7 +348,18 @@ def to_batch(images, size: int) -> torch.Tensor:
     images = list(images)
     if not images:
         raise ImageError("no images were given.")
-    return torch.stack([to_tensor(im, size) for im in images])
+    tensors, problems = [], []
+    for i, im in enumerate(images):  # every unusable image is named at once, not only the first
+        try:
+            tensors.append(to_tensor(im, size))
+        except ImageError as e:
+            where = "" if isinstance(im, (str, os.PathLike, bytes)) else f"image {i} of the list: "
+            problems.append(where + str(e))
+    if len(problems) == 1 and len(images) == 1:
+        raise ImageError(problems[0])
+    if problems:
+        raise ImageError(f"{len(problems)} of {len(images)} images cannot be used:\n  " + "\n  ".join(problems))
+    return torch.stack(tensors)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

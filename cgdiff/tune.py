@@ -270,6 +270,7 @@ def validation_set(
         else:
             sources, source, in_sample = folder_images, "training images", True
 
+    _check_readable(sources)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(sources))
     defects = SyntheticDefects(seed=int(rng.integers(2**31)))
@@ -882,3 +883,19 @@ def front_table(record: dict[str, Any]) -> list[str]:
         removed = f"removal {r['removal']:.3f}" if r.get("removal") is not None else "removal  n/a"
         lines.append(f"  {r['seconds_per_image']:7.2f} s/img  AUPRO {r['aupro']:.4f}  {removed}  {flags}{mark}")
     return lines
+
+
+def _check_readable(paths: Sequence[Path]) -> None:
+    """Decode every validation source once: a DatasetError names all unreadable files together
+    (tuning would otherwise stop at the first one it happens to draw)."""
+    from .images import ImageError, load_image
+
+    bad = []
+    for path in paths:
+        try:
+            load_image(path)
+        except ImageError as e:
+            bad.append(str(e))
+    if bad:
+        raise DatasetError(f"{len(bad)} of the {len(paths)} training-folder image(s) the tuner validates on cannot be "
+                           "read; remove or replace them:\n  " + "\n  ".join(bad))

@@ -231,3 +231,17 @@ def test_integer_tensors_follow_their_dtype():
         load_image(chw[None])  # a batch is B x 3 x H x W in [-1, 1], for to_batch only
     with pytest.raises(ImageError, match=r"integer image \(int64\) with values in \[0, 300\]"):
         load_image(np.arange(301)[:256].reshape(16, 16) + np.arange(16)[:, None] * 3)
+
+
+def test_a_list_with_several_unusable_images_names_every_one_at_once(tmp_path):
+    from cgdiff.images import ImageError, to_batch
+
+    bad_file = tmp_path / "broken.png"
+    bad_file.write_bytes(b"not an image")
+    good = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(ImageError) as info:
+        to_batch([good, tmp_path / "missing.png", good, bad_file, np.full((16, 16, 3), 2.0)], 16)
+    message = str(info.value)
+    assert message.startswith("3 of 5 images cannot be used")
+    assert "missing.png' does not exist" in message and "broken.png' is not an image file" in message
+    assert "image 4 of the list: the ndarray input is a float image" in message

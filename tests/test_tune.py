@@ -224,3 +224,20 @@ def test_holdout_stripe_record_is_what_train_and_tune_share():
     assert rows == 32 and record == {"stripe_fraction": 0.25, "stripe_rows": [96, 128], "image_size": 128}
     with pytest.raises(ValueError, match="fewer than the crop size"):
         holdout_stripe(64, 0.5, 64)
+
+
+def test_the_validation_set_names_every_unreadable_training_image_at_once(tiny_detector, gravel, tmp_path):
+    import shutil
+
+    from cgdiff.data import DatasetError
+
+    copy = tmp_path / "gravel"
+    shutil.copytree(gravel, copy)
+    good = sorted((copy / "train" / "good").glob("*.png"))
+    for p in good[:2]:
+        p.write_bytes(b"truncated")
+    with pytest.raises(DatasetError) as info:
+        validation_set(tiny_detector, copy, seed=0, n_normal=2, n_anomalous=4)
+    message = str(info.value)
+    assert f"2 of the {len(good)} training-folder image(s)" in message
+    assert all(str(p) in message for p in good[:2])
