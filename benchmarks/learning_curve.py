@@ -41,10 +41,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4))
     for ax, (key, label) in zip(axes, METRICS):
-        for (run, setting), style in zip(sorted({(r["run"], r["setting"]) for r in rows}), ("o-", "s--", "^-", "v--")):
-            sub = sorted((r for r in rows if (r["run"], r["setting"]) == (run, setting)), key=lambda r: r["steps"])
+        for i, (run, setting) in enumerate(dict.fromkeys((r["run"], r["setting"]) for r in rows)):
+            sub = sorted((r for r in rows if (r["run"], r["setting"]) == (run, setting) and r[key] is not None),
+                         key=lambda r: r["steps"])
+            style = "o^sv"[i // 2 % 4] + ("-" if setting == "stored settings" else "--")
             ax.plot([r["steps"] for r in sub], [r[key] for r in sub], style, label=f"{run}, {setting}")
-        ax.set_xlabel("training steps (batch 8)")
+        ax.set_xlabel("training steps")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower left")
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if any(len(run) < 2 for run in args.run):
+        parser.error("each --run needs a label and at least one checkpoint folder")
     torch.set_num_threads(args.threads)
     dataset = load_dataset(args.data)
     rows = []

@@ -973,10 +973,14 @@ def run_quality(
     """`quality_benchmark` for every (checkpoint, dataset category) pair."""
     from .detector import Detector
 
+    from .evaluation import load_masks
+
     rows, datasets = [], []
     seen: set[str] = set()
-    for checkpoint, data in pairs:
-        dataset = load_dataset(data)
+    loaded = [load_dataset(data) for _, data in pairs]
+    for dataset in loaded:  # every pair's masks are checked before any work
+        load_masks(dataset, list(dataset.test), mask_size, empty_masks)
+    for (checkpoint, data), dataset in zip(pairs, loaded):
         detector = Detector.from_pretrained(checkpoint, device=device)
         if detector.calibration is None:
             raise ValueError(f"checkpoint '{checkpoint}' is not calibrated; retrain or calibrate it.")

@@ -177,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="min-SNR-gamma loss weighting (Hang et al. 2023, e.g. 5); 0: plain MSE")
     p.add_argument("--lr-schedule", default=t.lr_schedule, choices=LR_SCHEDULES,
                    help="learning rate over the run: constant, or cosine (half a cosine from --lr down to 0 "
-                   "at --max-steps; a run stopped earlier by --max-minutes ends above 0)")
-    p.add_argument("--warmup-steps", type=whole, default=t.warmup_steps, metavar="N",
-                   help="linear learning-rate warm-up from 0 over the first N steps")
+                   "at --max-steps; a run stopped earlier by --max-minutes ends above 0, and a --resume with "
+                   "another --max-steps re-targets the cosine, which moves the rate)")
+    p.add_argument("--warmup-steps", type=_number(int, 0), default=t.warmup_steps, metavar="N",
+                   help="linear learning-rate warm-up from 0 over the first N steps (fewer than --max-steps)")
     p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
                    help=f"training steps in total (default: {t.max_steps}; on --resume: the run's own)")
     p.add_argument("--max-minutes", type=positive_float, default=None, metavar="M",
@@ -560,7 +561,23 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         flips=not args.no_flips, rotations=args.rotations, max_timestep=args.max_timestep, snr_gamma=args.snr_gamma,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
     )
-    if not args.resume:
+    if args.resume:
+        # The resumed run's shape with the new budget, checked before the data is read and
+        # anything is written (train() merges them the same way).
+        merged = TrainConfig(**{**saved_config, "max_steps": max_steps, "max_minutes": args.max_minutes,
+                                "save_every": save_every})
+        if merged.warmup_steps >= max_steps:
+            raise TrainingError(f"--max-steps {max_steps} must be larger than the run's --warmup-steps "
+                                f"{merged.warmup_steps}.")
+        merged.validate()
+        if (merged.lr_schedule != "constant" and args.max_steps is not None
+                and args.max_steps != saved_config.get("max_steps")):
+            _info(f"note: the {merged.lr_schedule} learning-rate schedule is re-targeted from "
+                  f"{saved_config.get('max_steps')} to {max_steps} steps: the rate moves at the resume.")
+    else:
+        if config.warmup_steps >= config.max_steps:
+            raise TrainingError(f"--warmup-steps {config.warmup_steps} must be smaller than --max-steps "
+                                f"{config.max_steps}.")
         config.validate()  # before reading the data: a bad value is reported at once
     dataset = _load_data(args, test=False)
     _info(f"data: {dataset.summary()}")
@@ -629,8 +646,9 @@ def _warn_fixed_on_resume(args: argparse.Namespace, saved: dict) -> None:
              "--lr-schedule": ("lr_schedule", args.lr_schedule), "--warmup-steps": ("warmup_steps", args.warmup_steps)}
     defaults = TrainConfig()
     for flag, (key, value) in pairs.items():
-        if key in saved and value != saved[key] and value != getattr(defaults, key):
-            _info(f"note: {flag} {value} is ignored: the resumed run keeps {key} = {saved[key]}.")
+        kept = saved.get(key, getattr(defaults, key))  # states saved before an option existed have its default
+        if value != kept and value != getattr(defaults, key):
+            _info(f"note: {flag} {value} is ignored: the resumed run keeps {key} = {kept}.")
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:

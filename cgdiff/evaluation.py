@@ -151,7 +151,8 @@ def load_masks(dataset: AnomalyDataset, samples: list, mask_size: int, empty_mas
     if empty_masks == "error":
         raise DatasetError(
             f"{what}. Pixel metrics would count them as all-normal pixels: fix the masks, or leave these "
-            "images out of the pixel metrics (cgdiff evaluate --skip-empty-masks, evaluate(..., empty_masks='skip'))."
+            "images out of the pixel metrics (--skip-empty-masks of cgdiff evaluate and cgdiff bench, "
+            "empty_masks='skip' in Python)."
         )
     n_anomalous = sum(1 for s in samples if s.label)
     if len(empty) == n_anomalous:

@@ -353,7 +353,7 @@ def to_batch(images, size: int) -> torch.Tensor:
         try:
             tensors.append(to_tensor(im, size))
         except ImageError as e:
-            where = "" if isinstance(im, (str, os.PathLike, bytes)) else f"image {i} of the list: "
+            where = "" if isinstance(im, (str, os.PathLike)) else f"list item {i} (counting from 0): "
             problems.append(where + str(e))
     if len(problems) == 1 and len(images) == 1:
         raise ImageError(problems[0])

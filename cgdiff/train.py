@@ -105,7 +105,8 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise TrainingError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}.")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.max_steps:
-            raise TrainingError(f"warmup_steps must be a whole number in [0, max_steps), got {self.warmup_steps!r}.")
+            raise TrainingError(f"warmup_steps must be a whole number in [0, max_steps = {self.max_steps}), "
+                                f"got {self.warmup_steps!r}.")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise TrainingError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
         return self
@@ -456,7 +457,7 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 learning_rate = optimizer.param_groups[0]["lr"]
-                if lr_scheduler is not None:
+                if lr_scheduler is not None and not accelerator.optimizer_step_was_skipped:  # fp16 scaler skips
                     lr_scheduler.step()
                 ema.step(accelerator.unwrap_model(unet).parameters())
                 step += 1

@@ -110,6 +110,29 @@ def test_detect_writes_pictures_and_prints_a_verdict_per_image(trained, tmp_path
     assert code == 0 and out.count("anomalous") == 3
 
 
+def test_a_learning_rate_schedule_is_checked_before_any_work_and_resumes_say_what_it_does(trained, tmp_path, capsys):
+    data, _ = trained
+    ckpt = tmp_path / "run"
+    code, _, err = run(["train", "--data", data, "--out", ckpt, "--max-steps", "3", "--warmup-steps", "3", *TRAIN],
+                       capsys)
+    assert code == 2 and "--warmup-steps 3 must be smaller than --max-steps 3" in err and not ckpt.exists()
+    code, _, err = run(["train", "--data", data, "--out", ckpt, "--max-steps", "4", "--lr-schedule", "cosine",
+                        "--warmup-steps", "2", *TRAIN], capsys)
+    assert code == 0, err
+    record = (ckpt / "train_args.json").read_text()
+    code, _, err = run(["train", "--data", data, "--out", ckpt, "--resume", "--max-steps", "2", "--no-progress"], capsys)
+    assert code == 2 and "--max-steps 2 must be larger than the run's --warmup-steps 2" in err
+    assert (ckpt / "train_args.json").read_text() == record  # the refused resume left no trace
+    code, _, err = run(["train", "--data", data, "--out", ckpt, "--resume", "--max-steps", "6", "--no-progress"], capsys)
+    assert code == 0 and "cosine learning-rate schedule is re-targeted from 4 to 6 steps" in err
+    import math
+
+    rows = {int(r.split(",")[0]): float(r.split(",")[2]) for r in (ckpt / "training_log.csv").read_text().splitlines()[1:]}
+    # Step 4 ran on the 4-step cosine, step 6 on the 6-step one it was re-targeted to.
+    assert rows[4] == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 1 / 2)), rel=1e-4)
+    assert rows[6] == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-4)
+
+
 def test_resume_keeps_the_stored_settings_and_record_fills_the_model_card(trained, tmp_path, capsys):
     data, _ = trained
     ckpt = tmp_path / "run"

@@ -244,4 +244,4 @@ def test_a_list_with_several_unusable_images_names_every_one_at_once(tmp_path):
     message = str(info.value)
     assert message.startswith("3 of 5 images cannot be used")
     assert "missing.png' does not exist" in message and "broken.png' is not an image file" in message
-    assert "image 4 of the list: the ndarray input is a float image" in message
+    assert "list item 4 (counting from 0): the ndarray input is a float image" in message
