@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the bottom fraction F of every training image out of training, for tuning")
     g.add_argument("--tune", action="store_true", help="run 'cgdiff tune' on the new checkpoint after training")
     g.add_argument("--tune-minutes", type=positive_float, default=10.0, metavar="M", help="time budget of --tune")
+    g.add_argument("--tune-min-removal", type=_number(float, 0), default=0.0, metavar="X",
+                   help="--min-removal of --tune (see 'cgdiff tune --help')")
     _add_common(p, device=False)
 
     # ---------------------------------------------------------------- evaluate
@@ -306,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation images with a synthetic defect")
     p.add_argument("--tie-tolerance", type=_number(float, 0), default=0.005, metavar="X",
                    help="AUPRO within X of the best counts as a tie, won by fewer model calls")
+    p.add_argument("--min-removal", type=_number(float, 0), default=0.0, metavar="X",
+                   help="choose only among settings whose validation removal (0..1: how much of each synthetic "
+                   "defect the reconstruction takes out) reaches X, while any does; 0: by AUPRO alone")
     p.add_argument("--max-evaluations", type=_number(int, 0), default=None, metavar="N",
                    help="try at most N sampler settings besides the stored one (default: as the budget allows)")
     p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="images per batch")
@@ -630,7 +635,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                      calibration_images=calibration_images, holdout_rows=holdout_rows)
     if detector is not None and args.tune:
         _run_tuning(detector, args.data, out, args.tune_minutes * 60, f"{command}  (--tune)", seed=args.seed,
-                    quiet=args.no_progress)
+                    quiet=args.no_progress, min_removal=args.tune_min_removal)
     if detector is not None:
 
         _info(f"next: cgdiff evaluate --checkpoint {shlex.quote(str(out))} --data {shlex.quote(str(args.data))}")
@@ -922,7 +927,8 @@ def _holdout(args: argparse.Namespace, saved_args: dict, images: list[Path], con
 
 def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, command: str, seed: int = 0,
                 n_normal: int = 4, n_anomalous: int = 12, tie_tolerance: float = 0.005,
-                max_evaluations: Optional[int] = None, batch_size: int = 4, quiet: bool = False) -> dict[str, Any]:
+                max_evaluations: Optional[int] = None, batch_size: int = 4, quiet: bool = False,
+                min_removal: float = 0.0) -> dict[str, Any]:
     """Tune `detector` on `data`, print the choice and the speed/quality front, and (unless
     `folder` is None) save it into `folder` with the front plot. Returns the tuning record."""
     from .tune import FRONT_PLOT_NAME, front_table, plot_front, tune
@@ -930,7 +936,7 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
     _info(f"tuning for up to {budget_s / 60:.1f} min (test images are never read) ...")
     result = tune(detector, data, budget_s=budget_s, seed=seed, n_normal=n_normal, n_anomalous=n_anomalous,
                   tie_tolerance=tie_tolerance, max_evaluations=max_evaluations, batch_size=batch_size,
-                  apply=folder is not None, log=None if quiet else _info)
+                  min_removal=min_removal, apply=folder is not None, log=None if quiet else _info)
     record = detector.info["tuning"] if folder is not None else result.record
     record["command"] = command
     print(record["summary"])
@@ -966,7 +972,8 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         shutil.copytree(source, folder, ignore=shutil.ignore_patterns("training_state", ".*"))
     record = _run_tuning(detector, args.data, folder, args.minutes * 60, _command_line(argv), seed=args.seed,
                          n_normal=args.normal, n_anomalous=args.anomalous, tie_tolerance=args.tie_tolerance,
-                         max_evaluations=args.max_evaluations, batch_size=args.batch_size, quiet=args.no_progress)
+                         max_evaluations=args.max_evaluations, batch_size=args.batch_size, quiet=args.no_progress,
+                         min_removal=args.min_removal)
     if json_path is not None:
         _write_json(json_path, record)
         _info(f"wrote {json_path}")

@@ -366,13 +366,17 @@ def _key(sampler: SamplerConfig) -> tuple:
     return tuple(sorted(d.items()))
 
 
-def select(rows: Sequence[dict[str, Any]], tie_tolerance: float = 0.005) -> int:
+def select(rows: Sequence[dict[str, Any]], tie_tolerance: float = 0.005, min_removal: float = 0.0) -> int:
     """Index of the chosen row: the highest AUPRO; among rows within `tie_tolerance` of it,
     the fewest model calls, then the higher AUPRO, then the earliest. Incomplete rows (raced
-    out on half the images) are never chosen."""
+    out on half the images) are never chosen. With `min_removal` > 0 only rows whose
+    validation removal (`cgdiff.metrics.removal`, in [0, 1]) reaches it are candidates, while
+    there are any; otherwise every complete row is."""
     complete = [i for i, r in enumerate(rows) if r.get("complete") and r.get("aupro") is not None]
     if not complete:
         raise ValueError("no complete row to choose from.")
+    if min_removal > 0:
+        complete = [i for i in complete if (rows[i].get("removal") or 0.0) >= min_removal] or complete
     best = max(rows[i]["aupro"] for i in complete)
     tied = [i for i in complete if rows[i]["aupro"] >= best - tie_tolerance]
     return min(tied, key=lambda i: (rows[i]["model_calls"], -rows[i]["aupro"], i))
@@ -393,7 +397,7 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> list[int]:
 class _Search:
     def __init__(self, detector, vset: ValidationSet, budget_s: float, clock: Clock, race_margin: float,
                  tie_tolerance: float, balances, batch_size: int, log: Callable[[str], None], workdir: Path,
-                 metric_size: int = 128):
+                 metric_size: int = 128, min_removal: float = 0.0):
         self.detector = detector
         self.vset = vset
         self.budget_s = float(budget_s)
@@ -401,6 +405,7 @@ class _Search:
         self.t_start = clock()
         self.race_margin = race_margin
         self.tie_tolerance = tie_tolerance
+        self.min_removal = min_removal
         self.balances = balances
         self.batch_size = batch_size
         self.log = log
@@ -503,7 +508,7 @@ class _Search:
 
     def incumbent(self) -> Optional[int]:
         try:
-            return select(self.rows, self.tie_tolerance)
+            return select(self.rows, self.tie_tolerance, self.min_removal)
         except ValueError:
             return None
 
@@ -625,6 +630,7 @@ def tune(
     n_anomalous: int = 12,
     tie_tolerance: float = 0.005,
     race_margin: float = 0.03,
+    min_removal: float = 0.0,
     grids: Optional[dict[str, dict[str, Sequence]]] = None,
     balances: Sequence[tuple[float, float]] = BALANCES,
     max_evaluations: Optional[int] = None,
@@ -652,10 +658,15 @@ def tune(
     apply: make the chosen settings the detector's own, recalibrate it on the normal images
         training did not use where there are some (held-out images), else on the
         training-folder images, and record the tuning in `detector.info["tuning"]`.
+    min_removal: choose only among settings whose validation removal reaches it (in [0, 1];
+        0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when no
+        setting reaches it, the choice is by AUPRO alone and the record says so.
     clock: the time source for the budget (tests pass a fake one)."""
     log = log or (lambda message: None)
     if budget_s is None or not budget_s > 0:
         raise ValueError(f"the tuning budget must be > 0 seconds, got {budget_s!r}.")
+    if not 0 <= min_removal <= 1:
+        raise ValueError(f"min_removal must lie in [0, 1], got {min_removal!r}.")
     if detector.calibration is None:
         raise ValueError("the detector is not calibrated: tune a trained checkpoint.")
     grids = DEFAULT_GRIDS if grids is None else grids
@@ -684,7 +695,7 @@ def tune(
     start_scorer = detector.scorer.config
     with tempfile.TemporaryDirectory(prefix="cgdiff-tune-") as tmp:
         search = _Search(detector, validation, budget_s, clock, race_margin, tie_tolerance, balances,
-                         batch_size, log, Path(tmp), metric_size)
+                         batch_size, log, Path(tmp), metric_size, min_removal)
         search.t_start = t_begin
         log(f"stored settings: {_describe(start_sampler)}")
         search.evaluate(start_sampler, "start", reference=True)
@@ -692,7 +703,7 @@ def tune(
     rows = search.rows
     start_index = next(i for i, r in enumerate(rows)
                        if r["stage"] == "start" and (r["pixel_weight"], r["feature_weight"]) == stored_balance)
-    chosen_index = select(rows, tie_tolerance)
+    chosen_index = select(rows, tie_tolerance, min_removal)
     chosen_row = rows[chosen_index]
     chosen = {**chosen_row["sampler"], "pixel_weight": chosen_row["pixel_weight"],
               "feature_weight": chosen_row["feature_weight"]}
@@ -765,7 +776,12 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
     vset = result.validation
     c, s = result.chosen_row, result.start_row
     n_complete = len({_key(SamplerConfig(**r["sampler"])) for r in result.table if r["complete"]})
-    summary = (
+    removal_rule = ""
+    if search.min_removal > 0:
+        met = (c.get("removal") or 0.0) >= search.min_removal
+        removal_rule = (f"chosen among the settings with validation removal >= {search.min_removal:g}; " if met else
+                        f"no setting reached validation removal {search.min_removal:g}, so chosen by AUPRO alone; ")
+    summary = removal_rule + (
         f"validation AUPRO {c['aupro']:.4f} with {_settings_text(result.chosen)} ({c['model_calls']} model calls), "
         f"against {s['aupro']:.4f} with the previous settings ({s['model_calls']} model calls); "
         f"{search.n_sampler_settings + 1} sampler settings tried ({n_complete} in full) in "
@@ -789,7 +805,7 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
                         "searched on every reconstruction",
             "budget_seconds": result.budget_s, "seconds": round(result.seconds, 1), "stopped": result.stopped,
             "sampler_settings": search.n_sampler_settings + 1, "completed": n_complete,
-            "tie_tolerance": tie_tolerance, "race_margin": race_margin,
+            "tie_tolerance": tie_tolerance, "race_margin": race_margin, "min_removal": search.min_removal,
             "device": str(search.detector.device),
         },
         "table": [{k: v for k, v in r.items() if k != "sampler"} | {"eta": r["sampler"]["eta"],

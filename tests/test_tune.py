@@ -132,6 +132,20 @@ def test_selection_prefers_fewer_model_calls_within_the_tolerance():
     assert pareto_front(rows) == [3, 1, 0]
 
 
+def test_a_removal_floor_chooses_among_the_settings_that_take_the_defect_out_while_any_do():
+    rows = [
+        {"aupro": 0.970, "model_calls": 20, "removal": 0.06, "complete": True},
+        {"aupro": 0.944, "model_calls": 20, "removal": 0.71, "complete": True},
+        {"aupro": 0.943, "model_calls": 20, "removal": 0.60, "complete": True},
+        {"aupro": 0.990, "model_calls": 5, "removal": 0.90, "complete": False},  # raced out
+        {"aupro": 0.900, "model_calls": 20, "removal": None, "complete": True},  # no measure: not eligible
+    ]
+    assert select(rows) == 0 and select(rows, min_removal=0.0) == 0
+    assert select(rows, min_removal=0.5) == 1
+    assert select(rows, min_removal=0.65) == 1
+    assert select(rows, min_removal=0.95) == 0  # none reaches it: by AUPRO alone
+
+
 def test_holdout_split_and_stripe_crops(tmp_path):
     images = [tmp_path / f"{i}.png" for i in range(5)]
     kept, held = split_holdout(images, 2, seed=1)
@@ -159,13 +173,16 @@ def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys
 
     with _Watch(gravel) as watch:
         code = main(["tune", "--checkpoint", str(ckpt), "--data", str(gravel), "--normal", "2", "--anomalous", "2",
-                     "--max-evaluations", "1", "--json", str(tmp_path / "tuning.json")])
+                     "--max-evaluations", "1", "--min-removal", "0.99", "--json", str(tmp_path / "tuning.json")])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert watch.hits == []
     assert "validation AUPRO" in out and "speed/quality front" in out
     tuned = json.loads((ckpt / "cgdiff.json").read_text())
     tuning = tuned["tuning"]
+    # A floor this few-step denoiser does not reach: the choice falls back to AUPRO, and the record says so.
+    assert tuning["search"]["min_removal"] == 0.99
+    assert tuning["summary"].startswith("no setting reached validation removal 0.99, so chosen by AUPRO alone")
     assert tuning["validation_set"]["source"] == "holdout images" and not tuning["validation_set"]["in_sample"]
     assert sorted(tuning["validation_set"]["images"]) == sorted(held)
     assert {k: tuned["sampler"][k] for k in ("t0", "steps", "w")} == {k: tuning["chosen"][k] for k in ("t0", "steps", "w")}
