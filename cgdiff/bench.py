@@ -121,10 +121,13 @@ def _cell(value: Any, fmt: str) -> str:
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     """rows -> a Markdown table; columns are (key, header, format spec)."""
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+    def cell(text: str) -> str:  # a bare '|' would split the cell
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for _, h, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(k), f) for k, _, f in columns) + " |")
+        lines.append("| " + " | ".join(cell(_cell(row.get(k), f)) for k, _, f in columns) + " |")
     return "\n".join(lines)
 
 
