@@ -77,6 +77,11 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
             value = training[key]
             if key == "command":
                 lines.append(f"- {key}: `{value}`")
+            elif key == "learning_rate":
+                run = training.get("config") or {}
+                schedule = run.get("lr_schedule", "constant")
+                warmup = run.get("warmup_steps", 0)
+                lines.append(f"- {key}: {value} ({schedule}" + (f", {warmup} warm-up steps)" if warmup else ")"))
             else:
                 lines.append(f"- {key}: {value}")
     lines += ["", "## Settings stored in the checkpoint", "", f"- image size: {config.get('image_size')}"]

@@ -72,6 +72,7 @@ def test_cosine_schedule_with_warmup_follows_its_formula_and_resumes_exactly(ima
     # diffusers' cosine schedule: linear warm-up, then half a cosine from the peak to 0 at max_steps.
     expected = [peak * i / 2 if i < 2 else peak * 0.5 * (1 + math.cos(math.pi * (i - 2) / 6)) for i in range(8)]
     assert [float(r[2]) for r in rows] == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    assert "- learning_rate: 0.0003 (cosine, 2 warm-up steps)" in (straight / "README.md").read_text()
 
     parts = tmp_path / "parts"
 
