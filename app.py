@@ -33,6 +33,7 @@ import json
 import math
 import os
 import tempfile
+import sys
 import threading
 import time
 import uuid
@@ -40,7 +41,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import gradio as gr
 import numpy as np
@@ -60,6 +61,23 @@ from cgdiff.viz import compare_masks, heatmap, mask_image, overlay
 # ------------------------------------------------------------------------------ settings
 
 
+class BadSetting(SystemExit):
+    """A serving setting that cannot work: the process exits with status 2, as argparse does for
+    a bad flag, after `_refuse` has printed the message."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _refuse(message: str) -> NoReturn:
+    print(f"app.py: error: {message}", file=sys.stderr)
+    raise BadSetting(message)
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
@@ -67,7 +85,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise SystemExit(f"{name} must be a whole number, got {value!r}") from None
+        _refuse(f"{name} must be a whole number, got {value!r}")
 
 
 @dataclass
@@ -104,12 +122,12 @@ class AppConfig:
         for name, low in limits.items():
             if getattr(self, name) < low:
                 where = (f"--{name.replace('_', '-')} or " if name in flags else "") + f"CGDIFF_APP_{name.upper()}"
-                raise SystemExit(f"{name} must be at least {low}, got {getattr(self, name)} (set by {where}).")
+                _refuse(f"{name} must be at least {low}, got {getattr(self, name)} (set by {where}).")
         if self.port is not None and not 0 < self.port < 65536:
-            raise SystemExit(f"port must be in 1..65535, got {self.port}.")
+            _refuse(f"port must be in 1..65535, got {self.port}.")
         if self.runtime not in RUNTIME_CHOICES:
-            raise SystemExit(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {self.runtime!r} "
-                             "(set by --runtime or CGDIFF_APP_RUNTIME).")
+            _refuse(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {self.runtime!r} "
+                    "(set by --runtime or CGDIFF_APP_RUNTIME).")
         return self
 
 

@@ -258,8 +258,9 @@ def test_serving_limits_are_read_from_the_environment_and_checked(monkeypatch):
         with pytest.raises(SystemExit, match=message):
             app.AppConfig.from_env()
         monkeypatch.setenv(f"CGDIFF_APP_{name}", {"CONCURRENCY": "3", "QUEUE_SIZE": "7", "PORT": "7999"}[name])
-    with pytest.raises(SystemExit, match="--concurrency or CGDIFF_APP_CONCURRENCY"):
+    with pytest.raises(SystemExit, match="--concurrency or CGDIFF_APP_CONCURRENCY") as refused:
         app.main(["--concurrency", "0"])
+    assert refused.value.code == 2  # a usage error, as argparse exits for a bad flag
     assert app.demo.delete_cache == (600, 60 * app.CONFIG.cache_minutes)  # old uploads and pictures go
 
 
