@@ -12,3 +12,9 @@ for n in grass gravel; do
     --no-progress > runs/curve/${n}_removal.txt 2>&1
 done
 echo done > runs/curve/retune.done
+# brick, with both cores (run alone):
+unset OMP_NUM_THREADS
+cgdiff tune --checkpoint checkpoints/brick --data data/textures/brick --out runs/curve/brick_removal --overwrite \
+  --minutes 8 --min-removal 0.5 --no-progress > runs/curve/brick_removal_tune.log 2>&1
+cgdiff evaluate --checkpoint runs/curve/brick_removal --data data/textures/brick --json runs/curve/brick_removal.json \
+  --no-progress > runs/curve/brick_removal.txt 2>&1
