@@ -32,8 +32,8 @@ import io
 import json
 import math
 import os
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 import uuid

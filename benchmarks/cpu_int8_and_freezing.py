@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from torch._dynamo import config as dynamo_config
 from torch._inductor import config as inductor_config
 
 from cgdiff import Detector
-from cgdiff.bench import _compare, markdown_table, unet_call_time
+from cgdiff.bench import _compare, _use_variant, markdown_table, unet_call_time
 from cgdiff.data import iter_images, load_dataset
 from cgdiff.runtime import RuntimeUNet, keep_freed_memory
 
@@ -95,15 +94,13 @@ def variants():
     ]
 
 
-def switch(detector: Detector, options: dict, threads: int, calibration) -> None:
+def switch(detector: Detector, variant: str, options: dict, threads: int, calibration) -> None:
     """Put the detector on a variant (for int8: export and quantise)."""
     detector.use_fast_path()
     if "int8" in options:
         detector._runtime = Int8UNet(detector, calibration, threads, options["int8"])
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            detector.use_fast_path(**options)
+        _use_variant(variant, options, detector)
 
 
 @torch.no_grad()
@@ -135,7 +132,7 @@ def main() -> None:
         compare = not args.timing_only and variant != again
         for name, detector, images, calibration in (cases if compare else cases[:1]):
             start = time.perf_counter()
-            switch(detector, options, args.threads, calibration)
+            switch(detector, variant, options, args.threads, calibration)
             detector.detect(images[0])  # compilation happens at the first call
             setup = time.perf_counter() - start
             if compare:

@@ -226,8 +226,7 @@ def maps_metrics(maps: np.ndarray, dataset: AnomalyDataset, mask_size: int = 256
     with an empty mask raise a DatasetError naming the files, or with empty_masks="skip" are
     left out of the pixel metrics and listed in `pixel_excluded` (see
     `cgdiff.evaluation.load_masks`)."""
-    from .evaluation import AUPRO_FPR_LIMIT, load_masks, resize_maps
-    from .metrics import evaluate as compute_metrics
+    from .evaluation import load_masks, ranking_metrics
 
     samples = list(dataset.test)
     if len(maps) != len(samples):
@@ -235,13 +234,7 @@ def maps_metrics(maps: np.ndarray, dataset: AnomalyDataset, mask_size: int = 256
     labels = dataset.test_labels()
     scores = maps.reshape(len(maps), -1).max(axis=1)
     masks, excluded, _ = load_masks(dataset, samples, mask_size, empty_masks)
-    values = compute_metrics(labels, scores, fpr_limit=AUPRO_FPR_LIMIT)
-    if masks is not None:
-        keep = np.ones(len(samples), dtype=bool)
-        keep[excluded] = False
-        pixel = compute_metrics(labels[keep], scores[keep], masks[keep], resize_maps(maps[keep], mask_size),
-                                AUPRO_FPR_LIMIT)
-        values.update({k: pixel[k] for k in ("pixel_auroc", "aupro", "pixel_f1_max")})
+    values = ranking_metrics(labels, scores, masks, maps, excluded, mask_size)
     return {**{k: (None if v is None else float(v)) for k, v in values.items()}, "n_images": len(samples),
             "pixel_excluded": [str(samples[i].path) for i in excluded]}
 
@@ -831,14 +824,20 @@ def _check_active(variant: str, options: dict[str, Any], detector) -> None:
         raise RuntimeError(f"{wanted} is not active (missing, or its export failed): not measured")
 
 
+def _use_variant(variant: str, options: dict[str, Any], detector) -> None:
+    """Put the detector on a variant (its warnings silenced: `_check_active` refuses a runtime
+    that could not be had)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        detector.use_fast_path(**options)
+    _check_active(variant, options, detector)
+
+
 def _variant_rows(variant, options, cases, reference, repeats, is_reference) -> list[dict[str, Any]]:
     rows = []
     for name, detector, images, extra in cases:
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            detector.use_fast_path(**options)
-        _check_active(variant, options, detector)
+        _use_variant(variant, options, detector)
         detector.detect(images[0])
         warmup = time.perf_counter() - start
         with PeakMemory(detector.device) as mem, timed_model_calls(detector) as timers:
@@ -861,10 +860,7 @@ def _variant_rows(variant, options, cases, reference, repeats, is_reference) -> 
 def _paper_row(variant, options, paper, paper_image) -> dict[str, Any]:
     x = paper_image.to(paper.device)
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        paper.use_fast_path(**options)
-    _check_active(variant, options, paper)
+    _use_variant(variant, options, paper)
     paper._eps(x, torch.full((1,), 200, dtype=torch.long, device=paper.device))
     warmup = time.perf_counter() - start
     t0, cpu0 = time.perf_counter(), time.process_time()

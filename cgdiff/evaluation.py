@@ -160,6 +160,23 @@ def load_masks(dataset: AnomalyDataset, samples: list, mask_size: int, empty_mas
     return masks, empty, f"{what}: left out of the pixel metrics (still in the image metrics)"
 
 
+def ranking_metrics(labels: np.ndarray, scores: np.ndarray, masks: Optional[np.ndarray], maps: np.ndarray,
+                    excluded: list[int], mask_size: int) -> dict[str, Optional[float]]:
+    """Image AUROC and F1-max on every image (labels N, 1 = anomalous; scores N); pixel AUROC,
+    AUPRO (FPR <= AUPRO_FPR_LIMIT) and pixel F1-max on the N x S x S `maps` against the
+    N x M x M boolean `masks` at `mask_size`, leaving out the images at the `excluded`
+    indices (defect images with empty masks, see `load_masks`); no pixel metrics (None) when
+    `masks` is None."""
+    values = compute_metrics(labels, scores, fpr_limit=AUPRO_FPR_LIMIT)
+    if masks is not None:
+        keep = np.ones(len(labels), dtype=bool)
+        keep[excluded] = False
+        pixel = compute_metrics(labels[keep], scores[keep], masks[keep], resize_maps(maps[keep], mask_size),
+                                AUPRO_FPR_LIMIT)
+        values.update({k: pixel[k] for k in ("pixel_auroc", "aupro", "pixel_f1_max")})
+    return values
+
+
 @torch.no_grad()
 def reconstruct_dataset(
     detector,
@@ -307,13 +324,7 @@ def score_reconstructions(
     labels = recs.labels
     n_anomalous = int(labels.sum())
     if 0 < n_anomalous < len(labels):
-        values = compute_metrics(labels, scores, fpr_limit=AUPRO_FPR_LIMIT)
-        if recs.masks is not None:
-            keep = np.ones(len(labels), dtype=bool)
-            keep[recs.pixel_excluded] = False
-            pixel = compute_metrics(labels[keep], scores[keep], recs.masks[keep],
-                                    resize_maps(maps_np[keep], recs.mask_size), AUPRO_FPR_LIMIT)
-            values.update({k: pixel[k] for k in ("pixel_auroc", "aupro", "pixel_f1_max")})
+        values = ranking_metrics(labels, scores, recs.masks, maps_np, recs.pixel_excluded, recs.mask_size)
     else:  # e.g. normal images only (label-free tuning): maps and scores, no ranking metrics
         values = dict.fromkeys(("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"))
 
