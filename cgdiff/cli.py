@@ -83,6 +83,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _holdout_count(text: str):
+    """--holdout: 'auto' or a whole number >= 0."""
+    return "auto" if text == "auto" else _number(int, 0)(text)
+
+
 def _number(kind: type, low: Optional[float] = None, name: str = "value", above: bool = False):
     """An argparse type: a whole number or finite float, >= low (> low when `above`)."""
 
@@ -202,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(g, {**SamplerConfig().to_dict(), **ScorerConfig().to_dict()}, seed=False)
     g = p.add_argument_group("label-free tuning (see 'cgdiff tune --help')")
     h = g.add_mutually_exclusive_group()
-    h.add_argument("--holdout", type=_number(int, 0), default=0, metavar="N",
-                   help="keep N training images (chosen by --seed) out of training, for tuning")
+    h.add_argument("--holdout", type=_holdout_count, default="auto", metavar="N|auto",
+                   help="keep N training images (chosen by --seed) out of training, for the threshold and "
+                   "tuning; 'auto': a tenth of them (at least 8) where there are 80 or more, else none")
     h.add_argument("--holdout-stripe", type=positive_float, default=None, metavar="F",
                    help="keep the bottom fraction F of every training image out of training, for tuning")
     g.add_argument("--tune", action="store_true", help="run 'cgdiff tune' on the new checkpoint after training")
@@ -590,6 +596,11 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     all_images = list(dataset.train)
     if holdout:
         _info(f"holdout for tuning: {holdout.get('images') or ('rows %d-%d of every image' % tuple(holdout['stripe_rows']))}")
+    elif args.holdout == "auto" and not args.resume:
+        from .tune import AUTO_HOLDOUT_MIN_IMAGES
+
+        _info(f"note: {len(all_images)} training images, fewer than {AUTO_HOLDOUT_MIN_IMAGES}: none held out, so the "
+              "threshold is set on images the denoiser trained on (--holdout N or --holdout-stripe F to hold some out).")
 
     record = {
         "holdout": holdout,
@@ -907,18 +918,17 @@ def cmd_build_textures(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _holdout(args: argparse.Namespace, saved_args: dict, images: list[Path], config: TrainConfig):
     """(images to train on, the holdout record, held-out rows) from --holdout / --holdout-stripe;
     a resumed run keeps the split it was started with."""
-    from .tune import holdout_stripe, split_holdout
+    from .tune import auto_holdout_count, holdout_stripe, split_holdout
 
     if args.resume:
         record = dict(saved_args.get("holdout") or {})
-        if args.holdout or args.holdout_stripe is not None:
+        if args.holdout not in ("auto", 0) or args.holdout_stripe is not None:
             _info("note: --holdout / --holdout-stripe are ignored: a resumed run keeps the split it started with.")
-    elif args.holdout:
-        record = {"images": [p.name for p in split_holdout(images, args.holdout, args.seed)[1]]}
     elif args.holdout_stripe is not None:
         record = holdout_stripe(config.image_size, args.holdout_stripe, config.crop_size)[1]
     else:
-        record = {}
+        n = auto_holdout_count(len(images)) if args.holdout == "auto" else args.holdout
+        record = {"images": [p.name for p in split_holdout(images, n, args.seed)[1]]} if n else {}
     held = set(record.get("images", []))
     kept = [p for p in images if p.name not in held]
     rows = record["stripe_rows"][1] - record["stripe_rows"][0] if record.get("stripe_rows") else 0

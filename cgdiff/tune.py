@@ -63,13 +63,17 @@ from .sampler import SamplerConfig
 from .scorer import Scorer, ScorerConfig
 
 __all__ = ["ValidationSet", "TuneResult", "DEFAULT_GRIDS", "BALANCES", "training_folder_images",
-           "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout", "holdout_stripe",
+           "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout", "auto_holdout_count", "holdout_stripe",
            "FRONT_PLOT_NAME"]
 
 FRONT_PLOT_NAME = "tuning_front.png"
 # Fewest held-out normals a threshold is set on alone (mean + 3 sigma and the largest normal score
 # of fewer images are too noisy); with fewer, the training images are used as well.
 MIN_HELDOUT_CALIBRATION = 8
+# `cgdiff train --holdout auto` (the default): a tenth of the training images, at least
+# MIN_HELDOUT_CALIBRATION, kept out of training for the threshold and tuning where the folder
+# has AUTO_HOLDOUT_MIN_IMAGES or more (so at most a tenth is held out); smaller folders train on all.
+AUTO_HOLDOUT_MIN_IMAGES = 80
 AUPRO_FPR_LIMIT = 0.3
 
 # Searched sampler settings in order of influence (a short budget gets the important ones),
@@ -115,6 +119,14 @@ def training_folder_images(root: str | Path) -> list[Path]:
             "at the top level of a plain folder)."
         )
     return images
+
+
+def auto_holdout_count(n_images: int) -> int:
+    """How many of `n_images` training images `cgdiff train --holdout auto` keeps out of
+    training: max(8, n // 10) from 80 images on, else 0 (the threshold is then in-sample)."""
+    if n_images < AUTO_HOLDOUT_MIN_IMAGES:
+        return 0
+    return max(MIN_HELDOUT_CALIBRATION, n_images // 10)
 
 
 def split_holdout(images: Sequence[Path], n: int, seed: int = 0) -> tuple[list[Path], list[Path]]:

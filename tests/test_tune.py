@@ -258,3 +258,40 @@ def test_the_validation_set_names_every_unreadable_training_image_at_once(tiny_d
     message = str(info.value)
     assert f"2 of the {len(good)} training-folder image(s)" in message
     assert all(str(p) in message for p in good[:2])
+
+
+def test_holdout_auto_keeps_a_tenth_out_from_80_images(tmp_path, capsys):
+    from PIL import Image
+
+    from cgdiff.tune import AUTO_HOLDOUT_MIN_IMAGES, MIN_HELDOUT_CALIBRATION, auto_holdout_count
+
+    assert auto_holdout_count(AUTO_HOLDOUT_MIN_IMAGES - 1) == 0
+    assert auto_holdout_count(AUTO_HOLDOUT_MIN_IMAGES) == MIN_HELDOUT_CALIBRATION
+    assert auto_holdout_count(245) == 24
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(AUTO_HOLDOUT_MIN_IMAGES):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    ckpt = tmp_path / "auto"
+    assert main(["train", "--data", str(folder), "--out", str(ckpt), *TRAIN]) == 0  # --holdout auto is the default
+    config = json.loads((ckpt / "cgdiff.json").read_text())
+    held = config["training"]["holdout"]["images"]
+    assert len(held) == MIN_HELDOUT_CALIBRATION and not set(held) & set(config["training"]["images"])
+    assert config["calibration"]["n_images"] == MIN_HELDOUT_CALIBRATION
+    assert config["training"]["calibration_normals"].endswith("held-out training images (not used in training)")
+    # --holdout 0 trains on all of them and says the threshold is in-sample.
+    assert main(["train", "--data", str(folder), "--out", str(tmp_path / "none"), "--holdout", "0", *TRAIN]) == 0
+    config = json.loads((tmp_path / "none" / "cgdiff.json").read_text())
+    assert config["training"]["n_images"] == AUTO_HOLDOUT_MIN_IMAGES and "in-sample" in config["training"]["calibration_normals"]
+    capsys.readouterr()
+
+
+def test_holdout_auto_on_a_small_folder_says_the_threshold_is_in_sample(gravel, tmp_path, capsys):
+    ckpt = tmp_path / "small"
+    assert main(["train", "--data", str(gravel), "--out", str(ckpt), *TRAIN]) == 0
+    err = capsys.readouterr().err
+    assert "12 training images, fewer than 80: none held out" in err
+    assert "holdout" not in json.loads((ckpt / "cgdiff.json").read_text())["training"]
+    assert main(["train", "--data", str(gravel), "--out", str(ckpt), "--holdout", "many", *TRAIN]) == 2
+    assert "'many' is not a whole number" in capsys.readouterr().err
