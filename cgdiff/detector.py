@@ -257,14 +257,24 @@ class Detector:
             if progress is not None:
                 offset = done_before
                 step_cb = lambda i, _k, o=offset: progress(o + i, total_steps)  # noqa: E731
-            x_rec = self.reconstruct(x, sampler, step_cb)
-            maps = self.score_maps(x, x_rec, scorer)
-            _check_finite(maps, sampler)
+            results += self.inspect_batch(x, sampler, scorer, thr, step_cb, started=t_start)
             done_before += _num_steps(sampler)
-            per_image = (time.perf_counter() - t_start) / x.shape[0]
-            for xi, ri, mi in zip(to_uint8(x), to_uint8(x_rec), maps.float().cpu().numpy()):
-                results.append(Detection(xi, ri, mi, float(mi.max()), thr, per_image))
         return results
+
+    @torch.no_grad()
+    def inspect_batch(self, x: torch.Tensor, sampler: SamplerConfig, scorer: ScorerConfig, threshold: float,
+                      progress: Optional[Callable[[int, int], None]] = None, trace: Optional[Callable] = None,
+                      started: Optional[float] = None) -> list[Detection]:
+        """Reconstruct and score one prepared batch `x` (B x 3 x H x W in [-1, 1]) at the
+        given settings: one Detection per image, timed from `started` (default: now). `progress`
+        and `trace` go to `reconstruct`. Raises RuntimeError when a map is not finite."""
+        started = time.perf_counter() if started is None else started
+        x_rec = self.reconstruct(x, sampler, progress, trace=trace)
+        maps = self.score_maps(x, x_rec, scorer)
+        _check_finite(maps, sampler)
+        per_image = (time.perf_counter() - started) / x.shape[0]
+        return [Detection(xi, ri, mi, float(mi.max()), threshold, per_image)
+                for xi, ri, mi in zip(to_uint8(x), to_uint8(x_rec), maps.float().cpu().numpy())]
 
     # -------------------------------------------------------------------------- calibration
     @torch.no_grad()

@@ -18,7 +18,6 @@ like grass), and none of the bundled normal or defect examples.
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -115,12 +114,8 @@ def trajectory(detector: Detector, image: Any, threshold: Optional[float] = None
                           to_uint8(step["x0"].clamp(-1, 1))[0],
                           None if blurred is None else to_uint8(blurred)[0]))
 
-    started = time.perf_counter()
-    x_rec = detector.reconstruct(x, sampler, progress, trace=keep)
-    amap = detector.score_maps(x, x_rec, scorer)[0].float().cpu().numpy()
     thr = detector.threshold if threshold is None else float(threshold)
-    detection = Detection(to_uint8(x)[0], to_uint8(x_rec)[0], amap, float(amap.max()), thr,
-                          time.perf_counter() - started)
+    detection = detector.inspect_batch(x, sampler, scorer, thr, progress, trace=keep)[0]
     return Trajectory(sampler, steps, detection)
 
 
