@@ -55,6 +55,7 @@ from cgdiff.images import ImageError, load_image
 from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoints, registry_problems
 from cgdiff.runtime import CHOICES as RUNTIME_CHOICES
 from cgdiff.runtime import keep_freed_memory, path_options
+from cgdiff.sampler import SamplerConfig
 from cgdiff.scorer import BackboneUnavailable
 from cgdiff.viz import compare_masks, heatmap, mask_image, overlay
 
@@ -420,7 +421,7 @@ def colorbar_html(threshold: float) -> str:
         f'<span style="position:absolute;left:50%;transform:translateX(-50%);font-weight:600;color:#067647;">'
         f'threshold {threshold:.3g}</span>'
         f'<span style="position:absolute;right:0;">&ge; {2 * threshold:.3g}</span></div>'
-        '<div>Heat-map colours: the same scale in every image; above the green mark is above the threshold.</div></div>'
+        '<div>Heat-map colours: the same scale in every image; above the green mark is above the threshold. The overlay outlines the predicted defect; the predicted mask is framed.</div></div>'
     )
 
 
@@ -752,13 +753,17 @@ Pick a model and an example (or upload your own image) and press **Inspect**.
 """
 
 CSS = """
-/* Results are small (the model's working size): fill the frame instead of showing a thumbnail. */
-.cgdiff-pic img { width: 100%; height: 100%; object-fit: contain; }
+/* Results are small (the model's working size): fill the frame instead of showing a thumbnail,
+   below the picture's label (which floats over the frame's top left). */
+.cgdiff-pic img { width: 100%; height: 100%; object-fit: contain; box-sizing: border-box; padding-top: 34px; }
 /* Picture labels wrap instead of being cut off. */
 .cgdiff-pic label, .cgdiff-pic [data-testid="block-label"] { white-space: normal; max-width: calc(100% - 80px);
   overflow: visible; height: auto; line-height: 1.2; }
 .cgdiff-pic [data-testid="block-label"] span, .cgdiff-pic label span { white-space: normal; overflow: visible;
   text-overflow: clip; }
+/* Step-by-step strips: as tall as their rows of pictures, not Gradio's 450-px gallery minimum. */
+#teach-noisy .fixed-height, #teach-x0 .fixed-height, #teach-blurred .fixed-height { min-height: 0; }
+#teach-noisy .grid-wrap, #teach-x0 .grid-wrap, #teach-blurred .grid-wrap { padding-top: 30px; }
 /* The verdict in fonts that have every letter in bold. */
 .cgdiff-title { font-family: "DejaVu Sans", "Liberation Sans", Arial, Helvetica, sans-serif; }
 /* Batch table: words stay whole. */
@@ -863,19 +868,19 @@ def build_demo() -> gr.Blocks:
                         verdict = gr.HTML(verdict_html("idle", "Upload an image or click an example, then press Inspect."),
                                           elem_id="verdict")
                         with gr.Row():
-                            seen = gr.Image(label="Input (as the model sees it)", elem_id="pic-input", **PIC)
+                            seen = gr.Image(label="Input (resized)", elem_id="pic-input", **PIC)
                             recon = gr.Image(label="Reconstruction", elem_id="pic-recon", **PIC)
-                            heat = gr.Image(label="Heat map (mid-scale = threshold)", elem_id="pic-heat", **PIC)
+                            heat = gr.Image(label="Heat map", elem_id="pic-heat", **PIC)
                         colorbar = gr.HTML("", elem_id="colorbar")
                         with gr.Row():
-                            over = gr.Image(label="Overlay (outline: predicted defect)", elem_id="pic-overlay", **PIC)
-                            mask = gr.Image(label="Predicted defect mask (framed)", elem_id="pic-mask", **PIC)
+                            over = gr.Image(label="Overlay", elem_id="pic-overlay", **PIC)
+                            mask = gr.Image(label="Predicted mask", elem_id="pic-mask", **PIC)
                         with gr.Column(visible=False, elem_id="truth") as truth_row:
                             truth_md = gr.Markdown("", elem_id="truth-caption")
                             with gr.Row():
-                                clean = gr.Image(label="Clean original (before the defect)", elem_id="pic-clean", **PIC)
+                                clean = gr.Image(label="Clean original", elem_id="pic-clean", **PIC)
                                 truth = gr.Image(label="Ground-truth mask", elem_id="pic-truth", **PIC)
-                                hitmiss = gr.Image(label="Prediction vs truth: hit, missed, false alarm", elem_id="pic-hitmiss", **PIC)
+                                hitmiss = gr.Image(label="Hit / miss / false alarm", elem_id="pic-hitmiss", **PIC)
                         with gr.Accordion("Details", open=False):
                             details = gr.JSON(label="Result", elem_id="details")
 
@@ -897,11 +902,15 @@ def build_demo() -> gr.Blocks:
                 blurred = gr.Gallery(label="Blurred estimate (what blur guidance steers away from)",
                                      elem_id="teach-blurred", visible=False, **strip)
                 variant_outputs = []
+                # Each row named before the first run (the last row's name follows the model's s).
+                titles = [title for _, title, _ in teaching.variant_settings(
+                    SamplerConfig(guidance_scale=float(d["guidance_scale"])))]
                 for i in range(4):
                     with gr.Row(elem_classes=["cgdiff-variant"]):
-                        line = gr.Markdown("", elem_id=f"variant-{i}-line")
+                        line = gr.Markdown(f"**{titles[i]}**: press *Run step by step* to see it.",
+                                           elem_id=f"variant-{i}-line")
                         v_rec = gr.Image(label="Reconstruction", elem_id=f"variant-{i}-rec", **{**PIC, "height": 170})
-                        v_heat = gr.Image(label="Heat map (mid-scale = threshold)", elem_id=f"variant-{i}-heat",
+                        v_heat = gr.Image(label="Heat map", elem_id=f"variant-{i}-heat",
                                           **{**PIC, "height": 170})
                     variant_outputs += [line, v_rec, v_heat]
 

@@ -572,6 +572,22 @@ def test_browser_one_progress_bar_and_no_stale_text_while_running(page, server):
     _result(page)
 
 
+# The labels of result pictures whose box meets the drawn image (not the frame's empty margins).
+_LABEL_OVER_PICTURE = """() => [...document.querySelectorAll('.cgdiff-pic')].flatMap(block => {
+  const img = block.querySelector('img'), label = block.querySelector("[data-testid='block-label']");
+  if (!img || !label || !img.naturalWidth || !img.offsetParent) return [];
+  const r = img.getBoundingClientRect(), st = getComputedStyle(img);
+  const pad = ['Top', 'Right', 'Bottom', 'Left'].map(k => parseFloat(st['padding' + k]) || 0);
+  const cw = r.width - pad[1] - pad[3], ch = r.height - pad[0] - pad[2];
+  const k = Math.min(cw / img.naturalWidth, ch / img.naturalHeight);
+  const w = img.naturalWidth * k, h = img.naturalHeight * k;
+  const left = r.left + pad[3] + (cw - w) / 2, top = r.top + pad[0] + (ch - h) / 2;
+  const l = label.getBoundingClientRect();
+  const meets = l.right > left && l.left < left + w && l.bottom > top && l.top < top + h;
+  return meets ? [label.innerText.trim()] : [];
+})"""
+
+
 @pytest.mark.browser
 def test_browser_result_shows_colour_bar_labels_and_ground_truth(page, server):
     _open(page, server)
@@ -585,11 +601,14 @@ def test_browser_result_shows_colour_bar_labels_and_ground_truth(page, server):
     mark, frame = page.locator(".cgdiff-threshold-mark").bounding_box(), bar.bounding_box()
     assert abs(mark["x"] + mark["width"] / 2 - (frame["x"] + frame["width"] / 2)) < frame["width"] * 0.05
     # Labels are whole: nothing is cut off.
-    for label in ("Input (as the model sees it)", "Heat map (mid-scale = threshold)"):
+    for label in ("Input (resized)", "Heat map", "Hit / miss / false alarm"):
         el = page.locator("[data-testid='block-label']", has_text=label).first
         assert el.inner_text().strip() == label
         assert page.evaluate("e => e.scrollWidth <= e.clientWidth + 1 && [...e.querySelectorAll('*')].every("
                              "c => c.scrollWidth <= c.clientWidth + 1)", el.element_handle())
+    # No label lies over its picture: each label's box ends above the drawn image (object-fit: contain).
+    overlaps = page.evaluate(_LABEL_OVER_PICTURE)
+    assert overlaps == [], overlaps
     # The ground truth beside the prediction.
     truth = page.locator("#truth")
     assert truth.is_visible() and "true defect found" in page.locator("#truth-caption").inner_text()
@@ -698,6 +717,10 @@ def test_browser_teaching_view_states_its_cost_then_shows_the_steps(page, server
     cost = page.locator("#teach-cost")
     cost.get_by_text("denoiser calls").wait_for(timeout=15_000)
     assert "reconstructions" in cost.inner_text()
+    # Every row is named before the first run.
+    assert page.locator("#variant-0-line").inner_text().startswith("Full method")
+    assert "Pure-noise start" in page.locator("#variant-1-line").inner_text()
+    assert all("Run step by step" in page.locator(f"#variant-{i}-line").inner_text() for i in range(4))
     page.click("#run-teach")
     page.locator("#variant-3-line").get_by_text("denoiser calls").wait_for(timeout=120_000)
     page.wait_for_timeout(500)
