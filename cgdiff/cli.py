@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = g.add_mutually_exclusive_group()
     h.add_argument("--holdout", type=_holdout_count, default="auto", metavar="N|auto",
                    help="keep N training images (chosen by --seed) out of training, for the threshold and "
-                   "tuning; 'auto': a tenth of them (at least 8) where there are 80 or more, else none")
+                   "tuning; 'auto': a tenth of them (at least 8) where there are 80 or more, else none (none with "
+                   "--preset paper, whose recipe trains on every image)")
     h.add_argument("--holdout-stripe", type=positive_float, default=None, metavar="F",
                    help="keep the bottom fraction F of every training image out of training, for tuning")
     g.add_argument("--tune", action="store_true", help="run 'cgdiff tune' on the new checkpoint after training")
@@ -599,8 +600,10 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     elif args.holdout == "auto" and not args.resume:
         from .tune import AUTO_HOLDOUT_MIN_IMAGES
 
-        _info(f"note: {len(all_images)} training images, fewer than {AUTO_HOLDOUT_MIN_IMAGES}: none held out, so the "
-              "threshold is set on images the denoiser trained on (--holdout N or --holdout-stripe F to hold some out).")
+        why = ("--preset paper trains on every image, as the paper does" if config.unet_preset == "paper" else
+               f"{len(all_images)} training images, fewer than {AUTO_HOLDOUT_MIN_IMAGES}")
+        _info(f"note: {why}: none held out, so the threshold is set on images the denoiser trained on "
+              "(--holdout N or --holdout-stripe F to hold some out).")
 
     record = {
         "holdout": holdout,
@@ -927,7 +930,9 @@ def _holdout(args: argparse.Namespace, saved_args: dict, images: list[Path], con
     elif args.holdout_stripe is not None:
         record = holdout_stripe(config.image_size, args.holdout_stripe, config.crop_size)[1]
     else:
-        n = auto_holdout_count(len(images)) if args.holdout == "auto" else args.holdout
+        # The paper's recipe trains on every training image: 'auto' holds none out with --preset paper.
+        auto = 0 if config.unet_preset == "paper" else auto_holdout_count(len(images))
+        n = auto if args.holdout == "auto" else args.holdout
         record = {"images": [p.name for p in split_holdout(images, n, args.seed)[1]]} if n else {}
     held = set(record.get("images", []))
     kept = [p for p in images if p.name not in held]

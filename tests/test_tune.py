@@ -280,6 +280,12 @@ def test_holdout_auto_keeps_a_tenth_out_from_80_images(tmp_path, capsys):
     assert len(held) == MIN_HELDOUT_CALIBRATION and not set(held) & set(config["training"]["images"])
     assert config["calibration"]["n_images"] == MIN_HELDOUT_CALIBRATION
     assert config["training"]["calibration_normals"].endswith("held-out training images (not used in training)")
+    # The paper's recipe trains on every image.
+    capsys.readouterr()
+    paper = ["--preset", "paper", "--image-size", "32", "--crop-size", "32", *TRAIN[4:]]
+    assert main(["train", "--data", str(folder), "--out", str(tmp_path / "paper"), *paper]) == 0
+    assert "--preset paper trains on every image, as the paper does: none held out" in capsys.readouterr().err
+    assert "holdout" not in json.loads((tmp_path / "paper" / "cgdiff.json").read_text())["training"]
     # --holdout 0 trains on all of them and says the threshold is in-sample.
     assert main(["train", "--data", str(folder), "--out", str(tmp_path / "none"), "--holdout", "0", *TRAIN]) == 0
     config = json.loads((tmp_path / "none" / "cgdiff.json").read_text())
