@@ -593,6 +593,25 @@ def model_changed(model: str):
     return clear_result(model, "Model changed to {model}: press Inspect to inspect the image with it.", "idle")
 
 
+def teaching_placeholders(guidance_scale: Any) -> list[Any]:
+    """The step-by-step view before a run (or after a model change or a failed run): empty
+    strips, and each variant row named (the last row's name follows s) with nothing shown."""
+    try:
+        s = max(0.0, float(guidance_scale))
+    except (TypeError, ValueError):
+        s = 0.0
+    titles = [title for _, title, _ in teaching.variant_settings(SamplerConfig(guidance_scale=s))]
+    rows: list[Any] = []
+    for title in titles:
+        rows += [f"**{esc(title)}**: press *Run step by step* to see it.", None, None]
+    return rows
+
+
+def teaching_cleared(model: str, guidance_scale: Any) -> list[Any]:
+    """A new model: the old model's trajectory and variants are cleared."""
+    return ["", [], [], gr.update(value=[], visible=False), *teaching_placeholders(guidance_scale)]
+
+
 def teaching_cost(model: str, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed) -> str:
     """What the step-by-step view will run, said before it runs."""
     try:
@@ -636,7 +655,8 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
     except LOAD_ERRORS as e:
         message = str(e)
         gr.Warning(message, duration=12)
-        return [f"**Cannot run:** {esc(message)}", [], [], gr.update(value=[], visible=False)] + ["", None, None] * 4
+        return [f"**Cannot run:** {esc(message)}", [], [], gr.update(value=[], visible=False),
+                *teaching_placeholders(guidance_scale)]
     last = len(traj.steps) - 1
     noisy = [(s.x_t, f"x_t at t = {s.t}" + (" (start)" if i == 0 else "")) for i, s in enumerate(traj.steps)]
     noisy.append((traj.detection.reconstruction, "result (t = 0)"))
@@ -902,13 +922,10 @@ def build_demo() -> gr.Blocks:
                 blurred = gr.Gallery(label="Blurred estimate (what blur guidance steers away from)",
                                      elem_id="teach-blurred", visible=False, **strip)
                 variant_outputs = []
-                # Each row named before the first run (the last row's name follows the model's s).
-                titles = [title for _, title, _ in teaching.variant_settings(
-                    SamplerConfig(guidance_scale=float(d["guidance_scale"])))]
+                placeholders = teaching_placeholders(d["guidance_scale"])  # each row named before the first run
                 for i in range(4):
                     with gr.Row(elem_classes=["cgdiff-variant"]):
-                        line = gr.Markdown(f"**{titles[i]}**: press *Run step by step* to see it.",
-                                           elem_id=f"variant-{i}-line")
+                        line = gr.Markdown(placeholders[3 * i], elem_id=f"variant-{i}-line")
                         v_rec = gr.Image(label="Reconstruction", elem_id=f"variant-{i}-rec", **{**PIC, "height": 170})
                         v_heat = gr.Image(label="Heat map", elem_id=f"variant-{i}-heat",
                                           **{**PIC, "height": 170})
@@ -961,6 +978,8 @@ def build_demo() -> gr.Blocks:
         # cancels a run still going for the old model.
         model.change(model_changed, model, result_outputs, show_progress="hidden", concurrency_limit=None,
                      concurrency_id="models", cancels=[inspect_event, teach_event], api_visibility="private")
+        model_event.then(teaching_cleared, [model, guidance_scale], teach_outputs, queue=False,
+                         show_progress="hidden", api_visibility="private")
         reset.click(reset_controls, defaults_state, [*controls, note_md], api_name="reset", queue=False)
         for control in calibrated_controls:
             control.change(note_for, [defaults_state, *calibrated_controls], note_md, queue=False,

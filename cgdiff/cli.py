@@ -85,7 +85,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _holdout_count(text: str):
     """--holdout: 'auto' or a whole number >= 0."""
-    return "auto" if text == "auto" else _number(int, 0)(text)
+    if text == "auto":
+        return "auto"
+    try:
+        return _number(int, 0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 or 'auto', got {text!r}") from None
 
 
 def _number(kind: type, low: Optional[float] = None, name: str = "value", above: bool = False):
@@ -208,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("label-free tuning (see 'cgdiff tune --help')")
     h = g.add_mutually_exclusive_group()
     h.add_argument("--holdout", type=_holdout_count, default="auto", metavar="N|auto",
-                   help="keep N training images (chosen by --seed) out of training, for the threshold and "
-                   "tuning; 'auto': a tenth of them (at least 8) where there are 80 or more, else none (none with "
+                   help="keep N training images (chosen by --seed) out of training, for tuning and (8 or more) "
+                   "the threshold; 'auto': a tenth of them where there are 80 or more, else none (none with "
                    "--preset paper, whose recipe trains on every image)")
     h.add_argument("--holdout-stripe", type=positive_float, default=None, metavar="F",
                    help="keep the bottom fraction F of every training image out of training, for tuning")

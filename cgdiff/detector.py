@@ -244,31 +244,31 @@ class Detector:
         """Inspect images. `overrides` change sampler/scorer settings for this call only
         (t0, steps, w, guidance_scale, blur_sigma, eta, seed, pixel_weight, ...)."""
         sampler, scorer = self.settings(**overrides)
-        thr = self.threshold if threshold is None else float(threshold)
         x_all = self.prepare(images)
         n = x_all.shape[0]
         results: list[Detection] = []
         total_steps = math.ceil(n / batch_size) * _num_steps(sampler)
         done_before = 0
         for start in range(0, n, batch_size):
-            t_start = time.perf_counter()
             x = x_all[start : start + batch_size]
             step_cb = None
             if progress is not None:
                 offset = done_before
                 step_cb = lambda i, _k, o=offset: progress(o + i, total_steps)  # noqa: E731
-            results += self.inspect_batch(x, sampler, scorer, thr, step_cb, started=t_start)
+            results += self.inspect_batch(x, sampler, scorer, threshold, step_cb)
             done_before += _num_steps(sampler)
         return results
 
     @torch.no_grad()
-    def inspect_batch(self, x: torch.Tensor, sampler: SamplerConfig, scorer: ScorerConfig, threshold: float,
-                      progress: Optional[Callable[[int, int], None]] = None, trace: Optional[Callable] = None,
-                      started: Optional[float] = None) -> list[Detection]:
+    def inspect_batch(self, x: torch.Tensor, sampler: SamplerConfig, scorer: ScorerConfig,
+                      threshold: Optional[float] = None, progress: Optional[Callable[[int, int], None]] = None,
+                      trace: Optional[Callable] = None) -> list[Detection]:
         """Reconstruct and score one prepared batch `x` (B x 3 x H x W in [-1, 1]) at the
-        given settings: one Detection per image, timed from `started` (default: now). `progress`
-        and `trace` go to `reconstruct`. Raises RuntimeError when a map is not finite."""
-        started = time.perf_counter() if started is None else started
+        given settings: one Detection per image (its seconds: this call's time per image).
+        `threshold`: None for the calibrated one. `progress` and `trace` go to `reconstruct`.
+        Raises ValueError when a map is not finite."""
+        started = time.perf_counter()
+        threshold = self.threshold if threshold is None else float(threshold)
         x_rec = self.reconstruct(x, sampler, progress, trace=trace)
         maps = self.score_maps(x, x_rec, scorer)
         _check_finite(maps, sampler)

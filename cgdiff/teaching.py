@@ -114,8 +114,7 @@ def trajectory(detector: Detector, image: Any, threshold: Optional[float] = None
                           to_uint8(step["x0"].clamp(-1, 1))[0],
                           None if blurred is None else to_uint8(blurred)[0]))
 
-    thr = detector.threshold if threshold is None else float(threshold)
-    detection = detector.inspect_batch(x, sampler, scorer, thr, progress, trace=keep)[0]
+    detection = detector.inspect_batch(x, sampler, scorer, threshold, progress, trace=keep)[0]
     return Trajectory(sampler, steps, detection)
 
 

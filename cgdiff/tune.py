@@ -70,10 +70,11 @@ FRONT_PLOT_NAME = "tuning_front.png"
 # Fewest held-out normals a threshold is set on alone (mean + 3 sigma and the largest normal score
 # of fewer images are too noisy); with fewer, the training images are used as well.
 MIN_HELDOUT_CALIBRATION = 8
-# `cgdiff train --holdout auto` (the default): a tenth of the training images, at least
-# MIN_HELDOUT_CALIBRATION, kept out of training for the threshold and tuning where the folder
-# has AUTO_HOLDOUT_MIN_IMAGES or more (so at most a tenth is held out); smaller folders train on all.
-AUTO_HOLDOUT_MIN_IMAGES = 80
+# `cgdiff train --holdout auto` (the default): a tenth of the training images kept out of
+# training for the threshold and tuning where the folder has AUTO_HOLDOUT_MIN_IMAGES or more, so
+# that the threshold always gets its MIN_HELDOUT_CALIBRATION unseen normals; smaller folders
+# train on all.
+AUTO_HOLDOUT_MIN_IMAGES = 10 * MIN_HELDOUT_CALIBRATION
 AUPRO_FPR_LIMIT = 0.3
 
 # Searched sampler settings in order of influence (a short budget gets the important ones),
@@ -123,10 +124,8 @@ def training_folder_images(root: str | Path) -> list[Path]:
 
 def auto_holdout_count(n_images: int) -> int:
     """How many of `n_images` training images `cgdiff train --holdout auto` keeps out of
-    training: max(8, n // 10) from 80 images on, else 0 (the threshold is then in-sample)."""
-    if n_images < AUTO_HOLDOUT_MIN_IMAGES:
-        return 0
-    return max(MIN_HELDOUT_CALIBRATION, n_images // 10)
+    training: n // 10 from 80 images on (so 8 or more), else 0 (the threshold is then in-sample)."""
+    return n_images // 10 if n_images >= AUTO_HOLDOUT_MIN_IMAGES else 0
 
 
 def split_holdout(images: Sequence[Path], n: int, seed: int = 0) -> tuple[list[Path], list[Path]]:

@@ -5,6 +5,7 @@ registry ($CGDIFF_CHECKPOINTS points elsewhere)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -572,7 +573,7 @@ def test_browser_one_progress_bar_and_no_stale_text_while_running(page, server):
     _result(page)
 
 
-# The labels of result pictures whose box meets the drawn image (not the frame's empty margins).
+# [label, whether its box meets the drawn image (not the frame's empty margins)] of every shown result picture.
 _LABEL_OVER_PICTURE = """() => [...document.querySelectorAll('.cgdiff-pic')].flatMap(block => {
   const img = block.querySelector('img'), label = block.querySelector("[data-testid='block-label']");
   if (!img || !label || !img.naturalWidth || !img.offsetParent) return [];
@@ -584,7 +585,7 @@ _LABEL_OVER_PICTURE = """() => [...document.querySelectorAll('.cgdiff-pic')].fla
   const left = r.left + pad[3] + (cw - w) / 2, top = r.top + pad[0] + (ch - h) / 2;
   const l = label.getBoundingClientRect();
   const meets = l.right > left && l.left < left + w && l.bottom > top && l.top < top + h;
-  return meets ? [label.innerText.trim()] : [];
+  return [[label.innerText.trim(), meets]];
 })"""
 
 
@@ -607,8 +608,9 @@ def test_browser_result_shows_colour_bar_labels_and_ground_truth(page, server):
         assert page.evaluate("e => e.scrollWidth <= e.clientWidth + 1 && [...e.querySelectorAll('*')].every("
                              "c => c.scrollWidth <= c.clientWidth + 1)", el.element_handle())
     # No label lies over its picture: each label's box ends above the drawn image (object-fit: contain).
-    overlaps = page.evaluate(_LABEL_OVER_PICTURE)
-    assert overlaps == [], overlaps
+    checked = page.evaluate(_LABEL_OVER_PICTURE)
+    assert len(checked) >= 8, checked  # the five result pictures and the three of the ground truth
+    assert [name for name, meets in checked if meets] == [], checked
     # The ground truth beside the prediction.
     truth = page.locator("#truth")
     assert truth.is_visible() and "true defect found" in page.locator("#truth-caption").inner_text()
@@ -732,6 +734,23 @@ def test_browser_teaching_view_states_its_cost_then_shows_the_steps(page, server
         assert page.locator(f"#variant-{i}-rec img").is_visible() and page.locator(f"#variant-{i}-heat img").is_visible()
     assert "Pure-noise start" in page.locator("#variant-1-line").inner_text()
     _shot(page, "teaching_view")
+    # Another model: the old model's steps go, each row is named again, the last one by the new model's s.
+    other = next((e for e in BUNDLED[1:] if _stored_s(e) != _stored_s(BUNDLED[0])), None)
+    if other is not None:
+        page.get_by_role("tab", name="Inspect an image").click()
+        _click_example(page, other.name, 0)
+        page.get_by_role("tab", name="Step by step").click()
+        line = page.locator("#variant-3-line")
+        line.get_by_text("Run step by step").wait_for(timeout=15_000)
+        assert page.locator("#teach-noisy img").count() == 0
+        want = "No blur guidance (s = 0)" if _stored_s(other) > 0 else "Blur guidance on"
+        assert want in line.inner_text()
+        assert not page.locator("#variant-0-rec img").is_visible()
+
+
+def _stored_s(entry) -> float:
+    """The blur-guidance scale s a bundled checkpoint stores."""
+    return float(json.loads((Path(entry.path) / "cgdiff.json").read_text())["sampler"]["guidance_scale"])
 
 
 @pytest.mark.browser
