@@ -2,7 +2,8 @@
 
     python benchmarks/learning_curve.py --data data/textures/grass \
         --run "constant LR" runs/curve/snap/const_20 runs/curve/snap/const_40 ... \
-        --run "cosine LR" runs/curve/grass_cosine --out benchmarks/results/learning_curve
+        --run "cosine LR" runs/curve/grass_cosine --out benchmarks/results/learning_curve \
+        [--reuse benchmarks/results/learning_curve/curve.json]
 
 Each snapshot is a checkpoint folder (`cgdiff train` output). Every snapshot is evaluated twice
 with `cgdiff.evaluation.evaluate`, the code behind `cgdiff evaluate`: once at its stored
@@ -63,17 +64,27 @@ def main() -> None:
                         help="a label and the run's snapshot folders; repeatable")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reuse", type=Path, action="append", default=[], metavar="CURVE_JSON",
+                        help="a curve.json of an earlier run: its rows of the same snapshot (folder and steps) "
+                        "and setting are taken instead of evaluated again; repeatable")
     args = parser.parse_args()
     if any(len(run) < 2 for run in args.run):
         parser.error("each --run needs a label and at least one checkpoint folder")
     torch.set_num_threads(args.threads)
     dataset = load_dataset(args.data)
+    done = {(r["checkpoint"], r["steps"], r["setting"]): r
+            for path in args.reuse for r in json.loads(path.read_text())["rows"]}
     rows = []
     for label, *snapshots in args.run:
         for folder in snapshots:
             detector = Detector.from_pretrained(folder, device="cpu")
             training = detector.info.get("training") or {}
             for setting, overrides in (("stored settings", {}), ("w = 0", {"w": 0.0})):
+                earlier = done.get((str(folder), training.get("steps"), setting))
+                if earlier is not None:
+                    rows.append({**earlier, "run": label})
+                    print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1] + "  (reused)", flush=True)
+                    continue
                 r = evaluate(detector, dataset, per_image=False, **overrides)
                 rows.append({"run": label, "setting": setting, "checkpoint": str(folder),
                              "steps": training.get("steps"), "training_minutes": (training.get("seconds") or 0) / 60,
