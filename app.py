@@ -607,7 +607,7 @@ def teaching_placeholders(guidance_scale: Any) -> list[Any]:
     return rows
 
 
-def teaching_cleared(model: str, guidance_scale: Any) -> list[Any]:
+def teaching_cleared(guidance_scale: Any) -> list[Any]:
     """A new model: the old model's trajectory and variants are cleared."""
     return ["", [], [], gr.update(value=[], visible=False), *teaching_placeholders(guidance_scale)]
 
@@ -978,7 +978,7 @@ def build_demo() -> gr.Blocks:
         # cancels a run still going for the old model.
         model.change(model_changed, model, result_outputs, show_progress="hidden", concurrency_limit=None,
                      concurrency_id="models", cancels=[inspect_event, teach_event], api_visibility="private")
-        model_event.then(teaching_cleared, [model, guidance_scale], teach_outputs, queue=False,
+        model_event.then(teaching_cleared, guidance_scale, teach_outputs, queue=False,
                          show_progress="hidden", api_visibility="private")
         reset.click(reset_controls, defaults_state, [*controls, note_md], api_name="reset", queue=False)
         for control in calibrated_controls:

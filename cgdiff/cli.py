@@ -578,24 +578,19 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         flips=not args.no_flips, rotations=args.rotations, max_timestep=args.max_timestep, snr_gamma=args.snr_gamma,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
     )
-    if args.resume:
-        # The resumed run's shape with the new budget, checked before the data is read and
-        # anything is written (train() merges them the same way).
-        merged = TrainConfig(**{**saved_config, "max_steps": max_steps, "max_minutes": args.max_minutes,
-                                "save_every": save_every})
-        if merged.warmup_steps >= max_steps:
-            raise TrainingError(f"--max-steps {max_steps} must be larger than the run's --warmup-steps "
-                                f"{merged.warmup_steps}.")
-        merged.validate()
-        if (merged.lr_schedule != "constant" and args.max_steps is not None
-                and args.max_steps != saved_config.get("max_steps")):
-            _info(f"note: the {merged.lr_schedule} learning-rate schedule is re-targeted from "
-                  f"{saved_config.get('max_steps')} to {max_steps} steps: the rate moves at the resume.")
-    else:
-        if config.warmup_steps >= config.max_steps:
-            raise TrainingError(f"--warmup-steps {config.warmup_steps} must be smaller than --max-steps "
-                                f"{config.max_steps}.")
-        config.validate()  # before reading the data: a bad value is reported at once
+    # Checked before the data is read and anything is written: on --resume the run's shape with
+    # the new budget (train() merges them the same way).
+    checked = TrainConfig(**{**saved_config, "max_steps": max_steps, "max_minutes": args.max_minutes,
+                             "save_every": save_every}) if args.resume else config
+    if checked.warmup_steps >= checked.max_steps:
+        w, m = checked.warmup_steps, checked.max_steps
+        raise TrainingError(f"--max-steps {m} must be larger than the run's --warmup-steps {w}." if args.resume
+                            else f"--warmup-steps {w} must be smaller than --max-steps {m}.")
+    checked.validate()
+    if (args.resume and checked.lr_schedule != "constant" and args.max_steps is not None
+            and args.max_steps != saved_config.get("max_steps")):
+        _info(f"note: the {checked.lr_schedule} learning-rate schedule is re-targeted from "
+              f"{saved_config.get('max_steps')} to {max_steps} steps: the rate moves at the resume.")
     dataset = _load_data(args, test=False)
     _info(f"data: {dataset.summary()}")
     images, holdout, holdout_rows = _holdout(args, saved_args, list(dataset.train), config)

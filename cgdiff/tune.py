@@ -63,8 +63,8 @@ from .sampler import SamplerConfig
 from .scorer import Scorer, ScorerConfig
 
 __all__ = ["ValidationSet", "TuneResult", "DEFAULT_GRIDS", "BALANCES", "training_folder_images",
-           "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout", "auto_holdout_count", "holdout_stripe",
-           "FRONT_PLOT_NAME"]
+           "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout", "auto_holdout_count",
+           "holdout_stripe", "FRONT_PLOT_NAME"]
 
 FRONT_PLOT_NAME = "tuning_front.png"
 # Fewest held-out normals a threshold is set on alone (mean + 3 sigma and the largest normal score
