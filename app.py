@@ -56,7 +56,7 @@ from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoin
 from cgdiff.runtime import CHOICES as RUNTIME_CHOICES
 from cgdiff.runtime import keep_freed_memory, path_options
 from cgdiff.sampler import SamplerConfig
-from cgdiff.scorer import BackboneUnavailable
+from cgdiff.scorer import VALIDATION_F1, BackboneUnavailable
 from cgdiff.viz import compare_masks, heatmap, mask_image, overlay
 
 # ------------------------------------------------------------------------------ settings
@@ -234,7 +234,11 @@ def model_info(name: str, detector: Detector) -> str:
                      f"{esc(texture)} images and nothing else).")
     lines.append(f"{esc(detector.describe())}.")
     cal = detector.calibration
-    lines.append(f"Threshold {cal.threshold:.4g}, calibrated on {cal.n_images} normal images.")
+    if cal.threshold_rule == VALIDATION_F1:
+        lines.append(f"Threshold {cal.threshold:.4g}: the best F1 between {cal.n_images} normal images and "
+                     f"{len(cal.anomalous_scores)} with synthetic defects.")
+    else:
+        lines.append(f"Threshold {cal.threshold:.4g}, calibrated on {cal.n_images} normal images.")
     if training.get("data"):
         lines.append(f"Trained on {esc(str(training['data']))}"
                      + (f" for {training['steps']} steps." if training.get("steps") else "."))

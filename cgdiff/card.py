@@ -88,12 +88,16 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
     lines.append("- sampler: " + ", ".join(f"{k}={v}" for k, v in sampler.items()))
     lines.append("- scorer: " + ", ".join(f"{k}={v}" for k, v in scorer.items()))
     if calibration:
-        normals = ((config.get("tuning") or {}).get("calibration_normals") or training.get("calibration_normals")
+        normals = (config.get("calibration_normals") or (config.get("tuning") or {}).get("calibration_normals")
+                   or training.get("calibration_normals")
                    or f"{calibration.get('n_images')} normal images (which ones is not recorded)")
         lines.append(
             f"- calibration on {normals}: pixel scale c = "
             f"{calibration.get('pixel_scale', 0):.4g}, threshold = {calibration.get('threshold', 0):.4g}"
+            f" ({threshold_rule_text(calibration)})"
         )
+        if config.get("calibration_command"):
+            lines.append(f"- recalibrated with: `{config['calibration_command']}`")
     tuning = config.get("tuning")
     if tuning:
         lines += ["", "## Label-free tuning", "", *model_card_section(tuning)]
@@ -113,6 +117,16 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
               "threshold was calibrated on normal images; check it on your own normal samples before relying",
               "on the verdict.", ""]
     return ModelCard("\n".join(lines)).content
+
+
+def threshold_rule_text(calibration: dict[str, Any]) -> str:
+    """How the stored threshold was set, in words (cgdiff.scorer's threshold rules)."""
+    if calibration.get("threshold_rule") == "validation-f1":
+        n = len(calibration.get("anomalous_scores") or [])
+        source = calibration.get("anomalous_source")
+        return (f"the F1-max cut between those normal scores and the scores of {n} synthetic-defect images"
+                + (f" ({source})" if source else "") + f"; F1 {calibration.get('validation_f1')} on them")
+    return "the largest normal score or mean + 3 sd of the normal scores, whichever is higher"
 
 
 def model_card_section(tuning: dict[str, Any]) -> list[str]:

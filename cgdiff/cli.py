@@ -325,10 +325,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "defect the reconstruction takes out) reaches X, while any does; 0: by AUPRO alone")
     p.add_argument("--max-evaluations", type=_number(int, 0), default=None, metavar="N",
                    help="try at most N sampler settings besides the stored one (default: as the budget allows)")
+    _add_threshold_rule(p)
     p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="images per batch")
     p.add_argument("--json", metavar="FILE", help="write the tuning record (search table included) as JSON")
     p.add_argument("--dry-run", action="store_true", help="report the choice without changing any checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint or --json file")
+    _add_common(p)
+
+    # ---------------------------------------------------------------- calibrate
+    p = sub.add_parser(
+        "calibrate", help="set the pixel/feature scale c and the threshold again, at the stored settings",
+        description="Recalibrate a checkpoint at its stored settings, without a search: c and the normal "
+        "scores on the normal images 'cgdiff tune' would use (held-out training images where there are "
+        "enough, else the training folder), and the decision threshold by --threshold. Test images and "
+        "masks are never read.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="local checkpoint folder or bundled registry name (updated in place unless --out)")
+    p.add_argument("--data", required=True, metavar="ROOT/CLASS",
+                   help="dataset folder the checkpoint was trained on (only its normal training images are read)")
+    p.add_argument("--out", metavar="CKPT", help="write the recalibrated checkpoint here instead of in place")
+    _add_threshold_rule(p)
+    p.add_argument("--seed", type=whole, default=0, metavar="N",
+                   help="seed of the synthetic defects (one per normal calibration image)")
+    p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="images per batch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
     _add_common(p)
 
     # ---------------------------------------------------------------- push
@@ -940,10 +961,18 @@ def _holdout(args: argparse.Namespace, saved_args: dict, images: list[Path], con
     return kept, record, rows
 
 
+def _add_threshold_rule(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", choices=("validation-f1", "normal-tail"), default="validation-f1",
+                   help="how the decision threshold is set: 'validation-f1', the F1-max cut between the normal "
+                   "calibration images' scores and as many synthetic-defect images made from the normal training "
+                   "images (anomalib's F1AdaptiveThreshold on a synthetic validation split); 'normal-tail', from "
+                   "normal images only: max(largest normal score, mean + 3 sd)")
+
+
 def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, command: str, seed: int = 0,
                 n_normal: int = 4, n_anomalous: int = 12, tie_tolerance: float = 0.005,
                 max_evaluations: Optional[int] = None, batch_size: int = 4, quiet: bool = False,
-                min_removal: float = 0.0) -> dict[str, Any]:
+                min_removal: float = 0.0, threshold: str = "validation-f1") -> dict[str, Any]:
     """Tune `detector` on `data`, print the choice and the speed/quality front, and (unless
     `folder` is None) save it into `folder` with the front plot. Returns the tuning record."""
     from .tune import FRONT_PLOT_NAME, front_table, plot_front, tune
@@ -951,7 +980,8 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
     _info(f"tuning for up to {budget_s / 60:.1f} min (test images are never read) ...")
     result = tune(detector, data, budget_s=budget_s, seed=seed, n_normal=n_normal, n_anomalous=n_anomalous,
                   tie_tolerance=tie_tolerance, max_evaluations=max_evaluations, batch_size=batch_size,
-                  min_removal=min_removal, apply=folder is not None, log=None if quiet else _info)
+                  min_removal=min_removal, threshold=threshold, apply=folder is not None,
+                  log=None if quiet else _info)
     record = detector.info["tuning"] if folder is not None else result.record
     record["command"] = command
     print(record["summary"])
@@ -967,31 +997,64 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
     return record
 
 
-def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _target_folder(args: argparse.Namespace, verb: str) -> tuple[Path, Optional[Path]]:
+    """(source checkpoint folder, folder to write: None for --dry-run) for tune / calibrate,
+    checked before any work so that nothing saved is replaced by accident."""
     from .registry import resolve
 
     source = Path(args.checkpoint) if Path(args.checkpoint).exists() else Path(resolve(args.checkpoint))
     if not source.is_dir():
-        raise ValueError(f"tune writes into the checkpoint, so it needs a local checkpoint folder; '{args.checkpoint}' "
-                         "is not one (use --out to write a tuned copy of a local folder).")
-    folder = None if args.dry_run else (Path(args.out) if args.out else source)
+        raise ValueError(f"{verb} writes into the checkpoint, so it needs a local checkpoint folder; "
+                         f"'{args.checkpoint}' is not one (use --out to write a copy of a local folder).")
+    folder = None if getattr(args, "dry_run", False) else (Path(args.out) if args.out else source)
     if folder is not None and folder.resolve() != source.resolve():
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"--out '{folder}' exists and is a file; give a folder.")
         if folder.exists() and any(folder.iterdir()) and not args.overwrite:
             raise FileExistsError(f"--out '{folder}' already exists; pass --overwrite to replace it.")
-    json_path = _check_new_file(args.json, args.overwrite, "--json")
-    detector = _load_detector(args)
+    return source, folder
+
+
+def _copy_checkpoint(source: Path, folder: Optional[Path]) -> None:
     if folder is not None and folder.resolve() != source.resolve():
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(source, folder, ignore=shutil.ignore_patterns("training_state", ".*"))
+
+
+def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    source, folder = _target_folder(args, "tune")
+    json_path = _check_new_file(args.json, args.overwrite, "--json")
+    detector = _load_detector(args)
+    _copy_checkpoint(source, folder)
     record = _run_tuning(detector, args.data, folder, args.minutes * 60, _command_line(argv), seed=args.seed,
                          n_normal=args.normal, n_anomalous=args.anomalous, tie_tolerance=args.tie_tolerance,
                          max_evaluations=args.max_evaluations, batch_size=args.batch_size, quiet=args.no_progress,
-                         min_removal=args.min_removal)
+                         min_removal=args.min_removal, threshold=args.threshold)
     if json_path is not None:
         _write_json(json_path, record)
         _info(f"wrote {json_path}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .tune import recalibrate
+
+    source, folder = _target_folder(args, "calibrate")
+    detector = _load_detector(args)
+    before = detector.threshold
+    used = recalibrate(detector, args.data, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
+                       log=None if args.no_progress else _info)
+    detector.info["calibration_normals"] = used["calibration_normals"]
+    detector.info["calibration_command"] = _command_line(argv)
+    detector.info.pop("source", None)
+    if detector.info.get("metrics"):
+        # Verdict rates recorded earlier belong to the previous threshold.
+        detector.info["metrics_before_recalibration"] = detector.info.pop("metrics")
+    _copy_checkpoint(source, folder)
+    detector.save_pretrained(folder, overwrite=True)
+    cal = detector.calibration
+    print(f"threshold {before:.4g} -> {cal.threshold:.4g} ({cal.threshold_rule}; c = {cal.pixel_scale:.4g}, "
+          f"{used['calibration_normals']}); saved in {folder}")
     return 0
 
 
@@ -1094,7 +1157,7 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "detect": cmd_detect, "build-textures": cmd_build_textures,
+COMMANDS = {"train": cmd_train, "tune": cmd_tune, "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "detect": cmd_detect, "build-textures": cmd_build_textures,
             "push": cmd_push, "bench": cmd_bench}
 
 

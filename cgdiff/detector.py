@@ -10,6 +10,7 @@ as anomalib does for MVTec AD; maps, masks and reconstructions come back at that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -36,7 +37,7 @@ from .card import render_model_card
 from .images import ImageLike, to_batch, to_uint8
 from .model import NUM_TRAIN_TIMESTEPS, build_scheduler, count_parameters, downsampling_factor
 from .sampler import SamplerConfig, reconstruct, timesteps
-from .scorer import Calibration, Scorer, ScorerConfig, build_backbone
+from .scorer import NORMAL_TAIL, THRESHOLD_RULES, Calibration, Scorer, ScorerConfig, build_backbone
 
 FORMAT_VERSION = 1
 MAX_IMAGE_SIZE = 2048
@@ -562,7 +563,11 @@ def read_config(folder: Path) -> dict[str, Any]:
                 raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.{key} must be >= 0, got {calibration[key]!r}.")
         if not isinstance(calibration["n_images"], int) or calibration["n_images"] < 1:
             raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.n_images must be a whole number >= 1.")
-        unknown = set(calibration) - needed - {"normal_scores"}
+        optional = {f.name for f in dataclasses.fields(Calibration)} - needed
+        unknown = set(calibration) - needed - optional
         if unknown:
             raise CheckpointError(f"{CONFIG_NAME} in '{folder}': unknown calibration field(s) {sorted(unknown)}.")
+        if calibration.get("threshold_rule", NORMAL_TAIL) not in THRESHOLD_RULES:
+            raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.threshold_rule must be one of "
+                                  f"{', '.join(THRESHOLD_RULES)}, got {calibration['threshold_rule']!r}.")
     return config

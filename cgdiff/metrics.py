@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-__all__ = ["image_auroc", "pixel_auroc", "aupro", "pro_curve", "f1_max", "evaluate"]
+__all__ = ["image_auroc", "pixel_auroc", "aupro", "pro_curve", "f1_max", "f1_max_threshold", "evaluate"]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -146,15 +146,30 @@ def pixel_auroc(masks: Any, maps: Any) -> float:
 
 def f1_max(labels: Any, scores: Any) -> float:
     """Best F1 over all thresholds (anomalib's F1Max); labels and scores of any equal shape."""
+    return f1_max_threshold(labels, scores)[0]
+
+
+def f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
+    """(F1-max, its threshold): the best F1 over all thresholds, as anomalib's F1Max and
+    F1AdaptiveThreshold compute it, and a threshold that gives it under the rule
+    "anomalous when score > threshold": halfway between the lowest score flagged at the
+    best cut and the highest score below it (0.1 % under the lowest score when none is below).
+
+    labels: 0 normal / 1 anomalous; scores: any real values, same number as labels.
+    Raises ValueError when the shapes differ or only one class is present."""
     y = _as_labels(labels, "labels")
     s = _as_scores(scores, "scores").ravel()
     if y.shape != s.shape:
         raise ValueError(f"{y.size} labels but {s.size} scores.")
     _need_both(y, "F1-max", "samples")
-    precision, recall, _ = precision_recall_curve(y, s)
+    precision, recall, cuts = precision_recall_curve(y, s)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    return float(f1.max())
+    best = int(f1[:-1].argmax())  # the last point (recall 0) has no threshold
+    cut = float(cuts[best])  # flagged: score >= cut
+    below = s[s < cut]
+    threshold = (cut + float(below.max())) / 2 if below.size else cut - 1e-3 * max(abs(cut), 1e-9)
+    return float(f1[best]), threshold
 
 
 def pro_curve(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -157,9 +157,20 @@ class ScorerConfig:
         return asdict(self)
 
 
+# How the decision threshold was set (Calibration.threshold_rule):
+NORMAL_TAIL = "normal-tail"  # max(largest normal score, mean + 3 sd of the normal scores)
+VALIDATION_F1 = "validation-f1"  # F1-max on the normal scores + synthetic-defect scores (`cgdiff tune`)
+THRESHOLD_RULES = (VALIDATION_F1, NORMAL_TAIL)
+
+
 @dataclass
 class Calibration:
-    """Fitted on normal images only and stored with the checkpoint."""
+    """c and the normal scores are fitted on normal images only and stored with the checkpoint.
+
+    The threshold is set by `threshold_rule`: NORMAL_TAIL (normal images only, the default of
+    `Scorer.calibrate`), or VALIDATION_F1 (`cgdiff.tune.validation_threshold`: the F1-max cut
+    between these normal scores and the scores of the tuner's synthetic-defect images, as
+    anomalib's F1AdaptiveThreshold does on a synthetic validation split)."""
 
     pixel_scale: float  # c = max(D_f) / max(D_p) over the normal calibration images
     threshold: float  # an image is anomalous when max(A) exceeds it; a pixel when A exceeds it
@@ -167,6 +178,10 @@ class Calibration:
     score_std: float
     n_images: int
     normal_scores: list = field(default_factory=list)
+    threshold_rule: str = NORMAL_TAIL
+    anomalous_scores: list = field(default_factory=list)  # synthetic-defect scores (VALIDATION_F1)
+    validation_f1: Optional[float] = None  # image F1 of the threshold on those scores (VALIDATION_F1)
+    anomalous_source: str = ""  # what the synthetic-defect images were made from (VALIDATION_F1)
 
     def to_dict(self) -> dict:
         return asdict(self)

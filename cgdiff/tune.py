@@ -58,13 +58,13 @@ import torch
 
 from .data import DEFECT_KINDS, AnomalyDataset, DatasetError, Sample, SyntheticDefects, iter_images
 from .images import to_uint8
-from .metrics import aupro, image_auroc, pixel_auroc, removal
+from .metrics import aupro, f1_max_threshold, image_auroc, pixel_auroc, removal
 from .sampler import SamplerConfig
-from .scorer import Scorer, ScorerConfig
+from .scorer import NORMAL_TAIL, THRESHOLD_RULES, VALIDATION_F1, Scorer, ScorerConfig
 
 __all__ = ["ValidationSet", "TuneResult", "DEFAULT_GRIDS", "BALANCES", "training_folder_images",
            "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout", "auto_holdout_count",
-           "holdout_stripe", "FRONT_PLOT_NAME"]
+           "holdout_stripe", "FRONT_PLOT_NAME", "validation_threshold", "recalibrate"]
 
 FRONT_PLOT_NAME = "tuning_front.png"
 # Fewest held-out normals a threshold is set on alone (mean + 3 sigma and the largest normal score
@@ -216,17 +216,22 @@ class ValidationSet:
             "defect_fraction": round(float(self.masks[self.labels == 1, r0:r1].mean()), 4) if self.labels.any() else 0.0,
         }
 
-    def note(self) -> str:
-        d = self.describe()
+    def made_from(self) -> str:
+        """What the images were made from, in words ("13 training images", ...)."""
         n = len(self.normal_paths)
-        made_from = {
+        r0, r1 = self.rows
+        return {
             "holdout images": f"{n} training images held out of training",
-            "holdout stripe": f"the stripe of rows {d['rows'][0]}-{d['rows'][1]} held out of training in {n} "
+            "holdout stripe": f"the stripe of rows {r0}-{r1} held out of training in {n} "
                               "training images (only its pixels are scored)",
             "unseen training-folder images": f"{n} training-folder images that training did not use",
             "training images": f"{n} training images",
         }.get(self.source, f"{n} {self.source}")
-        text = f"validation: {d['n_normal']} normal + {d['n_anomalous']} synthetic-defect images made from {made_from}"
+
+    def note(self) -> str:
+        d = self.describe()
+        text = (f"validation: {d['n_normal']} normal + {d['n_anomalous']} synthetic-defect images made from "
+                f"{self.made_from()}")
         if self.in_sample:
             text += (" -- training used all of them, so the validation measures in-sample normals and its "
                      "scores are optimistic (train with --holdout N or --holdout-stripe F for an "
@@ -649,6 +654,7 @@ def tune(
     validation: Optional[ValidationSet] = None,
     metric_size: int = 128,
     apply: bool = True,
+    threshold: str = VALIDATION_F1,
     batch_size: int = 4,
     log: Optional[Callable[[str], None]] = None,
     clock: Clock = time.perf_counter,
@@ -669,6 +675,10 @@ def tune(
     apply: make the chosen settings the detector's own, recalibrate it on the normal images
         training did not use where there are some (held-out images), else on the
         training-folder images, and record the tuning in `detector.info["tuning"]`.
+    threshold: how `apply` sets the decision threshold: "validation-f1" (the F1-max cut between
+        the calibration normals' scores and as many synthetic-defect images made from the
+        training images of `root` with `seed`, see `validation_threshold`) or "normal-tail" (normal images only: max(largest normal score,
+        mean + 3 sd)).
     min_removal: choose only among settings whose validation removal reaches it (in [0, 1];
         0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when no
         setting reaches it, the choice is by AUPRO alone and the record says so.
@@ -678,6 +688,7 @@ def tune(
         raise ValueError(f"the tuning budget must be > 0 seconds, got {budget_s!r}.")
     if not 0 <= min_removal <= 1:
         raise ValueError(f"min_removal must lie in [0, 1], got {min_removal!r}.")
+    _check_rule(threshold)
     if detector.calibration is None:
         raise ValueError("the detector is not calibrated: tune a trained checkpoint.")
     grids = DEFAULT_GRIDS if grids is None else grids
@@ -726,7 +737,7 @@ def tune(
     )
     result.record = _record(result, search, tie_tolerance, race_margin)
     if apply:
-        apply_result(detector, result, log=log)
+        apply_result(detector, result, threshold=threshold, batch_size=batch_size, log=log, root=root, seed=seed)
     return result
 
 
@@ -829,9 +840,13 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
     }
 
 
-def apply_result(detector, result: TuneResult, log: Optional[Callable[[str], None]] = None) -> None:
+def apply_result(detector, result: TuneResult, threshold: str = VALIDATION_F1, batch_size: int = 4,
+                 log: Optional[Callable[[str], None]] = None, root: str | Path | None = None,
+                 seed: int = 0) -> None:
     """Make the chosen settings the detector's own, recalibrate it on the normal images
-    (c and the threshold belong to the settings) and record the tuning in detector.info."""
+    (c and the threshold belong to the settings; the threshold by the rule `threshold`, see
+    `tune`, with synthetic defects made from `root`'s training images, else the validation's)
+    and record the tuning in detector.info."""
     log = log or (lambda message: None)
     chosen = result.chosen
     sampler_keys = set(SamplerConfig().to_dict())
@@ -839,18 +854,84 @@ def apply_result(detector, result: TuneResult, log: Optional[Callable[[str], Non
     detector.scorer.config = ScorerConfig(**{**detector.scorer.config.to_dict(),
                                             "pixel_weight": chosen["pixel_weight"],
                                             "feature_weight": chosen["feature_weight"]})
-    paths = result.validation.calibration_paths or result.validation.normal_paths
-    log(f"recalibrating on {len(paths)} normal images with the chosen settings ...")
-    detector.calibrate(paths)
+    for key in ("calibration_normals", "calibration_command"):  # from an earlier `cgdiff calibrate`
+        detector.info.pop(key, None)
     record = dict(result.record)
-    record["calibrated_on"] = len(paths)
-    record["calibration_normals"] = (f"{len(paths)} {result.validation.source} (not used in training)"
-                                     if result.validation.calibration_unseen
-                                     else f"{len(paths)} training-folder images (in-sample)")
+    record.update(_recalibrate(detector, result.validation, threshold, batch_size, log, root=root, seed=seed))
     if result.chosen != result.start and detector.info.get("metrics"):
         # Test metrics recorded earlier belong to the previous settings.
         record["metrics_before_tuning"] = detector.info.pop("metrics")
     detector.info["tuning"] = record
+
+
+def _recalibrate(detector, vset: ValidationSet, threshold: str, batch_size: int, log: Callable[[str], None],
+                 root: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """Calibrate c and the normal scores on `vset`'s calibration normals, then set the threshold
+    by the rule `threshold`; for VALIDATION_F1 with one synthetic-defect image per calibration
+    normal made from `root` (balanced, so that F1 does not lean on an arbitrary share of
+    defects), or `vset`'s own defect images when there is no `root`."""
+    paths = vset.calibration_paths or vset.normal_paths
+    log(f"recalibrating on {len(paths)} normal images at the detector's settings ...")
+    detector.calibrate(paths, batch_size=batch_size)
+    if threshold == VALIDATION_F1:
+        before = detector.calibration.threshold
+        defects = (validation_set(detector, root, seed=seed, n_normal=1, n_anomalous=max(2, len(paths)))
+                   if root is not None else vset)
+        validation_threshold(detector, defects, batch_size=batch_size)
+        cal = detector.calibration
+        log(f"threshold {cal.threshold:.4g} (F1-max {cal.validation_f1:.3f} on {cal.n_images} normal and "
+            f"{len(cal.anomalous_scores)} synthetic-defect images; the normal-tail rule gives {before:.4g})")
+    return {"calibrated_on": len(paths),
+            "calibration_normals": (f"{len(paths)} {vset.source} (not used in training)" if vset.calibration_unseen
+                                    else f"{len(paths)} training-folder images (in-sample)")}
+
+
+def _check_rule(threshold: str) -> None:
+    if threshold not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {threshold!r}; use one of {', '.join(THRESHOLD_RULES)}.")
+
+
+def validation_threshold(detector, vset: ValidationSet, batch_size: int = 4) -> float:
+    """Set `detector`'s threshold to the F1-max cut between its calibration normals' scores
+    (`detector.calibration.normal_scores`, from `Detector.calibrate` at the current settings)
+    and the scores of `vset`'s synthetic-defect images at the current settings: anomalib's
+    F1AdaptiveThreshold on a synthetic validation split (`cgdiff.metrics.f1_max_threshold`).
+    A threshold from normal images alone (mean + 3 sd) ignores how far defects score above
+    them and, calibrated on the training images, sits where unseen normals rarely reach.
+
+    Stores the rule, the defect scores and the F1 in `detector.calibration` and returns the
+    threshold (same units as the image score max(A)). Raises ValueError when the detector is
+    not calibrated or `vset` has no defect images."""
+    cal = detector.calibration
+    if cal is None or not cal.normal_scores:
+        raise ValueError("calibrate the detector on normal images first (its normal scores are needed).")
+    if not vset.labels.any():
+        raise ValueError("the validation set has no synthetic-defect images.")
+    defects = list(vset.images[vset.labels == 1])
+    scores = [d.score for d in detector.detect(defects, batch_size=batch_size)]
+    labels = [0] * len(cal.normal_scores) + [1] * len(scores)
+    f1, threshold = f1_max_threshold(labels, list(cal.normal_scores) + scores)
+    cal.threshold = float(threshold)
+    cal.threshold_rule = VALIDATION_F1
+    cal.anomalous_scores = [round(float(s), 6) for s in scores]
+    cal.validation_f1 = round(float(f1), 4)
+    cal.anomalous_source = f"seed {vset.seed}, made from {vset.made_from()}" + (" (in-sample)" if vset.in_sample else "")
+    return cal.threshold
+
+
+def recalibrate(detector, root: str | Path, threshold: str = VALIDATION_F1, seed: int = 0, batch_size: int = 4,
+                log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Recalibrate `detector` at its stored settings without a search: c and the normal scores
+    on the normal images the tuner would use (held-out ones where there are enough, else the
+    training-folder images), the threshold by the rule `threshold` (see `tune`), for
+    VALIDATION_F1 with one synthetic-defect image (seeded by `seed`) per calibration normal.
+    Test images are never read. Returns what was used; raises DatasetError for a folder
+    without training images."""
+    _check_rule(threshold)
+    if detector.calibration is None:
+        raise ValueError("the detector is not calibrated: recalibrate a trained checkpoint.")
+    vset = validation_set(detector, root, seed=seed, n_normal=1, n_anomalous=1)
+    return _recalibrate(detector, vset, threshold, batch_size, log or (lambda message: None), root=root, seed=seed)
 
 
 # ----------------------------------------------------------------------------- reporting

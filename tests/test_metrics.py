@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from cgdiff.metrics import aupro, evaluate, f1_max, image_auroc, pixel_auroc, pro_curve
+from cgdiff.metrics import aupro, evaluate, f1_max, f1_max_threshold, image_auroc, pixel_auroc, pro_curve
 
 
 # --------------------------------------------------------------------------- hand-computed
@@ -32,6 +32,21 @@ def test_f1_max_by_hand():
     # >=0.1 P=.5 R=1 F1=.667 -> 0.8
     assert f1_max([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.8)
     assert f1_max([0, 1, 1], [0.0, 1.0, 2.0]) == pytest.approx(1.0)
+
+
+def test_f1_max_threshold_gives_the_best_f1_under_the_score_above_threshold_rule():
+    labels, scores = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
+    f1, threshold = f1_max_threshold(labels, scores)
+    assert f1 == pytest.approx(0.8)
+    # the best cut flags 0.35, 0.4 and 0.8: halfway between 0.35 and the highest score below it
+    assert threshold == pytest.approx((0.35 + 0.1) / 2)
+    flagged = np.array(scores) > threshold
+    assert (flagged == [False, True, True, True]).all()
+    # every score flagged at the best cut: just under the lowest score
+    f1, threshold = f1_max_threshold([1, 1, 0], [0.5, 0.7, 0.9])
+    assert f1 == pytest.approx(0.8) and threshold < 0.5 and threshold == pytest.approx(0.5, rel=1e-2)
+    with pytest.raises(ValueError, match="3 labels but 2 scores"):
+        f1_max_threshold([0, 1, 1], [0.1, 0.2])
 
 
 def _two_region_case(b_score):

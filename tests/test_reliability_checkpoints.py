@@ -147,6 +147,7 @@ ABSURD_CONFIGS = {
     "no calibration images": ({"calibration.n_images": 0}, "calibration.n_images must be a whole number"),
     "half a calibration image": ({"calibration.n_images": 2.5}, "calibration.n_images must be a whole number"),
     "a negative spread": ({"calibration.score_std": -1.0}, "calibration.score_std must be >= 0"),
+    "an unknown threshold rule": ({"calibration.threshold_rule": "median"}, "calibration.threshold_rule must be one of"),
     "a string for K": ({"sampler.steps": "10"}, "sampler.steps must be a number"),
     "an image size of 0": ({"image_size": 0}, "image_size must be a whole number in"),
 }

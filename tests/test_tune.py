@@ -189,12 +189,59 @@ def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys
     assert tuned["scorer"]["pixel_weight"] == tuning["chosen"]["pixel_weight"]
     assert tuning["calibrated_on"] == 12 and tuned["calibration"]["n_images"] == 12
     assert tuning["calibration_normals"] == "12 training-folder images (in-sample)"
+    # The threshold: the F1-max cut against one synthetic defect per calibration normal.
+    assert tuned["calibration"]["threshold_rule"] == "validation-f1"
+    assert len(tuned["calibration"]["anomalous_scores"]) == 12
     assert len(tuning["table"]) >= 2 and tuning["search"]["sampler_settings"] == 2
     assert (ckpt / "tuning_front.png").read_bytes()[:4] == b"\x89PNG"
     card = (ckpt / "README.md").read_text()
     assert "Label-free tuning" in card and "tuning_front.png" in card
     assert json.loads((tmp_path / "tuning.json").read_text())["summary"] == tuning["summary"]
     assert (ckpt / "training_state").is_dir()  # the save keeps what was there
+
+
+def _f1_at(threshold, normal_scores, anomalous_scores):
+    flagged_normal = sum(s > threshold for s in normal_scores)
+    tp = sum(s > threshold for s in anomalous_scores)
+    return 2 * tp / (2 * tp + flagged_normal + (len(anomalous_scores) - tp))
+
+
+def test_calibrate_sets_the_threshold_by_the_chosen_rule_without_reading_the_test_split(gravel, tmp_path, capsys):
+    from cgdiff.metrics import f1_max
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--data", str(gravel), "--out", str(ckpt), *TRAIN]) == 0
+    before = (ckpt / "cgdiff.json").read_text()
+    assert json.loads(before)["calibration"]["threshold_rule"] == "normal-tail"  # train alone: normals only
+    out = tmp_path / "f1"
+    with _Watch(gravel) as watch:
+        code = main(["calibrate", "--checkpoint", str(ckpt), "--data", str(gravel), "--out", str(out), "--no-progress"])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert watch.hits == []
+    assert (ckpt / "cgdiff.json").read_text() == before  # --out leaves the source alone
+    cal = json.loads((out / "cgdiff.json").read_text())["calibration"]
+    normal, anomalous = cal["normal_scores"], cal["anomalous_scores"]
+    assert cal["threshold_rule"] == "validation-f1" and len(normal) == len(anomalous) == 12
+    best = f1_max([0] * 12 + [1] * 12, normal + anomalous)
+    assert _f1_at(cal["threshold"], normal, anomalous) == pytest.approx(best)
+    assert cal["validation_f1"] == pytest.approx(best, abs=1e-4)
+    assert f"-> {cal['threshold']:.4g} (validation-f1" in printed
+    card = (out / "README.md").read_text()
+    assert "the F1-max cut between those normal scores and the scores of 12 synthetic-defect images" in card
+    assert "recalibrated with: `cgdiff calibrate" in card
+
+    # The normal-tail rule from the same normals; an existing --out is kept without --overwrite.
+    code = main(["calibrate", "--checkpoint", str(out), "--data", str(gravel), "--out", str(ckpt), "--no-progress",
+                 "--threshold", "normal-tail"])
+    assert code != 0 and "pass --overwrite" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(out), "--data", str(gravel), "--threshold", "normal-tail",
+                 "--no-progress"]) == 0
+    cal = json.loads((out / "cgdiff.json").read_text())["calibration"]
+    scores = np.array(cal["normal_scores"])
+    assert cal["threshold_rule"] == "normal-tail"
+    assert cal["threshold"] == pytest.approx(max(scores.max(), scores.mean() + 3 * scores.std(ddof=1)), rel=1e-4)
+    capsys.readouterr()
 
 
 def test_enough_held_out_normals_set_the_threshold_alone(gravel, tmp_path, capsys):
