@@ -110,12 +110,18 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
                     "seconds_per_image", "n_images"):
             if isinstance(metrics.get(key), (int, float)):
                 lines.append(f"| {key} | {metrics[key]:.4g} |")
+        at = metrics.get("at_threshold") or {}
+        for key, label in (("true_positive_rate", "anomalous images flagged at the threshold"),
+                           ("false_positive_rate", "normal images flagged at the threshold")):
+            if isinstance(at.get(key), (int, float)):
+                lines.append(f"| {label} | {at[key]:.3g} |")
         if metrics.get("command"):
             lines += ["", "Reproduce with:", "", "```bash", str(metrics["command"]), "```"]
     lines += ["", "## Limits", "",
               "Trained on the data above only: other textures, scales or lighting need their own model. The",
-              "threshold was calibrated on normal images; check it on your own normal samples before relying",
-              "on the verdict.", ""]
+              "threshold was set on the images named above (normal ones, and synthetic defects where the rule",
+              "says so), not on real defects: check it on your own normal and defective samples before relying",
+              "on the verdict (`cgdiff calibrate` sets it again).", ""]
     return ModelCard("\n".join(lines)).content
 
 

@@ -730,7 +730,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.record:
         keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "removal", "fidelity",
                 "n_images", "mask_size", "seconds_per_image", "unet_path", "pixel_metrics_note", "pixel_excluded",
-                "command")
+                "threshold", "at_threshold", "command")
         detector.info["metrics"] = {
             **{k: result[k] for k in keys},
             "dataset": dataset.category,

@@ -157,7 +157,12 @@ def test_resume_keeps_the_stored_settings_and_record_fills_the_model_card(traine
     assert code == 0, err
     metrics = json.loads((ckpt / "cgdiff.json").read_text())["metrics"]
     assert 0 <= metrics["image_auroc"] <= 1 and metrics["mask_size"] == 256
-    assert "cgdiff evaluate" in (ckpt / "README.md").read_text()
+    card = (ckpt / "README.md").read_text()
+    assert "cgdiff evaluate" in card
+    # The verdict rates at the stored threshold go with the metrics into the card.
+    rates = metrics["at_threshold"]
+    assert metrics["threshold"] > 0 and 0 <= rates["false_positive_rate"] <= 1
+    assert f"| normal images flagged at the threshold | {rates['false_positive_rate']:.3g} |" in card
 
 
 def test_help_of_every_command_is_complete(capsys):
