@@ -94,7 +94,7 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
         lines.append(
             f"- calibration on {normals}: pixel scale c = "
             f"{calibration.get('pixel_scale', 0):.4g}, threshold = {calibration.get('threshold', 0):.4g}"
-            f" ({threshold_rule_text(calibration)})"
+            f"; threshold set by {threshold_rule_text(calibration)}"
         )
         if config.get("calibration_command"):
             lines.append(f"- recalibrated with: `{config['calibration_command']}`")
@@ -110,7 +110,8 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
                     "seconds_per_image", "n_images"):
             if isinstance(metrics.get(key), (int, float)):
                 lines.append(f"| {key} | {metrics[key]:.4g} |")
-        at = metrics.get("at_threshold") or {}
+        # The verdict rates only while they belong to the stored threshold.
+        at = (metrics.get("at_threshold") or {}) if metrics.get("threshold") == calibration.get("threshold") else {}
         for key, label in (("true_positive_rate", "anomalous images flagged at the threshold"),
                            ("false_positive_rate", "normal images flagged at the threshold")):
             if isinstance(at.get(key), (int, float)):
@@ -126,13 +127,22 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
 
 
 def threshold_rule_text(calibration: dict[str, Any]) -> str:
-    """How the stored threshold was set, in words (cgdiff.scorer's threshold rules)."""
+    """How the stored threshold was set, in words (cgdiff.scorer's threshold rules), with what
+    it flags of the images it was set on."""
+    threshold = calibration.get("threshold", 0)
+    normal = calibration.get("normal_scores") or []
+    defects = calibration.get("anomalous_scores") or []
+    flags = (f"; it flags {sum(v > threshold for v in normal)} of the {len(normal)} normal and "
+             f"{sum(v > threshold for v in defects)} of the {len(defects)} defect images" if normal and defects else "")
     if calibration.get("threshold_rule") == "validation-f1":
-        n = len(calibration.get("anomalous_scores") or [])
         source = calibration.get("anomalous_source")
-        return (f"the F1-max cut between those normal scores and the scores of {n} synthetic-defect images"
-                + (f" ({source})" if source else "") + f"; F1 {calibration.get('validation_f1')} on them")
-    return "the largest normal score or mean + 3 sd of the normal scores, whichever is higher"
+        return (f"the F1-max cut between the normal scores and {len(defects)} synthetic-defect images"
+                + (f", {source}" if source else "") + f": F1 {calibration.get('validation_f1')}" + flags)
+    text = "the largest normal score or mean + 3 sd of the normal scores, whichever is higher"
+    if defects:  # validation-f1 was tried and kept this one
+        text += (f"; the F1-max cut against {len(defects)} synthetic-defect images would have flagged every "
+                 "normal image" + flags)
+    return text
 
 
 def model_card_section(tuning: dict[str, Any]) -> list[str]:

@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         "by AUPRO on a validation set of normal training images with seeded synthetic defects (images "
         "or a stripe held out by 'train --holdout' / '--holdout-stripe' where there are some, else the "
         "training images themselves, which the output says). Test images and masks are never read. "
-        "The chosen settings become the checkpoint's defaults; it is recalibrated, and the search "
-        "table, the validation score and a speed/quality plot (tuning_front.png) are stored with it.",
+        "The chosen settings become the checkpoint's defaults; it is recalibrated (the threshold by "
+        "--threshold), and the search table, the validation score and a speed/quality plot "
+        "(tuning_front.png) are stored with it.",
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="local checkpoint folder or bundled registry name (updated in place unless --out)")
@@ -1004,14 +1005,22 @@ def _target_folder(args: argparse.Namespace, verb: str) -> tuple[Path, Optional[
 
     source = Path(args.checkpoint) if Path(args.checkpoint).exists() else Path(resolve(args.checkpoint))
     if not source.is_dir():
-        raise ValueError(f"{verb} writes into the checkpoint, so it needs a local checkpoint folder; "
-                         f"'{args.checkpoint}' is not one (use --out to write a copy of a local folder).")
+        raise ValueError(f"{verb} needs a local checkpoint folder (it writes into it, or into a copy with --out); "
+                         f"'{args.checkpoint}' is not one.")
     folder = None if getattr(args, "dry_run", False) else (Path(args.out) if args.out else source)
     if folder is not None and folder.resolve() != source.resolve():
+        a, b = folder.resolve(), source.resolve()
+        if a in b.parents or b in a.parents:
+            raise ValueError(f"--out '{folder}' and the checkpoint '{source}' lie inside one another; "
+                             "give a folder beside it.")
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"--out '{folder}' exists and is a file; give a folder.")
-        if folder.exists() and any(folder.iterdir()) and not args.overwrite:
-            raise FileExistsError(f"--out '{folder}' already exists; pass --overwrite to replace it.")
+        if folder.exists() and any(folder.iterdir()):
+            if not args.overwrite:
+                raise FileExistsError(f"--out '{folder}' already exists; pass --overwrite to replace it.")
+            if not (folder / "cgdiff.json").is_file():
+                raise FileExistsError(f"--out '{folder}' is a folder with files but no cgdiff checkpoint in it; "
+                                      "--overwrite replaces only a checkpoint folder.")
     return source, folder
 
 
@@ -1037,23 +1046,27 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .tune import recalibrate
+    from .tune import recalibrate, retire_stale_metrics
 
     source, folder = _target_folder(args, "calibrate")
     detector = _load_detector(args)
-    before = detector.threshold
+    if detector.calibration is None:
+        raise ValueError(f"checkpoint '{args.checkpoint}' is not calibrated; train it with 'cgdiff train' first.")
+    before = detector.calibration
     used = recalibrate(detector, args.data, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                        log=None if args.no_progress else _info)
+    stale = retire_stale_metrics(detector, False, before.pixel_scale)
+    if stale:
+        detector.info["metrics_before_recalibration"] = stale
+    detector.info["calibration_before"] = {k: v for k, v in before.to_dict().items()
+                                           if k not in ("normal_scores", "anomalous_scores")}
     detector.info["calibration_normals"] = used["calibration_normals"]
     detector.info["calibration_command"] = _command_line(argv)
     detector.info.pop("source", None)
-    if detector.info.get("metrics"):
-        # Verdict rates recorded earlier belong to the previous threshold.
-        detector.info["metrics_before_recalibration"] = detector.info.pop("metrics")
     _copy_checkpoint(source, folder)
     detector.save_pretrained(folder, overwrite=True)
     cal = detector.calibration
-    print(f"threshold {before:.4g} -> {cal.threshold:.4g} ({cal.threshold_rule}; c = {cal.pixel_scale:.4g}, "
+    print(f"threshold {before.threshold:.4g} -> {cal.threshold:.4g} ({cal.threshold_rule}; c = {cal.pixel_scale:.4g}, "
           f"{used['calibration_normals']}); saved in {folder}")
     return 0
 

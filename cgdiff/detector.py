@@ -297,6 +297,8 @@ class Detector:
             if progress is not None:
                 progress(min(start + batch_size, x_all.shape[0]), x_all.shape[0])
         self.calibration = self.scorer.calibrate(torch.cat(d_p), torch.cat(d_f), threshold_sigmas)
+        for key in ("calibration_normals", "calibration_command"):  # notes of an earlier `cgdiff calibrate`
+            self.info.pop(key, None)
         return self.calibration
 
     def adapt_backbone(
@@ -570,4 +572,14 @@ def read_config(folder: Path) -> dict[str, Any]:
         if calibration.get("threshold_rule", NORMAL_TAIL) not in THRESHOLD_RULES:
             raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.threshold_rule must be one of "
                                   f"{', '.join(THRESHOLD_RULES)}, got {calibration['threshold_rule']!r}.")
+        for key in ("normal_scores", "anomalous_scores"):
+            values = calibration.get(key, [])
+            if not isinstance(values, list) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.{key} must be a list of finite numbers.")
+        f1 = calibration.get("validation_f1")
+        if f1 is not None and (isinstance(f1, bool) or not isinstance(f1, (int, float)) or not 0 <= f1 <= 1):
+            raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.validation_f1 must be a number in [0, 1].")
+        if not isinstance(calibration.get("anomalous_source", ""), str):
+            raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.anomalous_source must be text.")
     return config

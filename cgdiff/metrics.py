@@ -146,7 +146,7 @@ def pixel_auroc(masks: Any, maps: Any) -> float:
 
 def f1_max(labels: Any, scores: Any) -> float:
     """Best F1 over all thresholds (anomalib's F1Max); labels and scores of any equal shape."""
-    return f1_max_threshold(labels, scores)[0]
+    return float(_f1_curve(labels, scores)[0].max())
 
 
 def f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
@@ -154,9 +154,21 @@ def f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
     F1AdaptiveThreshold compute it, and a threshold that gives it under the rule
     "anomalous when score > threshold": halfway between the lowest score flagged at the
     best cut and the highest score below it (0.1 % under the lowest score when none is below).
+    Where several cuts tie, the highest (fewest images flagged).
 
     labels: 0 normal / 1 anomalous; scores: any real values, same number as labels.
     Raises ValueError when the shapes differ or only one class is present."""
+    f1, cuts, s = _f1_curve(labels, scores)
+    f1 = f1[:-1]  # the last point (recall 0) has no threshold
+    best = len(f1) - 1 - int(np.argmax(f1[::-1]))
+    cut = float(cuts[best])  # flagged: score >= cut
+    below = s[s < cut]
+    threshold = (cut + float(below.max())) / 2 if below.size else cut - 1e-3 * max(abs(cut), 1e-9)
+    return float(f1[best]), threshold
+
+
+def _f1_curve(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(F1 per cut with a last point for recall 0, the cuts ascending, the scores flat)."""
     y = _as_labels(labels, "labels")
     s = _as_scores(scores, "scores").ravel()
     if y.shape != s.shape:
@@ -165,11 +177,7 @@ def f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
     precision, recall, cuts = precision_recall_curve(y, s)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    best = int(f1[:-1].argmax())  # the last point (recall 0) has no threshold
-    cut = float(cuts[best])  # flagged: score >= cut
-    below = s[s < cut]
-    threshold = (cut + float(below.max())) / 2 if below.size else cut - 1e-3 * max(abs(cut), 1e-9)
-    return float(f1[best]), threshold
+    return f1, cuts, s
 
 
 def pro_curve(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -184,7 +184,13 @@ class Calibration:
     anomalous_source: str = ""  # what the synthetic-defect images were made from (VALIDATION_F1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # The threshold-rule fields only where they say something: a normal-tail calibration is
+        # written as before, so older cgdiff versions still read it.
+        d = asdict(self)
+        if self.threshold_rule == NORMAL_TAIL and not self.anomalous_scores:
+            for key in ("threshold_rule", "anomalous_scores", "validation_f1", "anomalous_source"):
+                d.pop(key)
+        return d
 
 
 class Scorer(nn.Module):

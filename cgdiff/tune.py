@@ -64,7 +64,8 @@ from .scorer import NORMAL_TAIL, THRESHOLD_RULES, VALIDATION_F1, Scorer, ScorerC
 
 __all__ = ["ValidationSet", "TuneResult", "DEFAULT_GRIDS", "BALANCES", "training_folder_images",
            "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout", "auto_holdout_count",
-           "holdout_stripe", "FRONT_PLOT_NAME", "validation_threshold", "recalibrate"]
+           "holdout_stripe", "FRONT_PLOT_NAME", "validation_threshold", "recalibrate",
+           "retire_stale_metrics"]
 
 FRONT_PLOT_NAME = "tuning_front.png"
 # Fewest held-out normals a threshold is set on alone (mean + 3 sigma and the largest normal score
@@ -243,6 +244,53 @@ def _holdout_record(detector) -> dict[str, Any]:
     return dict((detector.info.get("training") or {}).get("holdout") or {})
 
 
+@dataclass
+class _Sources:
+    """The normal images a validation set is made from (see the module docstring)."""
+
+    paths: list[Path]
+    source: str
+    in_sample: bool
+    rows: tuple[int, int]
+    folder_images: list[Path]
+
+    @property
+    def calibration_unseen(self) -> bool:
+        return not self.in_sample and self.source != "holdout stripe" and len(self.paths) >= MIN_HELDOUT_CALIBRATION
+
+    @property
+    def calibration_paths(self) -> list[Path]:
+        """Recalibration uses the normals the denoiser did not train on where there are enough."""
+        return list(self.paths) if self.calibration_unseen else list(self.folder_images)
+
+
+def _validation_sources(detector, root: str | Path) -> _Sources:
+    folder_images = training_folder_images(root)
+    by_name = {p.name: p for p in folder_images}
+    size = detector.image_size
+    holdout = _holdout_record(detector)
+    training = detector.info.get("training") or {}
+    if holdout.get("images"):
+        missing = [n for n in holdout["images"] if n not in by_name]
+        if missing:
+            raise DatasetError(
+                f"the checkpoint held out {', '.join(missing[:5])} for tuning, but '{root}' has no such "
+                "training image: pass the dataset the checkpoint was trained on."
+            )
+        return _Sources([by_name[n] for n in holdout["images"]], "holdout images", False, (0, size), folder_images)
+    if holdout.get("stripe_rows"):
+        r0, r1 = holdout["stripe_rows"]
+        if holdout.get("image_size", size) != size or not 0 < r0 < r1 <= size:
+            raise DatasetError(f"the checkpoint's holdout stripe {holdout['stripe_rows']} does not fit its "
+                               f"working size {size}.")
+        return _Sources(folder_images, "holdout stripe", False, (int(r0), int(r1)), folder_images)
+    seen = set(training.get("images") or [])
+    unseen = [p for p in folder_images if seen and p.name not in seen]
+    if unseen:
+        return _Sources(unseen, "unseen training-folder images", False, (0, size), folder_images)
+    return _Sources(folder_images, "training images", True, (0, size), folder_images)
+
+
 def validation_set(
     detector,
     root: str | Path,
@@ -258,57 +306,55 @@ def validation_set(
     for k in kinds:
         if k not in DEFECT_KINDS:
             raise ValueError(f"unknown defect kind '{k}'; use one of {', '.join(DEFECT_KINDS)}.")
-    folder_images = training_folder_images(root)
-    by_name = {p.name: p for p in folder_images}
-    size = detector.image_size
-    holdout = _holdout_record(detector)
-    training = detector.info.get("training") or {}
-    rows = (0, size)
-    if holdout.get("images"):
-        missing = [n for n in holdout["images"] if n not in by_name]
-        if missing:
-            raise DatasetError(
-                f"the checkpoint held out {', '.join(missing[:5])} for tuning, but '{root}' has no such "
-                "training image: pass the dataset the checkpoint was trained on."
-            )
-        sources, source, in_sample = [by_name[n] for n in holdout["images"]], "holdout images", False
-    elif holdout.get("stripe_rows"):
-        r0, r1 = holdout["stripe_rows"]
-        if holdout.get("image_size", size) != size or not 0 < r0 < r1 <= size:
-            raise DatasetError(f"the checkpoint's holdout stripe {holdout['stripe_rows']} does not fit its "
-                               f"working size {size}.")
-        sources, source, in_sample, rows = folder_images, "holdout stripe", False, (int(r0), int(r1))
-    else:
-        seen = set(training.get("images") or [])
-        unseen = [p for p in folder_images if seen and p.name not in seen]
-        if unseen:
-            sources, source, in_sample = unseen, "unseen training-folder images", False
-        else:
-            sources, source, in_sample = folder_images, "training images", True
+    src = _validation_sources(detector, root)
+    _check_readable(src.paths)
+    order = np.random.default_rng(seed).permutation(len(src.paths))
+    picks = [int(order[j % len(src.paths)]) for j in range(n_normal + n_anomalous)]
+    return _paint(detector, src, picks[:n_normal], picks[n_normal:], seed, kinds)
 
-    _check_readable(sources)
+
+def _paint(detector, src: _Sources, normal: Sequence[int], painted: Sequence[int], seed: int,
+           kinds: Sequence[str] = DEFECT_KINDS) -> ValidationSet:
+    """The validation set of src.paths[i] for i in `normal` as they are and i in `painted`
+    with a synthetic defect each (see `_painted`)."""
+    size = detector.image_size
+    images, cleans, masks, kinds_out = _painted(detector, src.paths, src.rows, normal, painted, seed, kinds)
+    origins = list(normal) + list(painted)
+    used = sorted(set(origins))
+    remap = {i: n for n, i in enumerate(used)}
+    return ValidationSet(
+        images=images, masks=masks, labels=np.array([0] * len(normal) + [1] * len(painted), dtype=np.int64),
+        rows=src.rows, source=src.source, in_sample=src.in_sample, normal_paths=[src.paths[i] for i in used],
+        kinds=kinds_out, origins=[remap[i] for i in origins], seed=seed,
+        calibration_paths=src.calibration_paths, calibration_unseen=src.calibration_unseen, cleans=cleans,
+    )
+
+
+def _painted(detector, paths: Sequence[Path], rows: tuple[int, int], normal: Sequence[int], painted: Sequence[int],
+             seed: int, kinds: Sequence[str] = DEFECT_KINDS) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(images, clean originals, masks, kinds): paths[i] at the detector's working size for i
+    in `normal` as they are, then for i in `painted` each with a synthetic defect (`kinds` in
+    turn) inside rows [r0, r1), the defects seeded by `seed`. Images N x S x S x 3 uint8,
+    masks N x S x S bool."""
+    size = detector.image_size
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(sources))
+    rng.permutation(len(paths))  # the defects of a seed stay those of validation_set's first draws
     defects = SyntheticDefects(seed=int(rng.integers(2**31)))
-    picked: dict[int, np.ndarray] = {}
+    loaded: dict[int, np.ndarray] = {}
 
     def image(i: int) -> np.ndarray:
-        if i not in picked:
-            picked[i] = to_uint8(detector.prepare(sources[i]).cpu())[0]
-        return picked[i]
+        if i not in loaded:
+            loaded[i] = to_uint8(detector.prepare(paths[i]).cpu())[0]
+        return loaded[i]
 
-    images, masks, labels, kinds_out, origins, cleans = [], [], [], [], [], []
+    images, cleans, masks, kinds_out = [], [], [], []
     r0, r1 = rows
-    for j in range(n_normal):
-        i = int(order[j % len(sources)])
+    for i in normal:
         images.append(image(i))
         cleans.append(image(i))
         masks.append(np.zeros((size, size), dtype=bool))
-        labels.append(0)
         kinds_out.append("normal")
-        origins.append(i)
-    for j in range(n_anomalous):
-        i = int(order[(n_normal + j) % len(sources)])
+    for j, i in enumerate(painted):
         kind = kinds[j % len(kinds)]
         base = image(i).copy()
         region, region_mask = defects.apply(np.ascontiguousarray(base[r0:r1]), kind)
@@ -318,21 +364,8 @@ def validation_set(
         images.append(base)
         cleans.append(image(i))
         masks.append(mask)
-        labels.append(1)
         kinds_out.append(kind)
-        origins.append(i)
-    used = sorted(set(origins))
-    remap = {i: n for n, i in enumerate(used)}
-    unseen_calibration = not in_sample and source != "holdout stripe" and len(sources) >= MIN_HELDOUT_CALIBRATION
-    return ValidationSet(
-        images=np.stack(images), masks=np.stack(masks), labels=np.array(labels, dtype=np.int64), rows=rows,
-        source=source, in_sample=in_sample, normal_paths=[sources[i] for i in used], kinds=kinds_out,
-        origins=[remap[i] for i in origins], seed=seed,
-        # Recalibration uses the normals the denoiser did not train on where there are enough.
-        calibration_paths=list(sources) if unseen_calibration else list(folder_images),
-        calibration_unseen=unseen_calibration,
-        cleans=np.stack(cleans),
-    )
+    return np.stack(images), np.stack(cleans), np.stack(masks), kinds_out
 
 
 def _write_validation(vset: ValidationSet, folder: Path) -> list[Sample]:
@@ -676,8 +709,8 @@ def tune(
         training did not use where there are some (held-out images), else on the
         training-folder images, and record the tuning in `detector.info["tuning"]`.
     threshold: how `apply` sets the decision threshold: "validation-f1" (the F1-max cut between
-        the calibration normals' scores and as many synthetic-defect images made from the
-        training images of `root` with `seed`, see `validation_threshold`) or "normal-tail" (normal images only: max(largest normal score,
+        the calibration normals' scores and the same normals each with a synthetic defect,
+        seeded by the validation's seed; see `validation_threshold`) or "normal-tail" (normal images only: max(largest normal score,
         mean + 3 sd)).
     min_removal: choose only among settings whose validation removal reaches it (in [0, 1];
         0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when no
@@ -737,7 +770,7 @@ def tune(
     )
     result.record = _record(result, search, tie_tolerance, race_margin)
     if apply:
-        apply_result(detector, result, threshold=threshold, batch_size=batch_size, log=log, root=root, seed=seed)
+        apply_result(detector, result, threshold=threshold, batch_size=batch_size, log=log)
     return result
 
 
@@ -841,12 +874,10 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
 
 
 def apply_result(detector, result: TuneResult, threshold: str = VALIDATION_F1, batch_size: int = 4,
-                 log: Optional[Callable[[str], None]] = None, root: str | Path | None = None,
-                 seed: int = 0) -> None:
-    """Make the chosen settings the detector's own, recalibrate it on the normal images
-    (c and the threshold belong to the settings; the threshold by the rule `threshold`, see
-    `tune`, with synthetic defects made from `root`'s training images, else the validation's)
-    and record the tuning in detector.info."""
+                 log: Optional[Callable[[str], None]] = None) -> None:
+    """Make the chosen settings the detector's own, recalibrate it on the validation's
+    calibration normals (c and the threshold belong to the settings; the threshold by the rule
+    `threshold`, see `tune`) and record the tuning in detector.info."""
     log = log or (lambda message: None)
     chosen = result.chosen
     sampler_keys = set(SamplerConfig().to_dict())
@@ -854,35 +885,53 @@ def apply_result(detector, result: TuneResult, threshold: str = VALIDATION_F1, b
     detector.scorer.config = ScorerConfig(**{**detector.scorer.config.to_dict(),
                                             "pixel_weight": chosen["pixel_weight"],
                                             "feature_weight": chosen["feature_weight"]})
-    for key in ("calibration_normals", "calibration_command"):  # from an earlier `cgdiff calibrate`
-        detector.info.pop(key, None)
     record = dict(result.record)
-    record.update(_recalibrate(detector, result.validation, threshold, batch_size, log, root=root, seed=seed))
-    if result.chosen != result.start and detector.info.get("metrics"):
-        # Test metrics recorded earlier belong to the previous settings.
-        record["metrics_before_tuning"] = detector.info.pop("metrics")
+    vset = result.validation
+    scale_before = detector.calibration.pixel_scale
+    record.update(_recalibrate(detector, vset.calibration_paths or vset.normal_paths, vset.rows, vset.source,
+                               vset.calibration_unseen, threshold, vset.seed, batch_size, log))
+    stale = retire_stale_metrics(detector, result.chosen != result.start, scale_before)
+    if stale:
+        record["metrics_before_tuning"] = stale
     detector.info["tuning"] = record
 
 
-def _recalibrate(detector, vset: ValidationSet, threshold: str, batch_size: int, log: Callable[[str], None],
-                 root: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
-    """Calibrate c and the normal scores on `vset`'s calibration normals, then set the threshold
-    by the rule `threshold`; for VALIDATION_F1 with one synthetic-defect image per calibration
-    normal made from `root` (balanced, so that F1 does not lean on an arbitrary share of
-    defects), or `vset`'s own defect images when there is no `root`."""
-    paths = vset.calibration_paths or vset.normal_paths
+def retire_stale_metrics(detector, settings_changed: bool, pixel_scale_before: float) -> Optional[dict[str, Any]]:
+    """After a recalibration: test metrics recorded earlier (`evaluate --record`) belong to the
+    previous maps when the settings or c changed (they are removed and returned), and their
+    verdict rates to the previous threshold when only that moved (those two entries go)."""
+    metrics = detector.info.get("metrics")
+    if not metrics:
+        return None
+    if settings_changed or not math.isclose(detector.calibration.pixel_scale, pixel_scale_before, rel_tol=1e-6):
+        return detector.info.pop("metrics")
+    if metrics.get("threshold") != detector.calibration.threshold:
+        metrics.pop("at_threshold", None)
+        metrics.pop("threshold", None)
+    return None
+
+
+def _recalibrate(detector, paths: Sequence[Path], rows: tuple[int, int], source: str, unseen: bool, threshold: str,
+                 seed: int, batch_size: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Calibrate c and the normal scores on `paths` (normal images), then set the threshold by
+    the rule `threshold`; for VALIDATION_F1 against one synthetic defect (seeded by `seed`,
+    inside `rows`) painted on each of those normals, so that F1 does not lean on an arbitrary
+    share of defects. `source` and `unseen` describe the normals for the record."""
     log(f"recalibrating on {len(paths)} normal images at the detector's settings ...")
     detector.calibrate(paths, batch_size=batch_size)
     if threshold == VALIDATION_F1:
-        before = detector.calibration.threshold
-        defects = (validation_set(detector, root, seed=seed, n_normal=1, n_anomalous=max(2, len(paths)))
-                   if root is not None else vset)
-        validation_threshold(detector, defects, batch_size=batch_size)
+        tail = detector.calibration.threshold
+        defects = _painted(detector, paths, rows, [], range(len(paths)), seed)[0]
+        validation_threshold(detector, defects, source=f"seed {seed}, one painted on each of those normals",
+                             batch_size=batch_size)
         cal = detector.calibration
-        log(f"threshold {cal.threshold:.4g} (F1-max {cal.validation_f1:.3f} on {cal.n_images} normal and "
-            f"{len(cal.anomalous_scores)} synthetic-defect images; the normal-tail rule gives {before:.4g})")
+        if cal.threshold_rule == VALIDATION_F1:
+            log(f"threshold {cal.threshold:.4g} (F1-max {cal.validation_f1:.3f} on {cal.n_images} normal and "
+                f"{len(cal.anomalous_scores)} synthetic-defect images; the normal-tail rule gives {tail:.4g})")
+        else:
+            log(f"threshold {cal.threshold:.4g} (normal-tail): the F1-max cut would flag every normal image")
     return {"calibrated_on": len(paths),
-            "calibration_normals": (f"{len(paths)} {vset.source} (not used in training)" if vset.calibration_unseen
+            "calibration_normals": (f"{len(paths)} {source} (not used in training)" if unseen
                                     else f"{len(paths)} training-folder images (in-sample)")}
 
 
@@ -891,31 +940,35 @@ def _check_rule(threshold: str) -> None:
         raise ValueError(f"unknown threshold rule {threshold!r}; use one of {', '.join(THRESHOLD_RULES)}.")
 
 
-def validation_threshold(detector, vset: ValidationSet, batch_size: int = 4) -> float:
+def validation_threshold(detector, defects: Sequence[np.ndarray] | np.ndarray, source: str = "",
+                         batch_size: int = 4) -> float:
     """Set `detector`'s threshold to the F1-max cut between its calibration normals' scores
     (`detector.calibration.normal_scores`, from `Detector.calibrate` at the current settings)
-    and the scores of `vset`'s synthetic-defect images at the current settings: anomalib's
-    F1AdaptiveThreshold on a synthetic validation split (`cgdiff.metrics.f1_max_threshold`).
-    A threshold from normal images alone (mean + 3 sd) ignores how far defects score above
-    them and, calibrated on the training images, sits where unseen normals rarely reach.
+    and the scores of `defects` (images with synthetic defects, N x S x S x 3 uint8) at the
+    current settings: anomalib's F1AdaptiveThreshold on a synthetic validation split
+    (`cgdiff.metrics.f1_max_threshold`; ties go to the higher cut). A threshold from normal
+    images alone (mean + 3 sd) ignores how far defects score above them.
 
-    Stores the rule, the defect scores and the F1 in `detector.calibration` and returns the
-    threshold (same units as the image score max(A)). Raises ValueError when the detector is
-    not calibrated or `vset` has no defect images."""
+    When that cut would flag every normal image (the defects score no higher than the normals),
+    the normal-tail threshold stays. Stores the rule, the defect scores, the F1 and `source` (what
+    the defects were made from) in `detector.calibration`; returns the threshold (units of
+    the image score max(A), >= 0). Raises ValueError when the detector is not calibrated or
+    there are no defect images."""
     cal = detector.calibration
     if cal is None or not cal.normal_scores:
         raise ValueError("calibrate the detector on normal images first (its normal scores are needed).")
-    if not vset.labels.any():
-        raise ValueError("the validation set has no synthetic-defect images.")
-    defects = list(vset.images[vset.labels == 1])
-    scores = [d.score for d in detector.detect(defects, batch_size=batch_size)]
-    labels = [0] * len(cal.normal_scores) + [1] * len(scores)
-    f1, threshold = f1_max_threshold(labels, list(cal.normal_scores) + scores)
-    cal.threshold = float(threshold)
-    cal.threshold_rule = VALIDATION_F1
+    if len(defects) == 0:
+        raise ValueError("no synthetic-defect images to set the threshold with.")
+    scores = [d.score for d in detector.detect(list(defects), batch_size=batch_size)]
+    f1, threshold = f1_max_threshold([0] * len(cal.normal_scores) + [1] * len(scores), list(cal.normal_scores) + scores)
     cal.anomalous_scores = [round(float(s), 6) for s in scores]
     cal.validation_f1 = round(float(f1), 4)
-    cal.anomalous_source = f"seed {vset.seed}, made from {vset.made_from()}" + (" (in-sample)" if vset.in_sample else "")
+    cal.anomalous_source = source
+    if threshold < min(cal.normal_scores):
+        cal.threshold_rule = NORMAL_TAIL
+    else:
+        cal.threshold = max(0.0, float(threshold))
+        cal.threshold_rule = VALIDATION_F1
     return cal.threshold
 
 
@@ -924,14 +977,16 @@ def recalibrate(detector, root: str | Path, threshold: str = VALIDATION_F1, seed
     """Recalibrate `detector` at its stored settings without a search: c and the normal scores
     on the normal images the tuner would use (held-out ones where there are enough, else the
     training-folder images), the threshold by the rule `threshold` (see `tune`), for
-    VALIDATION_F1 with one synthetic-defect image (seeded by `seed`) per calibration normal.
+    VALIDATION_F1 with one synthetic defect (seeded by `seed`) painted on each of those normals.
     Test images are never read. Returns what was used; raises DatasetError for a folder
     without training images."""
     _check_rule(threshold)
     if detector.calibration is None:
         raise ValueError("the detector is not calibrated: recalibrate a trained checkpoint.")
-    vset = validation_set(detector, root, seed=seed, n_normal=1, n_anomalous=1)
-    return _recalibrate(detector, vset, threshold, batch_size, log or (lambda message: None), root=root, seed=seed)
+    src = _validation_sources(detector, root)
+    _check_readable(src.calibration_paths)
+    return _recalibrate(detector, src.calibration_paths, src.rows, src.source, src.calibration_unseen, threshold, seed,
+                        batch_size, log or (lambda message: None))
 
 
 # ----------------------------------------------------------------------------- reporting

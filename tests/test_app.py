@@ -779,3 +779,15 @@ def test_browser_batch_table_keeps_words_whole_and_names_the_failed_files(page, 
     box, frame = error_row.bounding_box(), table.bounding_box()
     assert box["y"] + box["height"] <= frame["y"] + frame["height"] + 1, "the error row is scrolled out of the table"
     _shot(page, "batch")
+
+
+def test_model_info_names_the_threshold_rule(app_module, tiny_detector):
+    from cgdiff.scorer import Calibration
+
+    tiny_detector.calibration = Calibration(pixel_scale=1.0, threshold=0.2, score_mean=0.1, score_std=0.02,
+                                            n_images=3, normal_scores=[0.1, 0.12, 0.08])
+    assert "Threshold 0.2, calibrated on 3 normal images." in app_module.model_info("x", tiny_detector)
+    tiny_detector.calibration.threshold_rule = "validation-f1"
+    tiny_detector.calibration.anomalous_scores = [0.3, 0.25, 0.15]
+    assert ("Threshold 0.2: the best F1 between 3 normal images and 3 with synthetic defects."
+            in app_module.model_info("x", tiny_detector))

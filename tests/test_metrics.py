@@ -47,6 +47,14 @@ def test_f1_max_threshold_gives_the_best_f1_under_the_score_above_threshold_rule
     assert f1 == pytest.approx(0.8) and threshold < 0.5 and threshold == pytest.approx(0.5, rel=1e-2)
     with pytest.raises(ValueError, match="3 labels but 2 scores"):
         f1_max_threshold([0, 1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError):
+        f1_max_threshold([1, 1], [0.1, 0.2])
+    # all scores equal: the only cut flags everything
+    f1, threshold = f1_max_threshold([0, 1, 1], [0.3, 0.3, 0.3])
+    assert f1 == pytest.approx(0.8) and threshold < 0.3
+    # ties: flagging {0.9} or {0.9, 0.5, 0.4, 0.3} both give F1 2/3; the higher cut wins
+    f1, threshold = f1_max_threshold([1, 0, 0, 1], [0.9, 0.5, 0.4, 0.3])
+    assert f1 == pytest.approx(2 / 3) and threshold == pytest.approx((0.9 + 0.5) / 2)
 
 
 def _two_region_case(b_score):

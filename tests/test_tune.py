@@ -190,14 +190,31 @@ def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys
     assert tuning["calibrated_on"] == 12 and tuned["calibration"]["n_images"] == 12
     assert tuning["calibration_normals"] == "12 training-folder images (in-sample)"
     # The threshold: the F1-max cut against one synthetic defect per calibration normal.
-    assert tuned["calibration"]["threshold_rule"] == "validation-f1"
     assert len(tuned["calibration"]["anomalous_scores"]) == 12
+    _check_threshold_rule(tuned["calibration"])
     assert len(tuning["table"]) >= 2 and tuning["search"]["sampler_settings"] == 2
     assert (ckpt / "tuning_front.png").read_bytes()[:4] == b"\x89PNG"
     card = (ckpt / "README.md").read_text()
     assert "Label-free tuning" in card and "tuning_front.png" in card
     assert json.loads((tmp_path / "tuning.json").read_text())["summary"] == tuning["summary"]
     assert (ckpt / "training_state").is_dir()  # the save keeps what was there
+
+
+def _check_threshold_rule(cal):
+    """The stored threshold is the F1-max cut of the stored scores, unless that cut would flag
+    every normal image (a denoiser this briefly trained): then the normal-tail one."""
+    from cgdiff.metrics import f1_max_threshold
+
+    normal, anomalous = cal["normal_scores"], cal["anomalous_scores"]
+    _, cut = f1_max_threshold([0] * len(normal) + [1] * len(anomalous), normal + anomalous)
+    if cut < min(normal):
+        scores = np.array(normal)
+        assert cal["threshold_rule"] == "normal-tail"  # stored: the defect scores say validation-f1 was tried
+        assert cal["threshold"] == pytest.approx(max(scores.max(), scores.mean() + 3 * scores.std(ddof=1)), rel=1e-4)
+    else:
+        assert cal["threshold_rule"] == "validation-f1" and cal["threshold"] == pytest.approx(cut, rel=1e-4)
+        assert _f1_at(cal["threshold"], normal, anomalous) == pytest.approx(cal["validation_f1"], abs=1e-4)
+    return cal["threshold_rule"]
 
 
 def _f1_at(threshold, normal_scores, anomalous_scores):
@@ -212,7 +229,8 @@ def test_calibrate_sets_the_threshold_by_the_chosen_rule_without_reading_the_tes
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--data", str(gravel), "--out", str(ckpt), *TRAIN]) == 0
     before = (ckpt / "cgdiff.json").read_text()
-    assert json.loads(before)["calibration"]["threshold_rule"] == "normal-tail"  # train alone: normals only
+    # train alone: normals only, written as older versions wrote it (no rule fields)
+    assert "threshold_rule" not in json.loads(before)["calibration"]
     out = tmp_path / "f1"
     with _Watch(gravel) as watch:
         code = main(["calibrate", "--checkpoint", str(ckpt), "--data", str(gravel), "--out", str(out), "--no-progress"])
@@ -222,26 +240,73 @@ def test_calibrate_sets_the_threshold_by_the_chosen_rule_without_reading_the_tes
     assert (ckpt / "cgdiff.json").read_text() == before  # --out leaves the source alone
     cal = json.loads((out / "cgdiff.json").read_text())["calibration"]
     normal, anomalous = cal["normal_scores"], cal["anomalous_scores"]
-    assert cal["threshold_rule"] == "validation-f1" and len(normal) == len(anomalous) == 12
-    best = f1_max([0] * 12 + [1] * 12, normal + anomalous)
-    assert _f1_at(cal["threshold"], normal, anomalous) == pytest.approx(best)
-    assert cal["validation_f1"] == pytest.approx(best, abs=1e-4)
-    assert f"-> {cal['threshold']:.4g} (validation-f1" in printed
+    assert len(normal) == len(anomalous) == 12
+    assert cal["validation_f1"] == pytest.approx(f1_max([0] * 12 + [1] * 12, normal + anomalous), abs=1e-4)
+    rule = _check_threshold_rule(cal)
+    assert f"-> {cal['threshold']:.4g} ({rule}" in printed
     card = (out / "README.md").read_text()
-    assert "the F1-max cut between those normal scores and the scores of 12 synthetic-defect images" in card
+    assert ("the F1-max cut between the normal scores and 12 synthetic-defect images, seed 0" in card
+            if rule == "validation-f1" else "would have flagged every normal image" in card)
+    flagged = sum(v > cal["threshold"] for v in normal)
+    assert f"it flags {flagged} of the 12 normal" in card
     assert "recalibrated with: `cgdiff calibrate" in card
 
     # The normal-tail rule from the same normals; an existing --out is kept without --overwrite.
     code = main(["calibrate", "--checkpoint", str(out), "--data", str(gravel), "--out", str(ckpt), "--no-progress",
                  "--threshold", "normal-tail"])
     assert code != 0 and "pass --overwrite" in capsys.readouterr().err
+    # --overwrite replaces only a checkpoint folder, never the folder the checkpoint lies in.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    for target, message in ((tmp_path / "notes", "no cgdiff checkpoint in it"), (tmp_path, "inside one another")):
+        code = main(["calibrate", "--checkpoint", str(out), "--data", str(gravel), "--out", str(target), "--overwrite",
+                     "--no-progress"])
+        assert code != 0 and message in capsys.readouterr().err
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (out / "cgdiff.json").is_file()
     assert main(["calibrate", "--checkpoint", str(out), "--data", str(gravel), "--threshold", "normal-tail",
                  "--no-progress"]) == 0
     cal = json.loads((out / "cgdiff.json").read_text())["calibration"]
     scores = np.array(cal["normal_scores"])
-    assert cal["threshold_rule"] == "normal-tail"
+    assert "threshold_rule" not in cal and "anomalous_scores" not in cal  # normal-tail, as older versions wrote it
     assert cal["threshold"] == pytest.approx(max(scores.max(), scores.mean() + 3 * scores.std(ddof=1)), rel=1e-4)
     capsys.readouterr()
+
+
+def test_recalibrating_in_place_drops_verdict_rates_of_the_old_threshold(gravel, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--data", str(gravel), "--out", str(ckpt), *TRAIN]) == 0
+    config = json.loads((ckpt / "cgdiff.json").read_text())
+    config["calibration"]["threshold"] *= 0.5  # a threshold set some other way, which calibrate replaces
+    (ckpt / "cgdiff.json").write_text(json.dumps(config))
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(gravel), "--record", "--no-progress"]) == 0
+    before = json.loads((ckpt / "cgdiff.json").read_text())
+    assert before["metrics"]["at_threshold"] and "normal images flagged at the threshold" in (ckpt / "README.md").read_text()
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", str(gravel), "--no-progress"]) == 0
+    after = json.loads((ckpt / "cgdiff.json").read_text())
+    assert after["calibration"]["threshold"] != before["calibration"]["threshold"]
+    # Same settings and c: the ranking metrics stay; the rates of the old threshold go.
+    assert after["metrics"]["aupro"] == before["metrics"]["aupro"] and "at_threshold" not in after["metrics"]
+    assert after["calibration_before"]["threshold"] == before["calibration"]["threshold"]
+    assert "flagged at the threshold" not in (ckpt / "README.md").read_text()
+    capsys.readouterr()
+
+
+def test_the_validation_threshold_keeps_the_normal_tail_when_defects_score_no_higher(tiny_detector):
+    from cgdiff.scorer import Calibration
+    from cgdiff.tune import validation_threshold
+
+    normals = [0.5, 0.6, 0.7]
+    tiny_detector.calibration = Calibration(pixel_scale=1.0, threshold=0.8, score_mean=0.6, score_std=0.1,
+                                            n_images=3, normal_scores=normals)
+    tiny_detector.detect = lambda images, batch_size=4: [type("D", (), {"score": 0.1})() for _ in images]
+    assert validation_threshold(tiny_detector, np.zeros((4, 32, 32, 3), np.uint8)) == 0.8
+    cal = tiny_detector.calibration
+    assert cal.threshold_rule == "normal-tail" and cal.anomalous_scores == [0.1] * 4
+    tiny_detector.detect = lambda images, batch_size=4: [type("D", (), {"score": 0.9})() for _ in images]
+    assert validation_threshold(tiny_detector, np.zeros((4, 32, 32, 3), np.uint8)) == pytest.approx(0.8)
+    assert cal.threshold_rule == "validation-f1" and cal.validation_f1 == 1.0
+    with pytest.raises(ValueError, match="no synthetic-defect images"):
+        validation_threshold(tiny_detector, [])
 
 
 def test_enough_held_out_normals_set_the_threshold_alone(gravel, tmp_path, capsys):
