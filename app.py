@@ -956,7 +956,8 @@ def build_demo() -> gr.Blocks:
                                              object_fit="contain")
 
         gr.Markdown(f"cgdiff {__version__}. The verdict compares the image score (maximum of the anomaly map) "
-                    "with a threshold calibrated on normal images of the model's texture; colours in the heat "
+                    "with a threshold set on images of the model's texture (normal ones, and for a tuned model "
+                    "synthetic defects too: the model's line above says which); colours in the heat "
                     "map use a fixed scale, so they mean the same in every image. An image unlike the model's "
                     "normal images (more than half of its map above the level normal images reach only at their "
                     "highest point) is said to be so instead of being called a defect.")
