@@ -309,11 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold), and the search table, the validation score and a speed/quality plot "
         "(tuning_front.png) are stored with it.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="local checkpoint folder or bundled registry name (updated in place unless --out)")
-    p.add_argument("--data", required=True, metavar="ROOT/CLASS",
-                   help="dataset folder the checkpoint was trained on (only its normal training images are read)")
-    p.add_argument("--out", metavar="CKPT", help="write the tuned checkpoint here instead of in place")
+    _add_checkpoint_in_place(p, "tuned")
     p.add_argument("--minutes", type=positive_float, default=10.0, metavar="M", help="time budget of the search")
     p.add_argument("--seed", type=whole, default=0, metavar="N", help="seed of the synthetic defects")
     p.add_argument("--normal", type=_number(int, 2), default=4, metavar="N", help="normal validation images")
@@ -341,11 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "enough, else the training folder), and the decision threshold by --threshold. Test images and "
         "masks are never read.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="local checkpoint folder or bundled registry name (updated in place unless --out)")
-    p.add_argument("--data", required=True, metavar="ROOT/CLASS",
-                   help="dataset folder the checkpoint was trained on (only its normal training images are read)")
-    p.add_argument("--out", metavar="CKPT", help="write the recalibrated checkpoint here instead of in place")
+    _add_checkpoint_in_place(p, "recalibrated")
     _add_threshold_rule(p)
     p.add_argument("--seed", type=whole, default=0, metavar="N",
                    help="seed of the synthetic defects (one per normal calibration image)")
@@ -960,6 +952,15 @@ def _holdout(args: argparse.Namespace, saved_args: dict, images: list[Path], con
     kept = [p for p in images if p.name not in held]
     rows = record["stripe_rows"][1] - record["stripe_rows"][0] if record.get("stripe_rows") else 0
     return kept, record, rows
+
+
+def _add_checkpoint_in_place(p: argparse.ArgumentParser, what: str) -> None:
+    """--checkpoint, --data and --out of the commands that rewrite a checkpoint (tune, calibrate)."""
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="local checkpoint folder or bundled registry name (updated in place unless --out)")
+    p.add_argument("--data", required=True, metavar="ROOT/CLASS",
+                   help="dataset folder the checkpoint was trained on (only its normal training images are read)")
+    p.add_argument("--out", metavar="CKPT", help=f"write the {what} checkpoint here instead of in place")
 
 
 def _add_threshold_rule(p: argparse.ArgumentParser) -> None:
