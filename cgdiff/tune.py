@@ -30,8 +30,11 @@ normal images only:
    The choice: the highest AUPRO, and among the points within `tie_tolerance` of it the one
    with the fewest model calls (then the higher AUPRO).
 3. The chosen settings become the detector's own, it is recalibrated on normal images (c and
-   the threshold belong to the settings), and `detector.info["tuning"]` records the choice,
-   the validation scores, which images / regions were used, and the whole search table.
+   the threshold belong to the settings; the threshold by default the F1-max cut against the
+   same normals each painted with a synthetic defect, `validation_threshold`), and
+   `detector.info["tuning"]` records the choice, the validation scores, which images / regions
+   were used, and the whole search table. `recalibrate` (`cgdiff calibrate`) does the last
+   step alone, at the stored settings.
 
     from cgdiff import Detector
     from cgdiff.tune import tune, plot_front
