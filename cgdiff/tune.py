@@ -320,7 +320,6 @@ def _paint(detector, src: _Sources, normal: Sequence[int], painted: Sequence[int
            kinds: Sequence[str] = DEFECT_KINDS) -> ValidationSet:
     """The validation set of src.paths[i] for i in `normal` as they are and i in `painted`
     with a synthetic defect each (see `_painted`)."""
-    size = detector.image_size
     images, cleans, masks, kinds_out = _painted(detector, src.paths, src.rows, normal, painted, seed, kinds)
     origins = list(normal) + list(painted)
     used = sorted(set(origins))
@@ -713,8 +712,8 @@ def tune(
         training-folder images, and record the tuning in `detector.info["tuning"]`.
     threshold: how `apply` sets the decision threshold: "validation-f1" (the F1-max cut between
         the calibration normals' scores and the same normals each with a synthetic defect,
-        seeded by the validation's seed; see `validation_threshold`) or "normal-tail" (normal images only: max(largest normal score,
-        mean + 3 sd)).
+        seeded by the validation's seed; see `validation_threshold`) or "normal-tail" (normal
+        images only: max(largest normal score, mean + 3 sd)).
     min_removal: choose only among settings whose validation removal reaches it (in [0, 1];
         0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when no
         setting reaches it, the choice is by AUPRO alone and the record says so.
