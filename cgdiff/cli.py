@@ -1050,9 +1050,7 @@ def cmd_calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .tune import recalibrate, retire_stale_metrics
 
     source, folder = _target_folder(args, "calibrate")
-    detector = _load_detector(args)
-    if detector.calibration is None:
-        raise ValueError(f"checkpoint '{args.checkpoint}' is not calibrated; train it with 'cgdiff train' first.")
+    detector = _load_detector(args)  # refuses an uncalibrated checkpoint
     before = detector.calibration
     used = recalibrate(detector, args.data, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                        log=None if args.no_progress else _info)

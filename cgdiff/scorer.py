@@ -169,8 +169,8 @@ class Calibration:
 
     The threshold is set by `threshold_rule`: NORMAL_TAIL (normal images only, the default of
     `Scorer.calibrate`), or VALIDATION_F1 (`cgdiff.tune.validation_threshold`: the F1-max cut
-    between these normal scores and the scores of the tuner's synthetic-defect images, as
-    anomalib's F1AdaptiveThreshold does on a synthetic validation split)."""
+    between these normal scores and the scores of the same normals each painted with a
+    synthetic defect, as anomalib's F1AdaptiveThreshold does on a synthetic validation split)."""
 
     pixel_scale: float  # c = max(D_f) / max(D_p) over the normal calibration images
     threshold: float  # an image is anomalous when max(A) exceeds it; a pixel when A exceeds it

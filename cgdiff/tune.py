@@ -332,10 +332,11 @@ def _paint(detector, src: _Sources, normal: Sequence[int], painted: Sequence[int
     )
 
 
-def _painted(detector, paths: Sequence[Path], rows: tuple[int, int], normal: Sequence[int], painted: Sequence[int],
-             seed: int, kinds: Sequence[str] = DEFECT_KINDS) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(images, clean originals, masks, kinds): paths[i] at the detector's working size for i
-    in `normal` as they are, then for i in `painted` each with a synthetic defect (`kinds` in
+def _painted(detector, paths: Sequence[Path | np.ndarray], rows: tuple[int, int], normal: Sequence[int],
+             painted: Sequence[int], seed: int, kinds: Sequence[str] = DEFECT_KINDS
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(images, clean originals, masks, kinds): paths[i] (an image file, or an S x S x 3 uint8
+    image already at the working size) at the detector's working size for i in `normal` as they are, then for i in `painted` each with a synthetic defect (`kinds` in
     turn) inside rows [r0, r1), the defects seeded by `seed`. Images N x S x S x 3 uint8,
     masks N x S x S bool."""
     size = detector.image_size
@@ -920,10 +921,11 @@ def _recalibrate(detector, paths: Sequence[Path], rows: tuple[int, int], source:
     inside `rows`) painted on each of those normals, so that F1 does not lean on an arbitrary
     share of defects. `source` and `unseen` describe the normals for the record."""
     log(f"recalibrating on {len(paths)} normal images at the detector's settings ...")
-    detector.calibrate(paths, batch_size=batch_size)
+    x = detector.prepare(paths)  # decoded once, for the calibration and the painted copies
+    detector.calibrate(x, batch_size=batch_size)
     if threshold == VALIDATION_F1:
         tail = detector.calibration.threshold
-        defects = _painted(detector, paths, rows, [], range(len(paths)), seed)[0]
+        defects = _painted(detector, list(to_uint8(x.cpu())), rows, [], range(len(paths)), seed)[0]
         validation_threshold(detector, defects, source=f"seed {seed}, one painted on each of those normals",
                              batch_size=batch_size)
         cal = detector.calibration
