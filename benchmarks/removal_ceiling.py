@@ -12,6 +12,14 @@ reconstructions that no denoiser made:
   normal texture would get if it ignored the input. Averaged over every normal tile.
 - "clean, blurred (sigma)": the clean tile blurred by a Gaussian of that sigma (px): the
   defect gone exactly, the grain finer than sigma lost.
+- "inpainted from the surroundings": the defect pixels filled from the pixels around them
+  (scikit-image's biharmonic inpainting, told the mask, never the clean tile), everything
+  else left as it is: a reconstruction that knows where the defect is but, like any
+  reconstruction, not which grain lay beneath it.
+
+Each row is also broken down by defect kind (the mean of the per-tile values, as `cgdiff
+evaluate` reports them per image): a colour shift or a scratch leaves the grain below visible,
+a hole or a foreign texture replaces it.
 
 Usage:
     python benchmarks/removal_ceiling.py --textures data/textures --out benchmarks/results/removal_ceiling
@@ -25,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from skimage.restoration import inpaint_biharmonic
 
 from cgdiff.data import load_dataset
 from cgdiff.images import load_mask
@@ -53,17 +63,32 @@ def ceiling(folder: Path) -> dict:
     c = np.stack([_pixels(s.clean_path, size) for s in defects])
     m = np.stack([np.asarray(Image.fromarray(load_mask(s.mask_path)).resize((size, size), Image.Resampling.NEAREST))
                   for s in defects])
+    kinds = sorted({s.defect_type for s in defects})
+
+    def by_kind(rec: np.ndarray) -> dict[str, float]:
+        return {k: removal(x[sel], rec[sel], c[sel], m[sel])["removal_mean"]
+                for k in kinds for sel in [np.array([s.defect_type == k for s in defects])]}
+
     rows = []
-    others = [removal(x, np.broadcast_to(_pixels(n.path, size), x.shape), c, m) for n in normals]
+    other_recs = [np.broadcast_to(_pixels(n.path, size), x.shape) for n in normals]
+    others = [removal(x, o, c, m) for o in other_recs]
+    other_kinds = [by_kind(o) for o in other_recs]
     rows.append({"reconstruction": "another normal tile (mean over %d)" % len(normals),
                  "removal": float(np.mean([o["removal"] for o in others])),
                  "removal_min": float(np.min([o["removal"] for o in others])),
                  "removal_max": float(np.max([o["removal"] for o in others])),
-                 "fidelity": float(np.mean([o["fidelity"] for o in others]))})
+                 "fidelity": float(np.mean([o["fidelity"] for o in others])),
+                 "by_kind": {k: float(np.mean([o[k] for o in other_kinds])) for k in kinds}})
     for sigma in SIGMAS:
-        r = removal(x, np.stack([_pixels(s.clean_path, size, sigma) for s in defects]), c, m)
+        rec = np.stack([_pixels(s.clean_path, size, sigma) for s in defects])
+        r = removal(x, rec, c, m)
         rows.append({"reconstruction": f"clean, blurred (sigma {sigma:g} px)", "removal": r["removal"],
-                     "fidelity": r["fidelity"]})
+                     "fidelity": r["fidelity"], "by_kind": by_kind(rec)})
+    inpainted = np.stack([inpaint_biharmonic(img, mask != 0, channel_axis=0) if (mask != 0).any() else img
+                          for img, mask in zip(x, m)])
+    r = removal(x, inpainted, c, m)
+    rows.append({"reconstruction": "inpainted from the surroundings (biharmonic)", "removal": r["removal"],
+                 "fidelity": r["fidelity"], "by_kind": by_kind(inpainted)})
     return {"texture": dataset.category, "n_defect_tiles": len(defects), "n_normal_tiles": len(normals),
             "size": size, "rows": rows}
 
@@ -76,12 +101,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for ceiling.json and ceiling.md")
     args = parser.parse_args()
     results = [ceiling(args.textures / name) for name in args.names]
-    lines = ["| texture | reconstruction | removal | fidelity outside |", "|---|---|---|---|"]
+    kinds = sorted({k for res in results for row in res["rows"] for k in row["by_kind"]})
+    lines = ["| texture | reconstruction | removal | " + " | ".join(kinds) + " | fidelity outside |",
+             "|---|---|---|" + "---|" * len(kinds) + "---|"]
     for res in results:
         for row in res["rows"]:
             spread = (f" ({row['removal_min']:.2f} to {row['removal_max']:.2f})" if "removal_min" in row else "")
+            per_kind = " | ".join(f"{row['by_kind'][k]:.2f}" if k in row["by_kind"] else "n/a" for k in kinds)
             lines.append(f"| {res['texture']} | {row['reconstruction']} | {row['removal']:.3f}{spread} | "
-                         f"{row['fidelity']:.3f} |")
+                         f"{per_kind} | {row['fidelity']:.3f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
