@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     # ---------------------------------------------------------------- tune
     p = sub.add_parser(
         "tune", help="choose the sampler and scorer settings without test labels",
-        description="Choose t0, K, w, the blur-guidance scale and sigma and the pixel/feature balance "
+        description="Choose t0, K, w, the blur-guidance scale and sigma, the pixel/feature balance and the map smoothing "
         "by AUPRO on a validation set of normal training images with seeded synthetic defects (images "
         "or a stripe held out by 'train --holdout' / '--holdout-stripe' where there are some, else the "
         "training images themselves, which the output says). Test images and masks are never read. "

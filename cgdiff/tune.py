@@ -24,9 +24,10 @@ normal images only:
        best point moves and time is left.
    Every sampler setting is first run on half of the validation images; it is finished on
    the other half only if its AUPRO there is within `race_margin` of the best point's
-   (clearly bad settings cost half). For every reconstruction the pixel/feature balance is
-   searched on the same reconstructions (cached backbone distances), with the balance c
-   calibrated on the validation's normal images as `Detector.calibrate` does.
+   (clearly bad settings cost half). For every reconstruction the pixel/feature balance and
+   the anomaly map's smoothing sigma are searched on the same reconstructions (cached
+   backbone distances), with the balance c calibrated on the validation's normal images as
+   `Detector.calibrate` does.
    The choice: the highest AUPRO, and among the points within `tie_tolerance` of it the one
    with the fewest model calls (then the higher AUPRO).
 3. The chosen settings become the detector's own, it is recalibrated on normal images (c and
@@ -49,6 +50,7 @@ The command line: `cgdiff tune --checkpoint CKPT --data ROOT/CLASS`, or `cgdiff 
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -97,7 +99,13 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple]] = {
 # strong local colour changes, which favour the pixel term more than real defects do (on the
 # leather subset, validation picked the pixel term alone, the worst balance on the test set).
 BALANCES: tuple[tuple[float, float], ...] = ((0.25, 1.0), (0.5, 1.0), (1.0, 1.0), (2.0, 1.0), (4.0, 1.0))
+# Gaussian smoothing sigma of the anomaly map (px at the working size), searched with the balance
+# on every reconstruction. DDAD's sigma 4 belongs to its 256-px maps; the same sigma at 128 px
+# smooths twice as far across the image, and how far is best depends on the defects' size
+# against the working size, so it is chosen on the validation set like the balance.
+MAP_SIGMAS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
 SAMPLER_SEARCHED = tuple(DEFAULT_GRIDS)
+SCORER_SEARCHED = ("pixel_weight", "feature_weight", "map_sigma")
 
 Clock = Callable[[], float]
 
@@ -449,7 +457,7 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> list[int]:
 class _Search:
     def __init__(self, detector, vset: ValidationSet, budget_s: float, clock: Clock, race_margin: float,
                  tie_tolerance: float, balances, batch_size: int, log: Callable[[str], None], workdir: Path,
-                 metric_size: int = 128, min_removal: float = 0.0):
+                 metric_size: int = 128, min_removal: float = 0.0, map_sigmas: Sequence[float] = MAP_SIGMAS):
         self.detector = detector
         self.vset = vset
         self.budget_s = float(budget_s)
@@ -459,6 +467,7 @@ class _Search:
         self.tie_tolerance = tie_tolerance
         self.min_removal = min_removal
         self.balances = balances
+        self.map_sigmas = tuple(map_sigmas)
         self.batch_size = batch_size
         self.log = log
         self.samples = _write_validation(vset, workdir)
@@ -511,7 +520,7 @@ class _Search:
         return recs
 
     def _score(self, recs, idx: np.ndarray) -> list[dict[str, Any]]:
-        """Validation metrics of every balance on reconstructions of the images `idx`."""
+        """Validation metrics of every balance and map sigma on reconstructions of the images `idx`."""
         t = self.clock()
         det = self.detector
         base = det.scorer.config
@@ -524,15 +533,16 @@ class _Search:
         c = self._c_scorer.calibrate(d_p[normals], d_f[normals]).pixel_scale  # as Detector.calibrate fits it
         removed = self._removal(recs, idx)
         out = []
-        for pixel_weight, feature_weight in self.balances:
-            config = ScorerConfig(**{**base.to_dict(), "pixel_weight": pixel_weight, "feature_weight": feature_weight})
+        for (pixel_weight, feature_weight), map_sigma in itertools.product(self.balances, self.map_sigmas):
+            config = ScorerConfig(**{**base.to_dict(), "pixel_weight": pixel_weight, "feature_weight": feature_weight,
+                                     "map_sigma": map_sigma})
             dp, df = (d_p, d_f) if feature_weight > 0 else (d_p, torch.zeros_like(d_p))
             scale = c if pixel_weight > 0 and feature_weight > 0 else 1.0
             maps = det.scorer.combine(dp, df, scale, config).float().numpy()[:, r0:r1]
             scores = maps.reshape(len(maps), -1).max(axis=1)
             maps = _shrink(maps, self.factor)
             out.append({
-                "pixel_weight": pixel_weight, "feature_weight": feature_weight,
+                "pixel_weight": pixel_weight, "feature_weight": feature_weight, "map_sigma": map_sigma,
                 "aupro": aupro(masks, maps, AUPRO_FPR_LIMIT),
                 "pixel_auroc": pixel_auroc(masks, maps),
                 "image_auroc": image_auroc(labels, scores),
@@ -611,7 +621,8 @@ class _Search:
         self._add_rows(sampler, scored, stage, complete=True, seconds=seconds)
         best = max(scored, key=lambda r: r["aupro"])
         self.log(f"  {_describe(sampler)}: AUPRO {best['aupro']:.4f} (v={best['pixel_weight']:g}, "
-                 f"features x{best['feature_weight']:g}), {seconds:.2f} s/img  [{self.elapsed():.0f} s]")
+                 f"features x{best['feature_weight']:g}, map sigma {best['map_sigma']:g}), {seconds:.2f} s/img  "
+                 f"[{self.elapsed():.0f} s]")
         return "done"
 
     def _add_rows(self, sampler: SamplerConfig, scored: list[dict], stage: str, complete: bool, seconds: float):
@@ -619,7 +630,7 @@ class _Search:
             self.rows.append({
                 "sampler": sampler.to_dict(),
                 **{k: getattr(sampler, k) for k in SAMPLER_SEARCHED},
-                "pixel_weight": r["pixel_weight"], "feature_weight": r["feature_weight"],
+                "pixel_weight": r["pixel_weight"], "feature_weight": r["feature_weight"], "map_sigma": r["map_sigma"],
                 "model_calls": sampler.model_calls(),
                 "seconds_per_image": round(seconds + r["scoring_seconds_per_image"], 4),
                 "aupro": round(r["aupro"], 5) if complete else None,
@@ -685,6 +696,7 @@ def tune(
     min_removal: float = 0.0,
     grids: Optional[dict[str, dict[str, Sequence]]] = None,
     balances: Sequence[tuple[float, float]] = BALANCES,
+    map_sigmas: Sequence[float] = MAP_SIGMAS,
     max_evaluations: Optional[int] = None,
     refine_rounds: int = 3,
     validation: Optional[ValidationSet] = None,
@@ -704,6 +716,8 @@ def tune(
     grids: {setting: {"coarse": values, "fine": values}} for some of t0, steps, w,
         guidance_scale, blur_sigma (default DEFAULT_GRIDS; a setting left out stays fixed).
     balances: (pixel_weight, feature_weight) pairs tried on every reconstruction.
+    map_sigmas: Gaussian smoothing sigmas of the anomaly map (px at the working size, >= 0)
+        tried with every balance on every reconstruction.
     max_evaluations: at most this many sampler settings besides the stored one.
     validation: a ready ValidationSet instead of one made from `root`.
     metric_size: pixel metrics are computed on maps and masks reduced to about this size
@@ -739,8 +753,12 @@ def tune(
                                  for stage, values in grids["t0"].items()}}
     for pw, fw in balances:
         ScorerConfig(pixel_weight=pw, feature_weight=fw)
+    for sigma in map_sigmas:
+        ScorerConfig(map_sigma=sigma)
     stored_balance = (detector.scorer.config.pixel_weight, detector.scorer.config.feature_weight)
     balances = tuple(balances) + ((stored_balance,) if stored_balance not in tuple(balances) else ())
+    stored_sigma = detector.scorer.config.map_sigma
+    map_sigmas = tuple(map_sigmas) + ((stored_sigma,) if stored_sigma not in tuple(map_sigmas) else ())
     t_begin = clock()
     if validation is None:
         if root is None:
@@ -753,21 +771,20 @@ def tune(
     start_scorer = detector.scorer.config
     with tempfile.TemporaryDirectory(prefix="cgdiff-tune-") as tmp:
         search = _Search(detector, validation, budget_s, clock, race_margin, tie_tolerance, balances,
-                         batch_size, log, Path(tmp), metric_size, min_removal)
+                         batch_size, log, Path(tmp), metric_size, min_removal, map_sigmas)
         search.t_start = t_begin
         log(f"stored settings: {_describe(start_sampler)}")
         search.evaluate(start_sampler, "start", reference=True)
         stopped = _run_search(search, grids, max_evaluations, refine_rounds, log)
     rows = search.rows
     start_index = next(i for i, r in enumerate(rows)
-                       if r["stage"] == "start" and (r["pixel_weight"], r["feature_weight"]) == stored_balance)
+                       if r["stage"] == "start" and (r["pixel_weight"], r["feature_weight"]) == stored_balance
+                       and r["map_sigma"] == stored_sigma)
     chosen_index = select(rows, tie_tolerance, min_removal)
     chosen_row = rows[chosen_index]
-    chosen = {**chosen_row["sampler"], "pixel_weight": chosen_row["pixel_weight"],
-              "feature_weight": chosen_row["feature_weight"]}
+    chosen = {**chosen_row["sampler"], **{k: chosen_row[k] for k in SCORER_SEARCHED}}
     result = TuneResult(
-        chosen=chosen, start={**start_sampler.to_dict(), "pixel_weight": start_scorer.pixel_weight,
-                              "feature_weight": start_scorer.feature_weight},
+        chosen=chosen, start={**start_sampler.to_dict(), **{k: getattr(start_scorer, k) for k in SCORER_SEARCHED}},
         chosen_row=chosen_row, start_row=rows[start_index], table=rows, front=pareto_front(rows),
         validation=validation, seconds=clock() - t_begin, budget_s=float(budget_s), stopped=stopped,
     )
@@ -827,7 +844,7 @@ def _why(search: _Search, max_evaluations) -> str:
 
 def _settings_text(d: dict[str, Any]) -> str:
     return (f"t0={d['t0']} K={d['steps']} w={d['w']:g} s={d['guidance_scale']:g} sigma={d['blur_sigma']:g} "
-            f"v={d['pixel_weight']:g} features x{d['feature_weight']:g}")
+            f"v={d['pixel_weight']:g} features x{d['feature_weight']:g} map sigma {d['map_sigma']:g}")
 
 
 def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_margin: float) -> dict[str, Any]:
@@ -860,7 +877,7 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
         "search": {
             "strategy": "stored settings, then a coarse one-setting-at-a-time sweep (w, s, t0, K, sigma) and "
                         "refinement on finer grids; settings raced on half the images; pixel/feature balance "
-                        "searched on every reconstruction",
+                        "and map smoothing sigma searched on every reconstruction",
             "budget_seconds": result.budget_s, "seconds": round(result.seconds, 1), "stopped": result.stopped,
             "sampler_settings": search.n_sampler_settings + 1, "completed": n_complete,
             "tie_tolerance": tie_tolerance, "race_margin": race_margin, "min_removal": search.min_removal,
@@ -886,8 +903,7 @@ def apply_result(detector, result: TuneResult, threshold: str = VALIDATION_F1, b
     sampler_keys = set(SamplerConfig().to_dict())
     detector.sampler = SamplerConfig(**{k: v for k, v in chosen.items() if k in sampler_keys})
     detector.scorer.config = ScorerConfig(**{**detector.scorer.config.to_dict(),
-                                            "pixel_weight": chosen["pixel_weight"],
-                                            "feature_weight": chosen["feature_weight"]})
+                                            **{k: chosen[k] for k in SCORER_SEARCHED if k in chosen}})
     record = dict(result.record)
     vset = result.validation
     scale_before = detector.calibration.pixel_scale
@@ -1045,7 +1061,8 @@ def front_table(record: dict[str, Any]) -> list[str]:
         r = record["table"][i]
         flags = (f"--t0 {r['t0']} --steps {r['steps']} --w {r['w']:g} --guidance-scale {r['guidance_scale']:g} "
                  f"--blur-sigma {r['blur_sigma']:g} --pixel-weight {r['pixel_weight']:g} "
-                 f"--feature-weight {r['feature_weight']:g}")
+                 f"--feature-weight {r['feature_weight']:g}"
+                 + (f" --map-sigma {r['map_sigma']:g}" if "map_sigma" in r else ""))
         mark = "  <- chosen" if i == record["chosen_row"] else ""
         removed = f"removal {r['removal']:.3f}" if r.get("removal") is not None else "removal  n/a"
         lines.append(f"  {r['seconds_per_image']:7.2f} s/img  AUPRO {r['aupro']:.4f}  {removed}  {flags}{mark}")

@@ -119,6 +119,26 @@ def test_tuning_keeps_to_its_budget(tiny_detector, gravel):
     assert result.chosen["w"] in tried
 
 
+def test_the_map_smoothing_is_searched_with_the_balance_and_becomes_the_detectors(tiny_detector, gravel):
+    """Every reconstruction is scored at every (balance, map sigma) pair; the stored sigma is the
+    reference row, and the chosen sigma is stored and used by the detector afterwards."""
+    stored = tiny_detector.scorer.config.map_sigma
+    result = tune(tiny_detector, gravel, budget_s=600, seed=5, max_evaluations=0, map_sigmas=(1.0, 8.0),
+                  **{**SMALL, "balances": ((1.0, 1.0), (4.0, 1.0))})
+    rows = result.table
+    assert {(r["pixel_weight"], r["map_sigma"]) for r in rows} == {
+        (v, s) for v in (1.0, 4.0) for s in (1.0, 8.0, stored)}
+    # The sigmas change the maps, so the rows differ (the search has something to choose from).
+    assert len({r["aupro"] for r in rows}) > 1
+    assert result.start_row["map_sigma"] == stored == result.start["map_sigma"]
+    best = max(r["aupro"] for r in rows)
+    assert result.chosen_row["aupro"] >= best - 0.005
+    assert tiny_detector.scorer.config.map_sigma == result.chosen["map_sigma"] == result.chosen_row["map_sigma"]
+    assert f"map sigma {result.chosen['map_sigma']:g}" in result.record["summary"]
+    with pytest.raises(ValueError, match="map_sigma"):
+        tune(tiny_detector, gravel, budget_s=600, map_sigmas=(-1.0,), apply=False, **SMALL)
+
+
 def test_selection_prefers_fewer_model_calls_within_the_tolerance():
     rows = [
         {"aupro": 0.950, "model_calls": 20, "seconds_per_image": 2.0, "complete": True},
