@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 from .data import IMAGE_EXTENSIONS, LAYOUTS, TEXTURES, DatasetError, iter_images
 from .sampler import SamplerConfig
-from .scorer import OFFLINE_BACKBONE, PAPER_BACKBONE, ScorerConfig
+from .scorer import OFFLINE_BACKBONE, PAPER_BACKBONE, ScorerConfig, default_map_sigma
 from .train import LR_SCHEDULES, UNET_PRESETS, TrainConfig, TrainingError
 
 PROG = "cgdiff"
@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"'{PAPER_BACKBONE}' (weights from the Hub), or 'auto' (the WideResNet when the Hub "
                    "is reachable, else the offline one)")
     g = p.add_argument_group("settings stored in the checkpoint (evaluate/detect can override them)")
-    _add_setting_flags(g, {**SamplerConfig().to_dict(), **ScorerConfig().to_dict()}, seed=False)
+    _add_setting_flags(g, {**SamplerConfig().to_dict(), **ScorerConfig().to_dict(),
+                           "map_sigma": "4 x --image-size / 256, DDAD's 4 at 256 px"}, seed=False)
     g = p.add_argument_group("label-free tuning (see 'cgdiff tune --help')")
     h = g.add_mutually_exclusive_group()
     h.add_argument("--holdout", type=_holdout_count, default="auto", metavar="N|auto",
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     # ---------------------------------------------------------------- tune
     p = sub.add_parser(
         "tune", help="choose the sampler and scorer settings without test labels",
-        description="Choose t0, K, w, the blur-guidance scale and sigma, the pixel/feature balance and the map smoothing "
+        description="Choose t0, K, w, the blur-guidance scale and sigma and the pixel/feature balance "
         "by AUPRO on a validation set of normal training images with seeded synthetic defects (images "
         "or a stripe held out by 'train --holdout' / '--holdout-stripe' where there are some, else the "
         "training images themselves, which the output says). Test images and masks are never read. "
@@ -322,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "defect the reconstruction takes out) reaches X, while any does; 0: by AUPRO alone")
     p.add_argument("--max-evaluations", type=_number(int, 0), default=None, metavar="N",
                    help="try at most N sampler settings besides the stored one (default: as the budget allows)")
+    p.add_argument("--map-sigmas", type=_number(float, 0), nargs="+", default=(), metavar="X",
+                   help="also search the anomaly map's smoothing sigma over these values (px at the working size; "
+                   "e.g. 1 2 4 8). Default: the stored sigma stays. On synthetic-defect textures the search paid; "
+                   "on real leather defects it picked too fine a map (BENCHMARKS.md)")
     _add_threshold_rule(p)
     p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="images per batch")
     p.add_argument("--json", metavar="FILE", help="write the tuning record (search table included) as JSON")
@@ -571,7 +576,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     # Settings not given on a resume keep the values the run was started with.
     sampler_values = {**SamplerConfig().to_dict(), **saved_args.get("sampler", {})}
-    scorer_values = {**ScorerConfig().to_dict(), **saved_args.get("scorer", {})}
+    scorer_values = {**ScorerConfig(map_sigma=default_map_sigma(args.image_size)).to_dict(),
+                     **saved_args.get("scorer", {})}
     sampler_values.update({k: v for k, v in given.items() if k in sampler_values})
     scorer_values.update({k: v for k, v in given.items() if k in scorer_values})
     backbone = args.backbone
@@ -974,7 +980,8 @@ def _add_threshold_rule(p: argparse.ArgumentParser) -> None:
 def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, command: str, seed: int = 0,
                 n_normal: int = 4, n_anomalous: int = 12, tie_tolerance: float = 0.005,
                 max_evaluations: Optional[int] = None, batch_size: int = 4, quiet: bool = False,
-                min_removal: float = 0.0, threshold: str = "validation-f1") -> dict[str, Any]:
+                min_removal: float = 0.0, threshold: str = "validation-f1",
+                map_sigmas: Sequence[float] = ()) -> dict[str, Any]:
     """Tune `detector` on `data`, print the choice and the speed/quality front, and (unless
     `folder` is None) save it into `folder` with the front plot. Returns the tuning record."""
     from .tune import FRONT_PLOT_NAME, front_table, plot_front, tune
@@ -982,7 +989,7 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
     _info(f"tuning for up to {budget_s / 60:.1f} min (test images are never read) ...")
     result = tune(detector, data, budget_s=budget_s, seed=seed, n_normal=n_normal, n_anomalous=n_anomalous,
                   tie_tolerance=tie_tolerance, max_evaluations=max_evaluations, batch_size=batch_size,
-                  min_removal=min_removal, threshold=threshold, apply=folder is not None,
+                  min_removal=min_removal, threshold=threshold, map_sigmas=map_sigmas, apply=folder is not None,
                   log=None if quiet else _info)
     record = detector.info["tuning"] if folder is not None else result.record
     record["command"] = command
@@ -1039,7 +1046,7 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     record = _run_tuning(detector, args.data, folder, args.minutes * 60, _command_line(argv), seed=args.seed,
                          n_normal=args.normal, n_anomalous=args.anomalous, tie_tolerance=args.tie_tolerance,
                          max_evaluations=args.max_evaluations, batch_size=args.batch_size, quiet=args.no_progress,
-                         min_removal=args.min_removal, threshold=args.threshold)
+                         min_removal=args.min_removal, threshold=args.threshold, map_sigmas=args.map_sigmas)
     if json_path is not None:
         _write_json(json_path, record)
         _info(f"wrote {json_path}")

@@ -137,13 +137,24 @@ def resolve_backbone(name: str) -> str:
         return OFFLINE_BACKBONE
 
 
+# DDAD smooths its 256-px anomaly maps with a Gaussian of sigma 4 px. A detector working at
+# another size gets the same smoothing relative to the image: sigma 4 x size / 256.
+DDAD_MAP_SIGMA, DDAD_MAP_SIZE = 4.0, 256
+
+
+def default_map_sigma(image_size: int) -> float:
+    """The anomaly map's Gaussian sigma (px at the working size) for a detector working at
+    `image_size` px: DDAD's sigma 4 at 256 px, scaled with the size (2 at 128 px, 8 at 512)."""
+    return DDAD_MAP_SIGMA * image_size / DDAD_MAP_SIZE
+
+
 @dataclass
 class ScorerConfig:
     backbone: str = OFFLINE_BACKBONE
     pixel_weight: float = 1.0  # v: balance of the pixel term (0: feature distance only)
     feature_weight: float = 1.0  # 0: pixel distance only (an ablation)
     feature_smoothing: int = 3  # k x k local mean on feature maps (PatchCore)
-    map_sigma: float = 4.0  # Gaussian smoothing of the final map
+    map_sigma: float = DDAD_MAP_SIGMA  # Gaussian smoothing of the final map (training sets default_map_sigma)
 
     def __post_init__(self) -> None:
         if self.pixel_weight < 0 or self.feature_weight < 0 or (self.pixel_weight == 0 and self.feature_weight == 0):

@@ -515,12 +515,12 @@ def train(
     # The detector samples from the EMA weights.
     from .detector import Detector
     from .sampler import SamplerConfig
-    from .scorer import Scorer, ScorerConfig, resolve_backbone
+    from .scorer import Scorer, ScorerConfig, default_map_sigma, resolve_backbone
 
     final = build_unet(config.unet_preset, sample_size=config.crop_size, **config.unet_overrides)
     ema.copy_to(final.parameters())
     final = final.to(accelerator.device)
-    scorer_config = scorer_config or ScorerConfig()
+    scorer_config = scorer_config or ScorerConfig(map_sigma=default_map_sigma(config.image_size))
     scorer_config.backbone = resolve_backbone(scorer_config.backbone)
     losses = [float(r[1]) for r in list(csv.reader(log_path.open()))[1:] if r]
     training = {

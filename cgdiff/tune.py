@@ -24,10 +24,10 @@ normal images only:
        best point moves and time is left.
    Every sampler setting is first run on half of the validation images; it is finished on
    the other half only if its AUPRO there is within `race_margin` of the best point's
-   (clearly bad settings cost half). For every reconstruction the pixel/feature balance and
-   the anomaly map's smoothing sigma are searched on the same reconstructions (cached
-   backbone distances), with the balance c calibrated on the validation's normal images as
-   `Detector.calibrate` does.
+   (clearly bad settings cost half). For every reconstruction the pixel/feature balance (and,
+   when asked for, the anomaly map's smoothing sigma) is searched on the same reconstructions
+   (cached backbone distances), with the balance c calibrated on the validation's normal
+   images as `Detector.calibrate` does.
    The choice: the highest AUPRO, and among the points within `tie_tolerance` of it the one
    with the fewest model calls (then the higher AUPRO).
 3. The chosen settings become the detector's own, it is recalibrated on normal images (c and
@@ -99,10 +99,11 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple]] = {
 # strong local colour changes, which favour the pixel term more than real defects do (on the
 # leather subset, validation picked the pixel term alone, the worst balance on the test set).
 BALANCES: tuple[tuple[float, float], ...] = ((0.25, 1.0), (0.5, 1.0), (1.0, 1.0), (2.0, 1.0), (4.0, 1.0))
-# Gaussian smoothing sigma of the anomaly map (px at the working size), searched with the balance
-# on every reconstruction. DDAD's sigma 4 belongs to its 256-px maps; the same sigma at 128 px
-# smooths twice as far across the image, and how far is best depends on the defects' size
-# against the working size, so it is chosen on the validation set like the balance.
+# Gaussian smoothing sigmas of the anomaly map (px at the working size) for `tune(map_sigmas=...)`
+# / `cgdiff tune --map-sigmas`: searched with the balance on every reconstruction when asked for.
+# Not by default: on the synthetic-defect textures the validation's pick also won on their
+# (synthetic) test splits, but on the leather subset's real defects it picked a finer map than
+# the stored one and lost (BENCHMARKS, "Map smoothing").
 MAP_SIGMAS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
 SAMPLER_SEARCHED = tuple(DEFAULT_GRIDS)
 SCORER_SEARCHED = ("pixel_weight", "feature_weight", "map_sigma")
@@ -696,7 +697,7 @@ def tune(
     min_removal: float = 0.0,
     grids: Optional[dict[str, dict[str, Sequence]]] = None,
     balances: Sequence[tuple[float, float]] = BALANCES,
-    map_sigmas: Sequence[float] = MAP_SIGMAS,
+    map_sigmas: Sequence[float] = (),
     max_evaluations: Optional[int] = None,
     refine_rounds: int = 3,
     validation: Optional[ValidationSet] = None,
@@ -717,7 +718,8 @@ def tune(
         guidance_scale, blur_sigma (default DEFAULT_GRIDS; a setting left out stays fixed).
     balances: (pixel_weight, feature_weight) pairs tried on every reconstruction.
     map_sigmas: Gaussian smoothing sigmas of the anomaly map (px at the working size, >= 0)
-        tried with every balance on every reconstruction.
+        tried besides the stored one with every balance on every reconstruction (e.g.
+        MAP_SIGMAS); default none: the stored sigma stays.
     max_evaluations: at most this many sampler settings besides the stored one.
     validation: a ready ValidationSet instead of one made from `root`.
     metric_size: pixel metrics are computed on maps and masks reduced to about this size
@@ -877,7 +879,8 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
         "search": {
             "strategy": "stored settings, then a coarse one-setting-at-a-time sweep (w, s, t0, K, sigma) and "
                         "refinement on finer grids; settings raced on half the images; pixel/feature balance "
-                        "and map smoothing sigma searched on every reconstruction",
+                        f"(and map sigmas {', '.join(f'{x:g}' for x in search.map_sigmas)}) searched on every "
+                        "reconstruction",
             "budget_seconds": result.budget_s, "seconds": round(result.seconds, 1), "stopped": result.stopped,
             "sampler_settings": search.n_sampler_settings + 1, "completed": n_complete,
             "tie_tolerance": tie_tolerance, "race_margin": race_margin, "min_removal": search.min_removal,

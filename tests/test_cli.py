@@ -45,6 +45,7 @@ def test_train_writes_a_checkpoint_that_records_how_it_was_made(trained):
     assert str(data) in config["training"]["data"]
     assert config["sampler"]["steps"] == 2 and config["sampler"]["w"] == 2.0  # stored defaults
     assert config["scorer"]["backbone"] == "efficientnet-lite0"
+    assert config["scorer"]["map_sigma"] == 4 * 32 / 256  # DDAD's sigma 4 at 256 px, scaled to 32 px
     assert config["calibration"]["threshold"] > 0
     assert "cgdiff train" in (ckpt / "README.md").read_text()
     from cgdiff import Detector  # as the model card shows

@@ -137,6 +137,9 @@ def test_the_map_smoothing_is_searched_with_the_balance_and_becomes_the_detector
     assert f"map sigma {result.chosen['map_sigma']:g}" in result.record["summary"]
     with pytest.raises(ValueError, match="map_sigma"):
         tune(tiny_detector, gravel, budget_s=600, map_sigmas=(-1.0,), apply=False, **SMALL)
+    # Without map_sigmas the stored sigma stays (the search is asked for, not the default).
+    plain = tune(tiny_detector, gravel, budget_s=600, seed=5, max_evaluations=0, apply=False, **SMALL)
+    assert {r["map_sigma"] for r in plain.table} == {tiny_detector.scorer.config.map_sigma}
 
 
 def test_selection_prefers_fewer_model_calls_within_the_tolerance():
