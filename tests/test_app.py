@@ -334,9 +334,13 @@ def test_batch_size_is_limited(client, app_module):
 # ------------------------------------------------------------------------------ serving
 
 
-def test_simultaneous_requests_wait_their_turn(client, app_module, monkeypatch):
-    """The server runs with concurrency 1: inference requests never overlap."""
-    from gradio_client import handle_file
+def test_simultaneous_requests_wait_their_turn(server, app_module, monkeypatch):
+    """The server runs with concurrency 1: inference requests never overlap. (The client leaves
+    the result pictures on the server: identical requests write the same cached files, and a
+    download racing a rewrite of its file could fail for reasons that are not the queue's.)"""
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False, download_files=False)
 
     entry = BUNDLED[0]
     detector = app_module.MODELS.get(entry.name)
