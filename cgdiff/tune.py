@@ -99,12 +99,6 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple]] = {
 # strong local colour changes, which favour the pixel term more than real defects do (on the
 # leather subset, validation picked the pixel term alone, the worst balance on the test set).
 BALANCES: tuple[tuple[float, float], ...] = ((0.25, 1.0), (0.5, 1.0), (1.0, 1.0), (2.0, 1.0), (4.0, 1.0))
-# Gaussian smoothing sigmas of the anomaly map (px at the working size) for `tune(map_sigmas=...)`
-# / `cgdiff tune --map-sigmas`: searched with the balance on every reconstruction when asked for.
-# Not by default: on the synthetic-defect textures the validation's pick also won on their
-# (synthetic) test splits, but on the leather subset's real defects it picked a finer map than
-# the stored one and lost (BENCHMARKS, "Map smoothing").
-MAP_SIGMAS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
 SAMPLER_SEARCHED = tuple(DEFAULT_GRIDS)
 SCORER_SEARCHED = ("pixel_weight", "feature_weight", "map_sigma")
 
@@ -345,9 +339,9 @@ def _painted(detector, paths: Sequence[Path | np.ndarray], rows: tuple[int, int]
              painted: Sequence[int], seed: int, kinds: Sequence[str] = DEFECT_KINDS
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(images, clean originals, masks, kinds): paths[i] (an image file, or an S x S x 3 uint8
-    image already at the working size) at the detector's working size for i in `normal` as they are, then for i in `painted` each with a synthetic defect (`kinds` in
-    turn) inside rows [r0, r1), the defects seeded by `seed`. Images N x S x S x 3 uint8,
-    masks N x S x S bool."""
+    image already at the working size) at the detector's working size, for i in `normal` as
+    they are, then for i in `painted` each with a synthetic defect (`kinds` in turn) inside rows
+    [r0, r1), the defects seeded by `seed`. Images N x S x S x 3 uint8, masks N x S x S bool."""
     size = detector.image_size
     rng = np.random.default_rng(seed)
     rng.permutation(len(paths))  # the defects of a seed stay those of validation_set's first draws
@@ -458,7 +452,7 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> list[int]:
 class _Search:
     def __init__(self, detector, vset: ValidationSet, budget_s: float, clock: Clock, race_margin: float,
                  tie_tolerance: float, balances, batch_size: int, log: Callable[[str], None], workdir: Path,
-                 metric_size: int = 128, min_removal: float = 0.0, map_sigmas: Sequence[float] = MAP_SIGMAS):
+                 metric_size: int = 128, min_removal: float = 0.0, map_sigmas: Sequence[float] = ()):
         self.detector = detector
         self.vset = vset
         self.budget_s = float(budget_s)
@@ -468,7 +462,7 @@ class _Search:
         self.tie_tolerance = tie_tolerance
         self.min_removal = min_removal
         self.balances = balances
-        self.map_sigmas = tuple(map_sigmas)
+        self.map_sigmas = tuple(map_sigmas) or (detector.scorer.config.map_sigma,)
         self.batch_size = batch_size
         self.log = log
         self.samples = _write_validation(vset, workdir)
@@ -718,8 +712,11 @@ def tune(
         guidance_scale, blur_sigma (default DEFAULT_GRIDS; a setting left out stays fixed).
     balances: (pixel_weight, feature_weight) pairs tried on every reconstruction.
     map_sigmas: Gaussian smoothing sigmas of the anomaly map (px at the working size, >= 0)
-        tried besides the stored one with every balance on every reconstruction (e.g.
-        MAP_SIGMAS); default none: the stored sigma stays.
+        tried besides the stored one with every balance on every reconstruction, e.g.
+        (1, 2, 4, 8). Default none: the stored sigma stays. On the synthetic-defect textures the
+        validation's pick also won on their (synthetic) test splits; on the leather subset's
+        real defects it picked a finer map than the stored one and lost (BENCHMARKS.md, "Map
+        smoothing").
     max_evaluations: at most this many sampler settings besides the stored one.
     validation: a ready ValidationSet instead of one made from `root`.
     metric_size: pixel metrics are computed on maps and masks reduced to about this size
