@@ -571,7 +571,7 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     seconds_total = time.perf_counter() - started
     SECONDS_PER_CALL[model] = result.seconds / max(1, sampler.model_calls())
     note = calibration_note(model_defaults(model, detector), overrides)
-    detail = describe_result(result, scale, seconds_total, sampler.steps)
+    detail = describe_result(result, scale, seconds_total, sampler.steps * sampler.samples)
     details = result_details(model, result, overrides, scale, seconds_total, note)
     familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
     details["unfamiliar"] = familiar.unfamiliar
@@ -651,7 +651,7 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
             progress((min(total, offset + i), total), desc="Reconstructing", unit="model calls")
 
         sampler, _ = detector.settings(**overrides)
-        per_step = sampler.model_calls() / max(1, sampler.steps)
+        per_step = sampler.model_calls() / max(1, sampler.steps * sampler.samples)
         traj = teaching.trajectory(detector, picture, threshold=threshold,
                                    progress=lambda i, n: report(round(i * per_step), n), **overrides)
         variants = teaching.ablations(detector, picture, threshold=threshold, full=traj.detection,
@@ -670,6 +670,8 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
     status = (f"Model **{esc(model)}**: {len(traj.steps)} steps from {start} down to 0 "
               f"(w = {traj.sampler.w:g}, s = {traj.sampler.guidance_scale:g}); the last estimate "
               f"(t = {traj.steps[last].t}) is the reconstruction."
+              + (f" These are the first of {traj.sampler.samples} runs from different start noise; the "
+                 f"reconstruction scored is their mean." if traj.sampler.samples > 1 else "")
               + ("" if blurred else " Blur guidance is off at these settings (s = 0), so there is no blurred "
                  "estimate; set s above 0 in the method settings to see it."))
     out: list[Any] = [status, noisy, estimates, gr.update(value=blurred, visible=bool(blurred))]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 # The settings the tuning section compares, in the order of the tuner's search.
-TABLE_KEYS = ("t0", "steps", "w", "guidance_scale", "blur_sigma", "pixel_weight", "feature_weight", "map_sigma")
+TABLE_KEYS = ("t0", "steps", "w", "guidance_scale", "blur_sigma", "samples", "pixel_weight", "feature_weight", "map_sigma")
 
 
 def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector") -> str:

@@ -22,7 +22,7 @@ import shlex
 import shutil
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -42,6 +42,7 @@ SAMPLER_FLAGS = [
     ("--guidance-scale", "guidance_scale", float, "blur-guidance scale s (0 switches it off and halves the cost)"),
     ("--blur-sigma", "blur_sigma", float, "Gaussian blur sigma of the blur guidance"),
     ("--eta", "eta", float, "DDIM stochasticity in [0, 1] (0: deterministic)"),
+    ("--samples", "samples", int, "N, reconstructions averaged (seeds seed .. seed + N - 1; N times the cost)"),
 ]
 SEED_FLAG = ("--seed", "seed", int, "seed of the sampler's noise")
 SCORER_FLAGS = [
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"'{PAPER_BACKBONE}' (weights from the Hub), or 'auto' (the WideResNet when the Hub "
                    "is reachable, else the offline one)")
     g = p.add_argument_group("settings stored in the checkpoint (evaluate/detect can override them)")
-    _add_setting_flags(g, {**SamplerConfig().to_dict(), **ScorerConfig().to_dict(),
+    _add_setting_flags(g, {**asdict(SamplerConfig()), **ScorerConfig().to_dict(),
                            "map_sigma": "4 x --image-size / 256, DDAD's 4 at 256 px"}, seed=False)
     g = p.add_argument_group("label-free tuning (see 'cgdiff tune --help')")
     h = g.add_mutually_exclusive_group()

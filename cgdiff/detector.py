@@ -451,7 +451,8 @@ _CORE_KEYS = {"format_version", "cgdiff_version", "image_size", "sampler", "scor
 
 
 def _num_steps(sampler: SamplerConfig) -> int:
-    return len(timesteps(sampler.t0, sampler.steps, NUM_TRAIN_TIMESTEPS))
+    """Progress steps of one reconstruction: K steps per run, N runs."""
+    return len(timesteps(sampler.t0, sampler.steps, NUM_TRAIN_TIMESTEPS)) * sampler.samples
 
 
 def _json_default(obj: Any) -> Any:
@@ -539,7 +540,7 @@ def read_config(folder: Path) -> dict[str, Any]:
                     raise CheckpointError(f"{CONFIG_NAME} in '{folder}': scorer.backbone must be a string.")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise CheckpointError(f"{CONFIG_NAME} in '{folder}': {section}.{key} must be a number, got {value!r}.")
-    for key in ("t0", "steps", "seed", "feature_smoothing"):
+    for key in ("t0", "steps", "seed", "samples", "feature_smoothing"):
         for section in ("sampler", "scorer"):
             if key in config[section] and not isinstance(config[section][key], int):
                 raise CheckpointError(f"{CONFIG_NAME} in '{folder}': {section}.{key} must be a whole number.")

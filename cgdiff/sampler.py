@@ -16,6 +16,10 @@ of (1 - beta). At every step t -> n of a K-step DDIM schedule from t0 down to 0:
 starting from the partial diffusion x = sqrt(abar_t0) y + sqrt(1 - abar_t0) z. The result is
 x at n = -1, where abar_-1 = 1. Each strategy switches off on its own: t0 >= T starts from
 pure noise, w = 0 removes the conditioning, s = 0 the blur guidance (and its model call).
+
+With N = `samples` > 1 the reconstruction is the mean of N such runs, seeded seed .. seed + N - 1
+(a different start noise z each): a Monte Carlo estimate of the reconstruction's expectation,
+which leaves out the sampler's own variance (N = 1, the paper's method, is the default).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch.nn.functional as F
 # huge value from a checkpoint or a call would exhaust the memory. Useful values are far
 # smaller (SAG: 1-9; the anomaly map: 4).
 MAX_SIGMA = 64.0
+# Averaged reconstructions above this are refused (each one costs a full sampler run).
+MAX_SAMPLES = 64
 
 
 @dataclass
@@ -43,6 +49,7 @@ class SamplerConfig:
     blur_sigma: float = 1.0  # Gaussian blur of the predicted clean image (SAG: 1; its code: 3-9)
     eta: float = 0.0  # 0: deterministic DDIM; 1: DDAD's stochastic choice
     seed: int = 0
+    samples: int = 1  # N: reconstructions averaged, seeded seed .. seed + N - 1 (1: the paper's method)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,6 +72,10 @@ class SamplerConfig:
                 isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64,
                 f"seed must be a whole number that fits in 64 bits, got {self.seed!r}",
             ),
+            (
+                isinstance(self.samples, int) and 1 <= self.samples <= MAX_SAMPLES,
+                f"samples must be a whole number from 1 to {MAX_SAMPLES}, got {self.samples!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -77,17 +88,22 @@ class SamplerConfig:
             raise ValueError(f"unknown sampler setting(s): {sorted(unknown)}")
         values = asdict(self)
         values.update({k: v for k, v in changes.items() if v is not None})
-        for name in ("t0", "steps", "seed"):
+        for name in ("t0", "steps", "seed", "samples"):
             if isinstance(values[name], float) and values[name].is_integer():
                 values[name] = int(values[name])
         return SamplerConfig(**values)
 
     def model_calls(self) -> int:
-        """Denoiser evaluations per image: K, or 2K with blur guidance."""
-        return self.steps * (2 if self.guidance_scale > 0 else 1)
+        """Denoiser evaluations per image: K, or 2K with blur guidance, times N samples."""
+        return self.steps * (2 if self.guidance_scale > 0 else 1) * self.samples
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as a dict; `samples` only when above 1, so a checkpoint that does not
+        average reads the same as before the setting existed (older cgdiff versions load it)."""
+        values = asdict(self)
+        if values["samples"] == 1:
+            del values["samples"]
+        return values
 
 
 def timesteps(t0: int, steps: int, num_train_timesteps: int) -> list[int]:
@@ -138,20 +154,40 @@ def reconstruct(
     progress: Optional[Callable[[int, int], None]] = None,
     trace: Optional[Callable[[dict], None]] = None,
 ) -> torch.Tensor:
-    """Reconstruct a batch y (B x 3 x H x W in [-1, 1]) without its anomalies.
+    """Reconstruct a batch y (B x 3 x H x W in [-1, 1]) without its anomalies; B x 3 x H x W
+    in [-1, 1]. With config.samples = N > 1, the mean of N runs seeded seed .. seed + N - 1.
 
     `eps_model(x, t)` predicts the noise for a batch x at integer steps t (a B-long tensor).
-    `progress(done, total)` is called after every model step.
+    `progress(done, total)` is called after every model step (total: K times N).
     `trace(step)` is called after every model step with a dict of the step's tensors, for
     inspection and teaching: "t", "next_t" (-1 at the end), "x_t" (the state the step started
     from; at the first step, the partial-diffusion start), "x0" (the clean-image estimate of
     the final noise estimate ê), "x0_blurred" (the blurred estimate the guidance compared
-    with, or None when it is off) and "x_next" (the state after the step).
+    with, or None when it is off), "x_next" (the state after the step) and "sample" (which of
+    the N runs, from 0).
+    Raises ValueError for invalid settings.
     """
     config.validate()
+    total = len(timesteps(config.t0, config.steps, alphas_cumprod.shape[0])) * config.samples
+    runs = []
+    for k in range(config.samples):
+        step_cb = None
+        if progress is not None:
+            step_cb = lambda i, _n, o=k * total // config.samples: progress(o + i, total)  # noqa: E731
+        step_trace = None
+        if trace is not None:
+            step_trace = lambda step, k=k: trace({**step, "sample": k})  # noqa: E731
+        seed = (config.seed + k) if config.seed + k < 2**64 else config.seed + k - 2**64  # wraps like a uint64
+        runs.append(_reconstruct_one(eps_model, y, alphas_cumprod, config, seed, step_cb, step_trace))
+    return runs[0] if len(runs) == 1 else torch.stack(runs).mean(0)
+
+
+def _reconstruct_one(eps_model: NoiseModel, y: torch.Tensor, alphas_cumprod: torch.Tensor, config: SamplerConfig,
+                     seed: int, progress, trace) -> torch.Tensor:
+    """One run of the sampler (see `reconstruct`) with the start noise of `seed`."""
     T = alphas_cumprod.shape[0]
     abar = alphas_cumprod.to(device=y.device, dtype=torch.float64)
-    generators = [torch.Generator().manual_seed(config.seed) for _ in range(y.shape[0])]
+    generators = [torch.Generator().manual_seed(seed) for _ in range(y.shape[0])]
     noise = _per_image_noise(y.shape, generators, y.device, y.dtype)
 
     # 1. Partial diffusion: start from y noised to t0 (pure noise when t0 >= T).

@@ -101,7 +101,8 @@ class Trajectory:
 def trajectory(detector: Detector, image: Any, threshold: Optional[float] = None,
                progress: Optional[Callable[[int, int], None]] = None, **overrides: Any) -> Trajectory:
     """Reconstruct one image, keeping every step's state (through the sampler's `trace` hook),
-    and score it as `detect` does."""
+    and score it as `detect` does. With N = samples > 1 the steps are those of the first run
+    (seed `seed`); the detection is of the mean of all N, as in `detect`."""
     sampler, scorer = detector.settings(**overrides)
     x = detector.prepare(image)
     if x.shape[0] != 1:
@@ -109,6 +110,8 @@ def trajectory(detector: Detector, image: Any, threshold: Optional[float] = None
     steps: list[Step] = []
 
     def keep(step: dict) -> None:
+        if step.get("sample", 0):
+            return
         blurred = step["x0_blurred"]
         steps.append(Step(int(step["t"]), int(step["next_t"]), to_uint8(step["x_t"])[0],
                           to_uint8(step["x0"].clamp(-1, 1))[0],

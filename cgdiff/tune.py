@@ -19,7 +19,8 @@ normal images only:
 2. Search, within a time budget (`budget_s`), picking by validation AUPRO:
      - the stored settings first (the reference);
      - coarse: one setting at a time, in order of influence (w, blur-guidance scale s, t0,
-       K, blur sigma), each over a coarse grid around the best point so far;
+       K, blur sigma, the number N of reconstructions averaged), each over a coarse grid
+       around the best point so far;
      - refinement: the neighbours of the best value on a finer grid, repeated while the
        best point moves and time is left.
    Every sampler setting is first run on half of the validation images; it is finished on
@@ -92,6 +93,8 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple]] = {
     "t0": {"coarse": (125, 250, 500), "fine": (60, 90, 125, 175, 250, 350, 500, 700)},
     "steps": {"coarse": (5, 10, 20), "fine": (3, 5, 7, 10, 15, 20)},
     "blur_sigma": {"coarse": (1.0, 3.0), "fine": (0.5, 1.0, 2.0, 3.0, 5.0)},
+    # N reconstructions averaged: N times the cost, so a tie goes to fewer (see `select`).
+    "samples": {"coarse": (1, 2, 4), "fine": (1, 2, 3, 4)},
 }
 # Pixel/feature balance (pixel_weight v, feature_weight), searched on every reconstruction:
 # the method's map A = D_f + v c D_p with v from 1/4 to 4. The one-term extremes (pixel or
@@ -666,7 +669,8 @@ def _concat(a, b):
 def _describe(sampler: SamplerConfig) -> str:
     s = sampler
     blur = f" sigma={s.blur_sigma:g}" if s.guidance_scale > 0 else ""
-    return f"t0={s.t0} K={s.steps} w={s.w:g} s={s.guidance_scale:g}{blur}"
+    averaged = f" N={s.samples}" if s.samples > 1 else ""
+    return f"t0={s.t0} K={s.steps} w={s.w:g} s={s.guidance_scale:g}{blur}{averaged}"
 
 
 def _neighbours(value: Any, grid: Sequence) -> list:
@@ -676,7 +680,7 @@ def _neighbours(value: Any, grid: Sequence) -> list:
 
 
 def _setting(name: str, value: Any) -> Any:
-    return int(value) if name in ("t0", "steps") else float(value)
+    return int(value) if name in ("t0", "steps", "samples") else float(value)
 
 
 def tune(
@@ -709,7 +713,8 @@ def tune(
         a setting that would not fit is skipped, one that overruns is stopped). Recalibration
         afterwards is not counted.
     grids: {setting: {"coarse": values, "fine": values}} for some of t0, steps, w,
-        guidance_scale, blur_sigma (default DEFAULT_GRIDS; a setting left out stays fixed).
+        guidance_scale, blur_sigma, samples (default DEFAULT_GRIDS; a setting left out stays
+        fixed).
     balances: (pixel_weight, feature_weight) pairs tried on every reconstruction.
     map_sigmas: Gaussian smoothing sigmas of the anomaly map (px at the working size, >= 0)
         tried besides the stored one with every balance on every reconstruction, e.g.
@@ -842,7 +847,8 @@ def _why(search: _Search, max_evaluations) -> str:
 
 
 def _settings_text(d: dict[str, Any]) -> str:
-    return (f"t0={d['t0']} K={d['steps']} w={d['w']:g} s={d['guidance_scale']:g} sigma={d['blur_sigma']:g} "
+    averaged = f" N={d['samples']}" if d.get("samples", 1) > 1 else ""
+    return (f"t0={d['t0']} K={d['steps']} w={d['w']:g} s={d['guidance_scale']:g} sigma={d['blur_sigma']:g}{averaged} "
             f"v={d['pixel_weight']:g} features x{d['feature_weight']:g} map sigma {d['map_sigma']:g}")
 
 
@@ -1062,6 +1068,7 @@ def front_table(record: dict[str, Any]) -> list[str]:
         flags = (f"--t0 {r['t0']} --steps {r['steps']} --w {r['w']:g} --guidance-scale {r['guidance_scale']:g} "
                  f"--blur-sigma {r['blur_sigma']:g} --pixel-weight {r['pixel_weight']:g} "
                  f"--feature-weight {r['feature_weight']:g}"
+                 + (f" --samples {r['samples']}" if r.get("samples", 1) > 1 else "")
                  + (f" --map-sigma {r['map_sigma']:g}" if "map_sigma" in r else ""))
         mark = "  <- chosen" if i == record["chosen_row"] else ""
         removed = f"removal {r['removal']:.3f}" if r.get("removal") is not None else "removal  n/a"

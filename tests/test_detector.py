@@ -91,6 +91,22 @@ def test_save_and_load_round_trip(tiny_detector, tmp_path):
         assert ra.threshold == rb.threshold
 
 
+def test_averaged_reconstructions_are_stored_and_scored_as_their_mean(tiny_detector, tmp_path):
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    runs = [tiny_detector.reconstruct(x, tiny_detector.sampler.replace(seed=k)) for k in (0, 1)]
+    averaged = tiny_detector.sampler.replace(samples=2)
+    torch.testing.assert_close(tiny_detector.reconstruct(x, averaged), torch.stack(runs).mean(0))
+    steps = []
+    (result,) = tiny_detector.detect(x[:1], samples=2, progress=lambda i, n: steps.append((i, n)))
+    assert steps[-1] == (6, 6)  # K = 3 steps, twice
+    tiny_detector.sampler = averaged
+    path = tiny_detector.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((path / "cgdiff.json").read_text())["sampler"]["samples"] == 2
+    loaded = Detector.from_pretrained(path, device="cpu")
+    assert loaded.sampler.samples == 2
+    assert loaded.detect(x[:1])[0].score == pytest.approx(result.score, rel=1e-5)
+
+
 def test_save_never_overwrites_by_accident_and_keeps_extra_files(tiny_detector, tmp_path):
     path = tiny_detector.save_pretrained(tmp_path / "ckpt")
     (path / "training_state").mkdir()
@@ -149,6 +165,8 @@ def _edit_config(path, **changes):
         (dict(sampler=KeyError), "missing sampler"),
         (dict(sampler__w="three"), "sampler.w"),
         (dict(sampler__steps=2.5), "sampler.steps"),
+        (dict(sampler__samples=2.5), "sampler.samples"),
+        (dict(sampler__samples=0), "samples must be"),
         (dict(sampler__attention=1), "unknown sampler"),
         (dict(scorer__backbone=3), "backbone"),
         (dict(calibration__threshold=None), "calibration.threshold"),

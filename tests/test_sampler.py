@@ -180,7 +180,7 @@ def test_model_calls_per_strategy():
 @pytest.mark.parametrize(
     "bad",
     [dict(t0=-1), dict(steps=0), dict(w=-1.0), dict(w=math.nan), dict(guidance_scale=-0.1), dict(blur_sigma=0.0),
-     dict(eta=2.0)],
+     dict(eta=2.0), dict(samples=0), dict(samples=1.5)],
 )
 def test_bad_settings_are_refused_with_a_message(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -206,3 +206,26 @@ def test_trace_shows_each_step_without_changing_the_result():
     no_guidance = []
     reconstruct(eps, y, ABAR, cfg.replace(guidance_scale=0.0), trace=no_guidance.append)
     assert all(s["x0_blurred"] is None for s in no_guidance)
+
+
+def test_samples_average_runs_from_consecutive_seeds():
+    y = torch.rand(2, 3, 16, 16) * 1.6 - 0.8
+    eps = smooth_eps_model()
+    cfg = SamplerConfig(t0=250, steps=3, w=1.0, guidance_scale=0.5, seed=5, samples=3)
+    runs = [reconstruct(eps, y, ABAR, cfg.replace(samples=1, seed=5 + k)) for k in range(3)]
+    assert not torch.allclose(runs[0], runs[1])  # a different start noise per run
+    torch.testing.assert_close(reconstruct(eps, y, ABAR, cfg), torch.stack(runs).mean(0))
+    # progress counts every step of every run; the trace says which run a step belongs to
+    seen, steps = [], []
+    reconstruct(eps, y, ABAR, cfg, progress=lambda i, n: seen.append((i, n)), trace=steps.append)
+    assert seen == [(i, 9) for i in range(1, 10)]
+    assert [s["sample"] for s in steps] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert cfg.model_calls() == 3 * 2 * 3
+
+
+def test_samples_is_stored_only_when_it_averages():
+    # A config that does not average reads as before the setting existed (older versions load it).
+    assert "samples" not in SamplerConfig().to_dict()
+    assert SamplerConfig(samples=2).to_dict()["samples"] == 2
+    assert SamplerConfig(**SamplerConfig(samples=4).to_dict()) == SamplerConfig(samples=4)
+    assert SamplerConfig().replace(samples=2.0).samples == 2

@@ -142,6 +142,18 @@ def test_the_map_smoothing_is_searched_with_the_balance_and_becomes_the_detector
     assert {r["map_sigma"] for r in plain.table} == {tiny_detector.scorer.config.map_sigma}
 
 
+def test_averaged_reconstructions_are_searched_at_their_cost(tiny_detector, gravel):
+    """N (samples) is a searched sampler setting: its rows cost N times the model calls, and the
+    choice is stored (and shown) only as the detector's own."""
+    grids = {"samples": {"coarse": (1, 2), "fine": (1, 2, 3)}}
+    result = tune(tiny_detector, gravel, budget_s=600, seed=5, max_evaluations=1, refine_rounds=0,
+                  **{**SMALL, "grids": grids})
+    calls = {r["samples"]: r["model_calls"] for r in result.table}
+    assert calls == {1: tiny_detector.sampler.replace(samples=1).model_calls(),
+                     2: 2 * tiny_detector.sampler.replace(samples=1).model_calls()}
+    assert tiny_detector.sampler.samples == result.chosen_row["samples"] == result.chosen.get("samples", 1)
+
+
 def test_selection_prefers_fewer_model_calls_within_the_tolerance():
     rows = [
         {"aupro": 0.950, "model_calls": 20, "seconds_per_image": 2.0, "complete": True},
