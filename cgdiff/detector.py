@@ -423,6 +423,7 @@ class Detector:
             f"U-Net {count_parameters(self.unet) / 1e6:.1f} M params, {self.image_size} px, backbone "
             f"{self.scorer.config.backbone}; t0={s.t0}, K={s.steps}, w={s.w}, s={s.guidance_scale}, "
             f"blur sigma={s.blur_sigma}, eta={s.eta}"
+            + (f", the mean of N={s.samples} reconstructions" if s.samples > 1 else "")
         )
 
 

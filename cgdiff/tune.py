@@ -55,7 +55,7 @@ import itertools
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -880,7 +880,7 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
                        "aupro_fpr_limit": AUPRO_FPR_LIMIT},
         "validation_set": vset.describe(),
         "search": {
-            "strategy": "stored settings, then a coarse one-setting-at-a-time sweep (w, s, t0, K, sigma) and "
+            "strategy": "stored settings, then a coarse one-setting-at-a-time sweep (w, s, t0, K, sigma, N) and "
                         "refinement on finer grids; settings raced on half the images; pixel/feature balance "
                         f"(and map sigmas {', '.join(f'{x:g}' for x in search.map_sigmas)}) searched on every "
                         "reconstruction",
@@ -906,7 +906,7 @@ def apply_result(detector, result: TuneResult, threshold: str = VALIDATION_F1, b
     `threshold`, see `tune`) and record the tuning in detector.info."""
     log = log or (lambda message: None)
     chosen = result.chosen
-    sampler_keys = set(SamplerConfig().to_dict())
+    sampler_keys = {f.name for f in fields(SamplerConfig)}
     detector.sampler = SamplerConfig(**{k: v for k, v in chosen.items() if k in sampler_keys})
     detector.scorer.config = ScorerConfig(**{**detector.scorer.config.to_dict(),
                                             **{k: chosen[k] for k in SCORER_SEARCHED if k in chosen}})

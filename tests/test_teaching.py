@@ -71,6 +71,12 @@ def test_the_trajectory_follows_the_sampler(brick):
     assert traj.detection.score == pytest.approx(same.score, rel=1e-5)
     off = teaching.trajectory(brick, image, steps=2, guidance_scale=0.0)
     assert len(off.steps) == 2 and all(s.x0_blurred is None for s in off.steps)
+    # Averaged reconstructions: the steps of the first run, the score of the mean as detect() has it.
+    mean = teaching.trajectory(brick, image, steps=2, guidance_scale=0.0, samples=2)
+    assert [s.t for s in mean.steps] == [s.t for s in off.steps]
+    assert np.array_equal(mean.steps[0].x_t, off.steps[0].x_t)
+    assert mean.detection.score == pytest.approx(brick.detect(image, steps=2, guidance_scale=0.0, samples=2)[0].score,
+                                                 rel=1e-5)
 
 
 def test_ablations_switch_off_one_strategy_each(brick):

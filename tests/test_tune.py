@@ -1,6 +1,7 @@
 """Label-free tuning: never reads the test split, keeps to its budget, deterministic for a seed,
 stores its choice in the checkpoint; holdout images and stripes for training."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ import torch
 from cgdiff.cli import main
 from cgdiff.data import build_texture_dataset
 from cgdiff.train import RandomCrops
-from cgdiff.tune import pareto_front, select, split_holdout, tune, validation_set
+from cgdiff.tune import SCORER_SEARCHED, apply_result, pareto_front, select, split_holdout, tune, validation_set
 
 # A small search: 2 normal + 4 defect images, two settings on top of the stored ones.
 SMALL = dict(n_normal=2, n_anomalous=4, grids={"w": {"coarse": (0.0, 1.0), "fine": (0.0, 0.5, 1.0, 3.0)}},
@@ -152,6 +153,12 @@ def test_averaged_reconstructions_are_searched_at_their_cost(tiny_detector, grav
     assert calls == {1: tiny_detector.sampler.replace(samples=1).model_calls(),
                      2: 2 * tiny_detector.sampler.replace(samples=1).model_calls()}
     assert tiny_detector.sampler.samples == result.chosen_row["samples"] == result.chosen.get("samples", 1)
+    # A choice of N > 1 becomes the detector's own (and is stored with it).
+    averaged = next(i for i, r in enumerate(result.table) if r["samples"] == 2)
+    forced = dataclasses.replace(result, chosen={**result.table[averaged]["sampler"],
+                                                 **{k: result.table[averaged][k] for k in SCORER_SEARCHED}})
+    apply_result(tiny_detector, forced)
+    assert tiny_detector.sampler.samples == 2
 
 
 def test_selection_prefers_fewer_model_calls_within_the_tolerance():
