@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tune-minutes", type=positive_float, default=10.0, metavar="M", help="time budget of --tune")
     g.add_argument("--tune-min-removal", type=_number(float, 0), default=0.0, metavar="X",
                    help="--min-removal of --tune (see 'cgdiff tune --help')")
+    g.add_argument("--tune-max-model-calls", type=_number(int, 1), default=None, metavar="N",
+                   help="--max-model-calls of --tune (see 'cgdiff tune --help')")
     _add_common(p, device=False)
 
     # ---------------------------------------------------------------- evaluate
@@ -322,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-removal", type=_number(float, 0), default=0.0, metavar="X",
                    help="choose only among settings whose validation removal (0..1: how much of each synthetic "
                    "defect the reconstruction takes out) reaches X, while any does; 0: by AUPRO alone")
+    p.add_argument("--max-model-calls", type=_number(int, 1), default=None, metavar="N",
+                   help="leave out settings that cost more than N denoiser calls per image (K, 2K with blur "
+                   "guidance, times the reconstructions averaged), e.g. to keep the app's latency (default: no cap)")
     p.add_argument("--max-evaluations", type=_number(int, 0), default=None, metavar="N",
                    help="try at most N sampler settings besides the stored one (default: as the budget allows)")
     p.add_argument("--map-sigmas", type=_number(float, 0), nargs="+", default=(), metavar="X",
@@ -670,7 +675,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                      calibration_images=calibration_images, holdout_rows=holdout_rows)
     if detector is not None and args.tune:
         _run_tuning(detector, args.data, out, args.tune_minutes * 60, f"{command}  (--tune)", seed=args.seed,
-                    quiet=args.no_progress, min_removal=args.tune_min_removal)
+                    quiet=args.no_progress, min_removal=args.tune_min_removal,
+                    max_model_calls=args.tune_max_model_calls)
     if detector is not None:
 
         _info(f"next: cgdiff evaluate --checkpoint {shlex.quote(str(out))} --data {shlex.quote(str(args.data))}")
@@ -982,7 +988,7 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
                 n_normal: int = 4, n_anomalous: int = 12, tie_tolerance: float = 0.005,
                 max_evaluations: Optional[int] = None, batch_size: int = 4, quiet: bool = False,
                 min_removal: float = 0.0, threshold: str = "validation-f1",
-                map_sigmas: Sequence[float] = ()) -> dict[str, Any]:
+                map_sigmas: Sequence[float] = (), max_model_calls: Optional[int] = None) -> dict[str, Any]:
     """Tune `detector` on `data`, print the choice and the speed/quality front, and (unless
     `folder` is None) save it into `folder` with the front plot. Returns the tuning record."""
     from .tune import FRONT_PLOT_NAME, front_table, plot_front, tune
@@ -990,7 +996,8 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
     _info(f"tuning for up to {budget_s / 60:.1f} min (test images are never read) ...")
     result = tune(detector, data, budget_s=budget_s, seed=seed, n_normal=n_normal, n_anomalous=n_anomalous,
                   tie_tolerance=tie_tolerance, max_evaluations=max_evaluations, batch_size=batch_size,
-                  min_removal=min_removal, threshold=threshold, map_sigmas=map_sigmas, apply=folder is not None,
+                  min_removal=min_removal, max_model_calls=max_model_calls, threshold=threshold,
+                  map_sigmas=map_sigmas, apply=folder is not None,
                   log=None if quiet else _info)
     record = detector.info["tuning"] if folder is not None else result.record
     record["command"] = command
@@ -1047,7 +1054,8 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     record = _run_tuning(detector, args.data, folder, args.minutes * 60, _command_line(argv), seed=args.seed,
                          n_normal=args.normal, n_anomalous=args.anomalous, tie_tolerance=args.tie_tolerance,
                          max_evaluations=args.max_evaluations, batch_size=args.batch_size, quiet=args.no_progress,
-                         min_removal=args.min_removal, threshold=args.threshold, map_sigmas=args.map_sigmas)
+                         min_removal=args.min_removal, threshold=args.threshold, map_sigmas=args.map_sigmas,
+                         max_model_calls=args.max_model_calls)
     if json_path is not None:
         _write_json(json_path, record)
         _info(f"wrote {json_path}")

@@ -424,15 +424,19 @@ def _key(sampler: SamplerConfig) -> tuple:
     return tuple(sorted(d.items()))
 
 
-def select(rows: Sequence[dict[str, Any]], tie_tolerance: float = 0.005, min_removal: float = 0.0) -> int:
+def select(rows: Sequence[dict[str, Any]], tie_tolerance: float = 0.005, min_removal: float = 0.0,
+           max_model_calls: Optional[int] = None) -> int:
     """Index of the chosen row: the highest AUPRO; among rows within `tie_tolerance` of it,
     the fewest model calls, then the higher AUPRO, then the earliest. Incomplete rows (raced
-    out on half the images) are never chosen. With `min_removal` > 0 only rows whose
-    validation removal (`cgdiff.metrics.removal`, in [0, 1]) reaches it are candidates, while
-    there are any; otherwise every complete row is."""
+    out on half the images) are never chosen. With `max_model_calls` only rows that cost at
+    most that many denoiser calls per image are candidates, while there are any. With
+    `min_removal` > 0 only rows whose validation removal (`cgdiff.metrics.removal`, in
+    [0, 1]) reaches it are candidates, while there are any; otherwise every complete row is."""
     complete = [i for i, r in enumerate(rows) if r.get("complete") and r.get("aupro") is not None]
     if not complete:
         raise ValueError("no complete row to choose from.")
+    if max_model_calls is not None:
+        complete = [i for i in complete if rows[i]["model_calls"] <= max_model_calls] or complete
     if min_removal > 0:
         complete = [i for i in complete if (rows[i].get("removal") or 0.0) >= min_removal] or complete
     best = max(rows[i]["aupro"] for i in complete)
@@ -455,7 +459,8 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> list[int]:
 class _Search:
     def __init__(self, detector, vset: ValidationSet, budget_s: float, clock: Clock, race_margin: float,
                  tie_tolerance: float, balances, batch_size: int, log: Callable[[str], None], workdir: Path,
-                 metric_size: int = 128, min_removal: float = 0.0, map_sigmas: Sequence[float] = ()):
+                 metric_size: int = 128, min_removal: float = 0.0, map_sigmas: Sequence[float] = (),
+                 max_model_calls: Optional[int] = None):
         self.detector = detector
         self.vset = vset
         self.budget_s = float(budget_s)
@@ -464,6 +469,8 @@ class _Search:
         self.race_margin = race_margin
         self.tie_tolerance = tie_tolerance
         self.min_removal = min_removal
+        self.max_model_calls = max_model_calls
+        self.over_cap = 0  # settings not run: more model calls than max_model_calls
         self.balances = balances
         self.map_sigmas = tuple(map_sigmas) or (detector.scorer.config.map_sigma,)
         self.batch_size = batch_size
@@ -568,7 +575,7 @@ class _Search:
 
     def incumbent(self) -> Optional[int]:
         try:
-            return select(self.rows, self.tie_tolerance, self.min_removal)
+            return select(self.rows, self.tie_tolerance, self.min_removal, self.max_model_calls)
         except ValueError:
             return None
 
@@ -583,6 +590,9 @@ class _Search:
         if key in self.done:
             return "cached"
         a, b = self.half_a, self.half_b
+        if not reference and self.max_model_calls is not None and sampler.model_calls() > self.max_model_calls:
+            self.over_cap += 1
+            return "over the cap"
         if not reference:
             if self.elapsed() + self.estimate(sampler, len(a)) > self.budget_s:
                 self.skipped += 1
@@ -693,6 +703,7 @@ def tune(
     tie_tolerance: float = 0.005,
     race_margin: float = 0.03,
     min_removal: float = 0.0,
+    max_model_calls: Optional[int] = None,
     grids: Optional[dict[str, dict[str, Sequence]]] = None,
     balances: Sequence[tuple[float, float]] = BALANCES,
     map_sigmas: Sequence[float] = (),
@@ -736,10 +747,15 @@ def tune(
     min_removal: choose only among settings whose validation removal reaches it (in [0, 1];
         0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when no
         setting reaches it, the choice is by AUPRO alone and the record says so.
+    max_model_calls: leave out settings that cost more denoiser calls per image (K, 2K with
+        blur guidance, times N), e.g. to keep an app's latency; the stored settings are still
+        measured as the reference, and chosen only when no cheaper setting completed.
     clock: the time source for the budget (tests pass a fake one)."""
     log = log or (lambda message: None)
     if budget_s is None or not budget_s > 0:
         raise ValueError(f"the tuning budget must be > 0 seconds, got {budget_s!r}.")
+    if max_model_calls is not None and (not isinstance(max_model_calls, int) or max_model_calls < 1):
+        raise ValueError(f"max_model_calls must be a whole number >= 1, got {max_model_calls!r}.")
     if not 0 <= min_removal <= 1:
         raise ValueError(f"min_removal must lie in [0, 1], got {min_removal!r}.")
     _check_rule(threshold)
@@ -775,7 +791,7 @@ def tune(
     start_scorer = detector.scorer.config
     with tempfile.TemporaryDirectory(prefix="cgdiff-tune-") as tmp:
         search = _Search(detector, validation, budget_s, clock, race_margin, tie_tolerance, balances,
-                         batch_size, log, Path(tmp), metric_size, min_removal, map_sigmas)
+                         batch_size, log, Path(tmp), metric_size, min_removal, map_sigmas, max_model_calls)
         search.t_start = t_begin
         log(f"stored settings: {_describe(start_sampler)}")
         search.evaluate(start_sampler, "start", reference=True)
@@ -784,7 +800,7 @@ def tune(
     start_index = next(i for i, r in enumerate(rows)
                        if r["stage"] == "start" and (r["pixel_weight"], r["feature_weight"]) == stored_balance
                        and r["map_sigma"] == stored_sigma)
-    chosen_index = select(rows, tie_tolerance, min_removal)
+    chosen_index = select(rows, tie_tolerance, min_removal, max_model_calls)
     chosen_row = rows[chosen_index]
     chosen = {**chosen_row["sampler"], **{k: chosen_row[k] for k in SCORER_SEARCHED}}
     result = TuneResult(
@@ -857,10 +873,12 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
     c, s = result.chosen_row, result.start_row
     n_complete = len({_key(SamplerConfig(**r["sampler"])) for r in result.table if r["complete"]})
     removal_rule = ""
+    if search.max_model_calls is not None:
+        removal_rule = f"settings above {search.max_model_calls} model calls per image left out; "
     if search.min_removal > 0:
         met = (c.get("removal") or 0.0) >= search.min_removal
-        removal_rule = (f"chosen among the settings with validation removal >= {search.min_removal:g}; " if met else
-                        f"no setting reached validation removal {search.min_removal:g}, so chosen by AUPRO alone; ")
+        removal_rule += (f"chosen among the settings with validation removal >= {search.min_removal:g}; " if met else
+                         f"no setting reached validation removal {search.min_removal:g}, so chosen by AUPRO alone; ")
     summary = removal_rule + (
         f"validation AUPRO {c['aupro']:.4f} with {_settings_text(result.chosen)} ({c['model_calls']} model calls), "
         f"against {s['aupro']:.4f} with the previous settings ({s['model_calls']} model calls); "
@@ -887,6 +905,8 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
             "budget_seconds": result.budget_s, "seconds": round(result.seconds, 1), "stopped": result.stopped,
             "sampler_settings": search.n_sampler_settings + 1, "completed": n_complete,
             "tie_tolerance": tie_tolerance, "race_margin": race_margin, "min_removal": search.min_removal,
+            **({"max_model_calls": search.max_model_calls, "over_the_cap": search.over_cap}
+               if search.max_model_calls is not None else {}),
             "device": str(search.detector.device),
         },
         "table": [{k: v for k, v in r.items() if k != "sampler"} | {"eta": r["sampler"]["eta"],

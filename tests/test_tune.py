@@ -161,6 +161,21 @@ def test_averaged_reconstructions_are_searched_at_their_cost(tiny_detector, grav
     assert tiny_detector.sampler.samples == 2
 
 
+def test_a_cap_on_model_calls_leaves_the_dearer_settings_out(tiny_detector, gravel):
+    per_run = tiny_detector.sampler.model_calls()
+    grids = {"samples": {"coarse": (2, 4), "fine": (2, 3, 4)}}
+    result = tune(tiny_detector, gravel, budget_s=600, seed=5, refine_rounds=1, max_model_calls=2 * per_run,
+                  apply=False, **{**SMALL, "grids": grids})
+    assert {r["samples"] for r in result.table} == {1, 2}  # 3 and 4 cost more than the cap: never run
+    assert result.chosen_row["model_calls"] <= 2 * per_run
+    assert result.record["search"]["max_model_calls"] == 2 * per_run and result.record["search"]["over_the_cap"] >= 1
+    assert "left out" in result.record["summary"]
+    rows = [{"aupro": 0.95, "model_calls": 40, "complete": True}, {"aupro": 0.90, "model_calls": 10, "complete": True}]
+    assert select(rows) == 0 and select(rows, max_model_calls=20) == 1 and select(rows, max_model_calls=5) == 0
+    with pytest.raises(ValueError, match="max_model_calls"):
+        tune(tiny_detector, gravel, budget_s=600, max_model_calls=0, apply=False, **SMALL)
+
+
 def test_selection_prefers_fewer_model_calls_within_the_tolerance():
     rows = [
         {"aupro": 0.950, "model_calls": 20, "seconds_per_image": 2.0, "complete": True},
