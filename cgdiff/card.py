@@ -152,7 +152,10 @@ def model_card_section(tuning: dict[str, Any]) -> list[str]:
     if chosen and previous:
         lines += ["", "| setting | before | chosen |", "|---|---|---|"]
         for key in TABLE_KEYS:
-            if key in chosen:
+            if key == "samples":  # stored only when above 1
+                if chosen.get(key, 1) != 1 or previous.get(key, 1) != 1:
+                    lines.append(f"| {key} | {previous.get(key, 1)} | {chosen.get(key, 1)} |")
+            elif key in chosen:
                 lines.append(f"| {key} | {previous.get(key)} | {chosen.get(key)} |")
         v = tuning.get("validation") or {}
         if v.get("aupro") is not None:

@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     # ---------------------------------------------------------------- tune
     p = sub.add_parser(
         "tune", help="choose the sampler and scorer settings without test labels",
-        description="Choose t0, K, w, the blur-guidance scale and sigma and the pixel/feature balance "
+        description="Choose t0, K, w, the blur-guidance scale and sigma, the reconstructions averaged N and the "
+        "pixel/feature balance "
         "by AUPRO on a validation set of normal training images with seeded synthetic defects (images "
         "or a stripe held out by 'train --holdout' / '--holdout-stripe' where there are some, else the "
         "training images themselves, which the output says). Test images and masks are never read. "
@@ -581,7 +582,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _warn_fixed_on_resume(args, saved_config)
 
     # Settings not given on a resume keep the values the run was started with.
-    sampler_values = {**SamplerConfig().to_dict(), **saved_args.get("sampler", {})}
+    sampler_values = {**asdict(SamplerConfig()), **saved_args.get("sampler", {})}
     scorer_values = {**ScorerConfig(map_sigma=default_map_sigma(args.image_size)).to_dict(),
                      **saved_args.get("scorer", {})}
     sampler_values.update({k: v for k, v in given.items() if k in sampler_values})

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .detector import Detection, Detector
+from .detector import Detection, Detector, _num_steps
 from .images import load_image, load_mask, to_uint8
 from .sampler import SamplerConfig
 
@@ -199,7 +199,7 @@ def ablations(detector: Detector, image: Any, threshold: Optional[float] = None,
     results: dict[int, Detection] = {0: full} if full is not None else {}
     for i in todo:
         key, _, changes = rows[i]
-        per_step = calls[i] / max(1, sampler.replace(**changes).steps)
+        per_step = calls[i] / max(1, _num_steps(sampler.replace(**changes)))  # progress counts K x N steps
         step_cb = None
         if progress is not None:
             step_cb = lambda k, _n, o=done, m=per_step: progress(min(total, o + round(k * m)), total)  # noqa: E731

@@ -585,7 +585,8 @@ class _Search:
 
     def evaluate(self, sampler: SamplerConfig, stage: str, reference: bool = False) -> str:
         """Run one sampler setting (half, then the rest unless raced out). Returns 'done',
-        'cached', 'raced', 'skipped' (would not fit the budget) or 'out of time'."""
+        'cached', 'raced', 'skipped' (would not fit the budget), 'over the cap' (more model calls
+        than max_model_calls) or 'out of time'."""
         key = _key(sampler)
         if key in self.done:
             return "cached"

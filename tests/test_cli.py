@@ -33,7 +33,8 @@ def trained(tmp_path_factory):
     assert main(["build-textures", "--out", str(data), "--textures", "gravel", "--tile-size", "64",
                  "--train-stride", "128", "--test-good", "3", "--test-defect", "1", "--seed", "2"]) == 0
     ckpt = root / "ckpt"
-    assert main(["train", "--data", str(data / "gravel"), "--out", str(ckpt), "--max-steps", "4", "--w", "2", *TRAIN]) == 0
+    assert main(["train", "--data", str(data / "gravel"), "--out", str(ckpt), "--max-steps", "4", "--w", "2",
+                 "--samples", "2", *TRAIN]) == 0
     return data / "gravel", ckpt
 
 
@@ -44,6 +45,7 @@ def test_train_writes_a_checkpoint_that_records_how_it_was_made(trained):
     assert config["training"]["command"].startswith("cgdiff train --data ")
     assert str(data) in config["training"]["data"]
     assert config["sampler"]["steps"] == 2 and config["sampler"]["w"] == 2.0  # stored defaults
+    assert config["sampler"]["samples"] == 2  # two reconstructions averaged
     assert config["scorer"]["backbone"] == "efficientnet-lite0"
     assert config["scorer"]["map_sigma"] == 4 * 32 / 256  # DDAD's sigma 4 at 256 px, scaled to 32 px
     assert config["calibration"]["threshold"] > 0
