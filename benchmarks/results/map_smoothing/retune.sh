@@ -5,6 +5,9 @@
 # DDAD's 4 at 256 px, scaled), then `cgdiff tune --minutes 8` in place (the map sigma is not
 # searched by default), evaluated and recorded, and their examples judged. Grass runs beside the
 # other two, each on one core.
+# Written before `cgdiff tune` searched N (the reconstructions averaged); today's cgdiff searches
+# it too, as benchmarks/results/samples/retune.sh records. The results here are from commit
+# aa95187's cgdiff.
 set -e
 cd "$(dirname "$0")/../../.." && . .venv/bin/activate
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
