@@ -168,12 +168,13 @@ def reconstruct(
     Raises ValueError for invalid settings.
     """
     config.validate()
-    total = len(timesteps(config.t0, config.steps, alphas_cumprod.shape[0])) * config.samples
+    per_run = len(timesteps(config.t0, config.steps, alphas_cumprod.shape[0]))
+    total = per_run * config.samples
     runs = []
     for k in range(config.samples):
         step_cb = None
         if progress is not None:
-            step_cb = lambda i, _n, o=k * total // config.samples: progress(o + i, total)  # noqa: E731
+            step_cb = lambda i, _n, o=k * per_run: progress(o + i, total)  # noqa: E731
         step_trace = None
         if trace is not None:
             step_trace = lambda step, k=k: trace({**step, "sample": k})  # noqa: E731

@@ -873,14 +873,14 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
     vset = result.validation
     c, s = result.chosen_row, result.start_row
     n_complete = len({_key(SamplerConfig(**r["sampler"])) for r in result.table if r["complete"]})
-    removal_rule = ""
+    rules = ""  # the limits the choice was made under, if any
     if search.max_model_calls is not None:
-        removal_rule = f"settings above {search.max_model_calls} model calls per image left out; "
+        rules = f"settings above {search.max_model_calls} model calls per image left out; "
     if search.min_removal > 0:
         met = (c.get("removal") or 0.0) >= search.min_removal
-        removal_rule += (f"chosen among the settings with validation removal >= {search.min_removal:g}; " if met else
-                         f"no setting reached validation removal {search.min_removal:g}, so chosen by AUPRO alone; ")
-    summary = removal_rule + (
+        rules += (f"chosen among the settings with validation removal >= {search.min_removal:g}; " if met else
+                  f"no setting reached validation removal {search.min_removal:g}, so chosen by AUPRO alone; ")
+    summary = rules + (
         f"validation AUPRO {c['aupro']:.4f} with {_settings_text(result.chosen)} ({c['model_calls']} model calls), "
         f"against {s['aupro']:.4f} with the previous settings ({s['model_calls']} model calls); "
         f"{search.n_sampler_settings + 1} sampler settings tried ({n_complete} in full) in "

@@ -7,7 +7,7 @@
 # one core.
 #   benchmarks/results/samples/retune.sh                                  -> uncapped/ (the bundled detectors)
 #   MAX_CALLS=40 TEXTURES="grass gravel" benchmarks/results/samples/retune.sh  -> cap40/ (measured, not shipped)
-# --max-model-calls 40 halves the app's latency (brick's choice, 3 calls, is far inside the cap).
+# --max-model-calls 40 halves grass's and gravel's U-Net calls (brick's choice, 3 calls, is far inside the cap).
 # Either run leaves its detectors in checkpoints/; `git checkout checkpoints` restores the bundled ones.
 set -e
 cd "$(dirname "$0")/../../.." && . .venv/bin/activate
