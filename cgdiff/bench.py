@@ -1055,6 +1055,8 @@ def run_speed(
         after = [unet_call_time(loaded[0][1], size) for size in (128, 256)]
         result["allocator"] = {"applied": applied, "rows": [{"allocator": "glibc defaults", **r} for r in before]
                                + [{"allocator": "keep_freed_memory", **r} for r in after]}
+    elif not cuda:
+        keep_freed_memory()  # the app's allocator setting (app.launch, the CLI): its latency is timed under it
     from .runtime import describe_path, path_options
 
     for checkpoint, detector, images, source in loaded:

@@ -185,7 +185,11 @@ def test_texture_pairs_use_the_bundled_checkpoint_of_each_texture(tmp_path, chec
     assert (tmp_path / "textures" / "brick" / "dataset.json").is_file()  # built, as build-textures would
 
 
-def test_bench_command_prints_tables_and_writes_results(data_root, checkpoint, tmp_path, capsys):
+def test_bench_command_prints_tables_and_writes_results(data_root, checkpoint, tmp_path, capsys, monkeypatch):
+    import cgdiff.runtime
+
+    calls = []  # the app's allocator setting, applied before its latency is timed even without --fast-path
+    monkeypatch.setattr(cgdiff.runtime, "keep_freed_memory", lambda: calls.append(1) or True)
     out = tmp_path / "out"
     code = main(["bench", "--quality", "--speed", "--pair", str(checkpoint), str(data_root / "gravel"),
                  "--methods", "full", "w0", "patchcore", "--mask-size", "32", "--checkpoint", str(checkpoint),
@@ -198,6 +202,7 @@ def test_bench_command_prints_tables_and_writes_results(data_root, checkpoint, t
     results = json.loads((out / "bench.json").read_text())
     assert [r["key"] for r in results["quality"]["rows"]] == ["full", "w0", "patchcore"]
     assert len(results["speed"]["app"]) == 1 and len(next(iter(results["speed"]["sweeps"].values()))) == 2
+    assert calls == [1]
     assert results["machine"]["torch_threads"] >= 1 and results["command"].startswith("cgdiff bench")
     assert (out / "quality.png").stat().st_size > 0 and (out / "speed.png").stat().st_size > 0
     assert (out / "bench.md").read_text().strip() == stdout.strip()
