@@ -447,6 +447,7 @@ class CallTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.calls = 0
+        self.rows = 0  # batch rows over all calls (the first argument's length when it is a tensor)
         self.seconds = 0.0
         self.cpu_seconds = 0.0
 
@@ -459,6 +460,7 @@ class CallTimer:
             self.seconds += time.perf_counter() - start
             self.cpu_seconds += time.process_time() - cpu
             self.calls += 1
+            self.rows += args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 1
             return out
 
         return timed
@@ -558,7 +560,7 @@ def app_speed(detector, images: Sequence[Any], repeats: int = 2, **overrides: An
     return {
         "image_size": detector.image_size, "n_images": n, "sampler": sampler.to_dict(),
         "seconds_per_image": per, "images_per_second": 1 / per, "cpu_seconds_per_image": cpu / n,
-        "unet_calls_per_image": timers.unet.calls / n, "unet_seconds": unet,
+        "unet_calls_per_image": timers.unet.calls / n, "unet_rows_per_image": timers.unet.rows / n, "unet_seconds": unet,
         "backbone_seconds": backbone, "other_seconds": other, "outside_models_share": other / per,
         "reconstruction_seconds": rec,
         "sampler_overhead_share": max(0.0, rec - unet) / rec if rec > 0 else None,
@@ -1153,7 +1155,7 @@ def render_quality(result: dict[str, Any]) -> str:
 
 APP_COLUMNS = [
     ("checkpoint", "checkpoint", "s"), ("path", "path", "s"), ("image_size", "px", "d"),
-    ("unet_calls_per_image", "U-Net calls", ".0f"),
+    ("unet_calls_per_image", "U-Net calls", ".0f"), ("unet_rows_per_image", "U-Net rows", ".0f"),
     ("seconds_per_image", "s / image", ".3f"), ("cpu_seconds_per_image", "CPU s / image", ".3f"),
     ("unet_seconds", "U-Net s", ".3f"), ("backbone_seconds", "backbone s", ".3f"), ("other_seconds", "other s", ".3f"),
     ("outside_models_share", "outside models", ".1%"), ("sampler_overhead_share", "sampler overhead", ".1%"),
@@ -1212,7 +1214,9 @@ def render_speed(result: dict[str, Any]) -> str:
     if result["app"]:
         kind = result["app"][0]["memory_kind"]
         parts.append("### Latency at the app's settings (one image per call)\n\n" + markdown_table(_yes(result["app"]), APP_COLUMNS)
-                     + f"\n\nPeak memory: {kind}. 'outside models': time not spent in the U-Net or the feature "
+                     + f"\n\nPeak memory: {kind}. 'U-Net rows': images the U-Net denoised per inspected image "
+                     "(K, 2K with blur guidance, times N; the N runs of an averaged reconstruction share calls). "
+                     "'outside models': time not spent in the U-Net or the feature "
                      "backbone; 'sampler overhead': share of the reconstruction not spent in the U-Net.")
     for name, rows in result["sweeps"].items():
         parts.append(f"### Throughput: {name}\n\n" + markdown_table(rows, SWEEP_COLUMNS))

@@ -19,7 +19,9 @@ pure noise, w = 0 removes the conditioning, s = 0 the blur guidance (and its mod
 
 With N = `samples` > 1 the reconstruction is the mean of N such runs, seeded seed .. seed + N - 1
 (a different start noise z each): a Monte Carlo estimate of the reconstruction's expectation,
-which leaves out the sampler's own variance (N = 1, the paper's method, is the default).
+which leaves out the sampler's own variance (N = 1, the paper's method, is the default). The runs
+share U-Net calls (batched up to MAX_BATCH_ROWS rows), which on a CPU costs less than one run
+after another; each run's numbers are those it gets alone, up to float rounding.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ import torch.nn.functional as F
 MAX_SIGMA = 64.0
 # Averaged reconstructions above this are refused (each one costs a full sampler run).
 MAX_SAMPLES = 64
+# The N runs of an averaged reconstruction share U-Net calls, batched up to this many rows
+# (images x runs); a batch of B images runs max(1, MAX_BATCH_ROWS // B) at a time. On a 2-core
+# CPU at 128 px a call on 4 rows took 0.85 of four calls on one row (BENCHMARKS.md).
+MAX_BATCH_ROWS = 8
 
 
 @dataclass
@@ -158,37 +164,60 @@ def reconstruct(
     in [-1, 1]. With config.samples = N > 1, the mean of N runs seeded seed .. seed + N - 1.
 
     `eps_model(x, t)` predicts the noise for a batch x at integer steps t (a B-long tensor).
-    `progress(done, total)` is called after every model step (total: K times N).
+    `progress(done, total)` is called after every model step, counting the steps of every run
+    (total: K times N; runs batched into the same U-Net calls advance it together).
     `trace(step)` is called after every model step with a dict of the step's tensors, for
     inspection and teaching: "t", "next_t" (-1 at the end), "x_t" (the state the step started
     from; at the first step, the partial-diffusion start), "x0" (the clean-image estimate of
     the final noise estimate ê), "x0_blurred" (the blurred estimate the guidance compared
     with, or None when it is off), "x_next" (the state after the step) and "sample" (which of
-    the N runs, from 0).
+    the N runs, from 0; steps of runs batched together come run by run after each step).
     Raises ValueError for invalid settings.
     """
     config.validate()
     per_run = len(timesteps(config.t0, config.steps, alphas_cumprod.shape[0]))
     total = per_run * config.samples
-    runs = []
-    for k in range(config.samples):
+    b = y.shape[0]
+    chunk = max(1, MAX_BATCH_ROWS // b)  # runs per U-Net batch
+    runs, done = [], 0
+    for first in range(0, config.samples, chunk):
+        ks = list(range(first, min(first + chunk, config.samples)))
         step_cb = None
         if progress is not None:
-            step_cb = lambda i, _n, o=k * per_run: progress(o + i, total)  # noqa: E731
+            step_cb = lambda i, _n, o=done, m=len(ks): progress(o + i * m, total)  # noqa: E731
         step_trace = None
         if trace is not None:
-            step_trace = lambda step, k=k: trace({**step, "sample": k})  # noqa: E731
-        seed = (config.seed + k) if config.seed + k < 2**64 else config.seed + k - 2**64  # wraps like a uint64
-        runs.append(_reconstruct_one(eps_model, y, alphas_cumprod, config, seed, step_cb, step_trace))
+            step_trace = lambda step, ks=ks: _trace_runs(trace, step, ks, b)  # noqa: E731
+        seeds = [_seed(config.seed + k) for k in ks]
+        out = _reconstruct_runs(eps_model, y, alphas_cumprod, config, seeds, step_cb, step_trace)
+        runs.extend(out.split(b))
+        done += per_run * len(ks)
     return runs[0] if len(runs) == 1 else torch.stack(runs).mean(0)
 
 
-def _reconstruct_one(eps_model: NoiseModel, y: torch.Tensor, alphas_cumprod: torch.Tensor, config: SamplerConfig,
-                     seed: int, progress, trace) -> torch.Tensor:
-    """One run of the sampler (see `reconstruct`) with the start noise of `seed`."""
+def _seed(value: int) -> int:
+    return value if value < 2**64 else value - 2**64  # wraps like a uint64
+
+
+def _trace_runs(trace, step: dict, ks: list[int], b: int) -> None:
+    """Report a step of runs batched together as one step per run, tagged with its run."""
+    if len(ks) == 1:
+        trace({**step, "sample": ks[0]})
+        return
+    for j, k in enumerate(ks):
+        trace({**{key: (v[j * b:(j + 1) * b] if isinstance(v, torch.Tensor) else v) for key, v in step.items()},
+               "sample": k})
+
+
+def _reconstruct_runs(eps_model: NoiseModel, y: torch.Tensor, alphas_cumprod: torch.Tensor, config: SamplerConfig,
+                      seeds: list[int], progress, trace) -> torch.Tensor:
+    """Runs of the sampler (see `reconstruct`), one per seed, batched into the same U-Net calls:
+    y repeated once per seed (run-major), each run with the start noise of its seed."""
     T = alphas_cumprod.shape[0]
     abar = alphas_cumprod.to(device=y.device, dtype=torch.float64)
-    generators = [torch.Generator().manual_seed(seed) for _ in range(y.shape[0])]
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds for _ in range(y.shape[0])]
+    if len(seeds) > 1:
+        y = y.repeat(len(seeds), 1, 1, 1)
     noise = _per_image_noise(y.shape, generators, y.device, y.dtype)
 
     # 1. Partial diffusion: start from y noised to t0 (pure noise when t0 >= T).

@@ -121,7 +121,10 @@ def test_app_speed_counts_every_unet_call_and_accounts_for_all_the_time(detector
     assert "_eps" not in vars(detector) and "reconstruct" not in vars(detector)
     assert "forward" not in vars(detector.scorer.backbone)
     r = bench.app_speed(detector, images[:1], repeats=1, guidance_scale=0.0)
-    assert r["unet_calls_per_image"] == 2
+    assert r["unet_calls_per_image"] == r["unet_rows_per_image"] == 2
+    # averaged runs share calls: N = 3 denoises 3 rows per call
+    r = bench.app_speed(detector, images[:1], repeats=1, samples=3)
+    assert r["unet_calls_per_image"] == 4 and r["unet_rows_per_image"] == detector.sampler.replace(samples=3).model_calls()
 
 
 def test_sweep_has_a_row_per_size_and_batch(detector):

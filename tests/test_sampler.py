@@ -218,8 +218,20 @@ def test_samples_average_runs_from_consecutive_seeds():
     # progress counts every step of every run; the trace says which run a step belongs to
     seen, steps = [], []
     reconstruct(eps, y, ABAR, cfg, progress=lambda i, n: seen.append((i, n)), trace=steps.append)
+    assert seen == [(3, 9), (6, 9), (9, 9)]  # the three runs share each U-Net call (2 x 3 rows)
+    assert [s["sample"] for s in steps] == [0, 1, 2] * 3
+    for k in range(3):  # each run's steps, as that run traces them alone
+        alone = []
+        reconstruct(eps, y, ABAR, cfg.replace(samples=1, seed=5 + k), trace=alone.append)
+        for mine, ref in zip([s for s in steps if s["sample"] == k], alone, strict=True):
+            assert mine["t"] == ref["t"]
+            torch.testing.assert_close(mine["x_next"], ref["x_next"])
+    # a batch too large to share calls runs one run after another, with the same result
+    big = torch.rand(8, 3, 16, 16) * 1.6 - 0.8
+    seen = []
+    out = reconstruct(eps, big, ABAR, cfg, progress=lambda i, n: seen.append((i, n)))
     assert seen == [(i, 9) for i in range(1, 10)]
-    assert [s["sample"] for s in steps] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    torch.testing.assert_close(out[:2], reconstruct(eps, big[:2], ABAR, cfg))
     assert cfg.model_calls() == 3 * 2 * 3
 
 
