@@ -5,7 +5,8 @@
 cd "$(dirname "$0")/../../.." && . .venv/bin/activate
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 D=../shared/data/mvtec_leather_mini/leather
-mkdir -p runs/curve
-/usr/bin/time -v cgdiff train --data $D --out runs/curve/leather30 --image-size 256 --backbone efficientnet-lite0 \
-  --max-minutes 21 --max-steps 100000 --tune --tune-minutes 8 --no-progress > runs/curve/leather30.log 2>&1
-echo trained > runs/curve/leather30.trained
+OUT=${OUT:-runs/curve/leather30}  # OUT=... for another run of the same recipe
+mkdir -p "$(dirname "$OUT")"
+/usr/bin/time -v cgdiff train --data $D --out "$OUT" --image-size 256 --backbone efficientnet-lite0 \
+  --max-minutes 21 --max-steps 100000 --tune --tune-minutes 8 --no-progress > "$OUT.log" 2>&1
+echo trained > "$OUT.trained"
