@@ -20,7 +20,7 @@ pure noise, w = 0 removes the conditioning, s = 0 the blur guidance (and its mod
 With N = `samples` > 1 the reconstruction is the mean of N such runs, seeded seed .. seed + N - 1
 (a different start noise z each): a Monte Carlo estimate of the reconstruction's expectation,
 which leaves out the sampler's own variance (N = 1, the paper's method, is the default). The runs
-share U-Net calls (batched up to MAX_BATCH_ROWS rows), which on a CPU costs less than one run
+share U-Net calls (batched up to MAX_BATCH_PIXELS pixels a call), which on a CPU costs less than one run
 after another; each run's numbers are those it gets alone, up to float rounding.
 """
 
@@ -40,10 +40,11 @@ import torch.nn.functional as F
 MAX_SIGMA = 64.0
 # Averaged reconstructions above this are refused (each one costs a full sampler run).
 MAX_SAMPLES = 64
-# The N runs of an averaged reconstruction share U-Net calls, batched up to this many rows
-# (images x runs); a batch of B images runs max(1, MAX_BATCH_ROWS // B) at a time. On a 2-core
-# CPU at 128 px a call on 4 rows took 0.85 of four calls on one row (BENCHMARKS.md).
-MAX_BATCH_ROWS = 8
+# The N runs of an averaged reconstruction share U-Net calls, batched up to this many pixels
+# per call (rows x H x W, rows = images x runs: 8 rows at 128 px, 2 at 256 px); a batch of B
+# images of H x W runs max(1, MAX_BATCH_PIXELS // (B H W)) at a time, one run per call once
+# the images alone fill it. Measured in BENCHMARKS.md ("Speed": benchmarks/batched_runs.py).
+MAX_BATCH_PIXELS = 8 * 128 * 128
 
 
 @dataclass
@@ -178,7 +179,7 @@ def reconstruct(
     per_run = len(timesteps(config.t0, config.steps, alphas_cumprod.shape[0]))
     total = per_run * config.samples
     b = y.shape[0]
-    chunk = max(1, MAX_BATCH_ROWS // b)  # runs per U-Net batch
+    chunk = max(1, MAX_BATCH_PIXELS // max(1, y[0, 0].numel() * b))  # runs per U-Net call
     runs, done = [], 0
     for first in range(0, config.samples, chunk):
         ks = list(range(first, min(first + chunk, config.samples)))
@@ -200,12 +201,13 @@ def _seed(value: int) -> int:
 
 
 def _trace_runs(trace, step: dict, ks: list[int], b: int) -> None:
-    """Report a step of runs batched together as one step per run, tagged with its run."""
+    """Report a step of runs batched together as one step per run, tagged with its run (each
+    run's tensors copied out, so keeping one run's steps does not keep the others')."""
     if len(ks) == 1:
         trace({**step, "sample": ks[0]})
         return
     for j, k in enumerate(ks):
-        trace({**{key: (v[j * b:(j + 1) * b] if isinstance(v, torch.Tensor) else v) for key, v in step.items()},
+        trace({**{key: (v[j * b:(j + 1) * b].clone() if isinstance(v, torch.Tensor) else v) for key, v in step.items()},
                "sample": k})
 
 

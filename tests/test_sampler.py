@@ -208,7 +208,7 @@ def test_trace_shows_each_step_without_changing_the_result():
     assert all(s["x0_blurred"] is None for s in no_guidance)
 
 
-def test_samples_average_runs_from_consecutive_seeds():
+def test_samples_average_runs_from_consecutive_seeds(monkeypatch):
     y = torch.rand(2, 3, 16, 16) * 1.6 - 0.8
     eps = smooth_eps_model()
     cfg = SamplerConfig(t0=250, steps=3, w=1.0, guidance_scale=0.5, seed=5, samples=3)
@@ -226,12 +226,15 @@ def test_samples_average_runs_from_consecutive_seeds():
         for mine, ref in zip([s for s in steps if s["sample"] == k], alone, strict=True):
             assert mine["t"] == ref["t"]
             torch.testing.assert_close(mine["x_next"], ref["x_next"])
-    # a batch too large to share calls runs one run after another, with the same result
-    big = torch.rand(8, 3, 16, 16) * 1.6 - 0.8
+    batched = reconstruct(eps, y, ABAR, cfg)
+    # images that fill a call alone run one run after another, with the same result
+    import cgdiff.sampler
+
+    monkeypatch.setattr(cgdiff.sampler, "MAX_BATCH_PIXELS", 2 * 16 * 16)
     seen = []
-    out = reconstruct(eps, big, ABAR, cfg, progress=lambda i, n: seen.append((i, n)))
+    out = reconstruct(eps, y, ABAR, cfg, progress=lambda i, n: seen.append((i, n)))
     assert seen == [(i, 9) for i in range(1, 10)]
-    torch.testing.assert_close(out[:2], reconstruct(eps, big[:2], ABAR, cfg))
+    torch.testing.assert_close(out, batched)
     assert cfg.model_calls() == 3 * 2 * 3
 
 
