@@ -13,9 +13,9 @@ Every option can also be set in the environment (the command line wins):
     CGDIFF_APP_MAX_BATCH     (16)                images per batch request
     CGDIFF_APP_MAX_MODELS    (4)                 detectors kept in memory (least recently used go)
     CGDIFF_APP_CACHE_MINUTES (60)                uploads and result pictures are deleted after this
-    CGDIFF_APP_RUNTIME       (auto)              how the U-Net runs: auto (the measured CPU default,
+    CGDIFF_APP_RUNTIME       (auto)              how the U-Net runs: auto (the CPU default,
                                                  channels-last PyTorch), reference (fp32 eager),
-                                                 channels_last, onnxruntime, openvino, openvino-bf16
+                                                 channels_last, bf16, onnxruntime, openvino, openvino-bf16
     CGDIFF_CHECKPOINTS                           folder with registry.json (default: checkpoints/)
 
 `import app` builds the interface as `app.demo` without serving it; `app.launch()` serves it
@@ -624,7 +624,7 @@ def teaching_cost(model: str, t0, steps, w, guidance_scale, blur_sigma, eta, pix
         cost = teaching.ablation_cost(detector, **overrides)
     except LOAD_ERRORS as e:
         return f"Cannot estimate the cost: {esc(str(e))}"
-    line = (f"**Cost:** {cost['reconstructions']} reconstructions of the image, {cost['model_calls']} denoiser calls "
+    line = (f"**Cost:** {cost['reconstructions']} reconstructions of the image, {cost['model_calls']} denoiser evaluations "
             f"(one inspection at these settings makes {cost['full_model_calls']})")
     per_call = SECONDS_PER_CALL.get((model or "").strip())
     if per_call:
@@ -676,7 +676,7 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
                  "estimate; set s above 0 in the method settings to see it."))
     out: list[Any] = [status, noisy, estimates, gr.update(value=blurred, visible=bool(blurred))]
     for v in variants:
-        out += [f"**{esc(v.title)}** ({v.model_calls} denoiser calls): {esc(v.line)}",
+        out += [f"**{esc(v.title)}** ({v.model_calls} denoiser evaluations): {esc(v.line)}",
                 v.detection.reconstruction, heatmap(v.detection.anomaly_map, v.detection.threshold)]
     return out
 
@@ -1039,8 +1039,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--max-upload", default=env.max_upload, help="largest upload, e.g. 20mb (default: %(default)s)")
     parser.add_argument("--max-batch", type=int, default=env.max_batch, help="images per batch request (default: %(default)s)")
     parser.add_argument("--runtime", default=env.runtime, choices=RUNTIME_CHOICES,
-                        help="how the U-Net runs: auto (the measured CPU default, channels-last PyTorch), "
-                        "reference (fp32 eager PyTorch), channels_last, or a CPU runtime (pip install 'cgdiff[fast]'); "
+                        help="how the U-Net runs: auto (the CPU default, channels-last PyTorch), "
+                        "reference (fp32 eager PyTorch), channels_last, bf16 (bf16 autocast, channels-last), or a CPU runtime (pip install 'cgdiff[fast]'); "
                         "also CGDIFF_APP_RUNTIME (default: %(default)s)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     args = parser.parse_args(argv)

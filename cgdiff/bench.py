@@ -716,6 +716,7 @@ def cpu_variants() -> list[tuple[str, dict[str, Any]]]:
         ("fp32 eager (reference)", {}),
         ("channels_last", {"channels_last": True}),
         ("bf16 autocast", {"autocast_dtype": torch.bfloat16}),
+        ("bf16 + channels_last", {"autocast_dtype": torch.bfloat16, "channels_last": True}),  # --runtime bf16
         ("torch.compile", {"compile": True}),
     ]
     return rows + [(name, {"runtime": name}) for name in RUNTIMES if available(name)]
@@ -1057,8 +1058,8 @@ def run_speed(
         after = [unet_call_time(loaded[0][1], size) for size in (128, 256)]
         result["allocator"] = {"applied": applied, "rows": [{"allocator": "glibc defaults", **r} for r in before]
                                + [{"allocator": "keep_freed_memory", **r} for r in after]}
-    elif not cuda:
-        keep_freed_memory()  # the app's allocator setting (app.launch, the CLI): its latency is timed under it
+    elif not cuda:  # the app's allocator setting (app.launch, the CLI): its latency is timed under it
+        result["allocator"] = {"applied": keep_freed_memory(), "rows": []}
     from .runtime import describe_path, path_options
 
     for checkpoint, detector, images, source in loaded:
@@ -1155,7 +1156,7 @@ def render_quality(result: dict[str, Any]) -> str:
 
 APP_COLUMNS = [
     ("checkpoint", "checkpoint", "s"), ("path", "path", "s"), ("image_size", "px", "d"),
-    ("unet_calls_per_image", "U-Net calls", ".0f"), ("unet_rows_per_image", "U-Net rows", ".0f"),
+    ("unet_calls_per_image", "U-Net calls", ".0f"), ("unet_rows_per_image", "U-Net evaluations", ".0f"),
     ("seconds_per_image", "s / image", ".3f"), ("cpu_seconds_per_image", "CPU s / image", ".3f"),
     ("unet_seconds", "U-Net s", ".3f"), ("backbone_seconds", "backbone s", ".3f"), ("other_seconds", "other s", ".3f"),
     ("outside_models_share", "outside models", ".1%"), ("sampler_overhead_share", "sampler overhead", ".1%"),
@@ -1214,7 +1215,7 @@ def render_speed(result: dict[str, Any]) -> str:
     if result["app"]:
         kind = result["app"][0]["memory_kind"]
         parts.append("### Latency at the app's settings (one image per call)\n\n" + markdown_table(_yes(result["app"]), APP_COLUMNS)
-                     + f"\n\nPeak memory: {kind}. 'U-Net rows': images the U-Net denoised per inspected image "
+                     + f"\n\nPeak memory: {kind}. 'U-Net evaluations': images the U-Net denoised per inspected image "
                      "(K, 2K with blur guidance, times N; the N runs of an averaged reconstruction share calls). "
                      "'outside models': time not spent in the U-Net or the feature "
                      "backbone; 'sampler overhead': share of the reconstruction not spent in the U-Net.")
@@ -1225,9 +1226,12 @@ def render_speed(result: dict[str, Any]) -> str:
         s = p["sampler"]
         parts.append(f"Paper scale: DDAD's U-Net ({p['unet_parameters'] / 1e6:.1f} M parameters) at {p['image_size']} px, "
                      f"t0={s['t0']}, K={s['steps']}, w={s['w']}, s={s['guidance_scale']} (blur guidance: 2 U-Net calls per step).")
-    if result.get("allocator"):
+    if result.get("allocator") and result["allocator"]["rows"]:
         parts.append("### Allocator: fp32 eager U-Net calls before and after `keep_freed_memory` (batch 1)\n\n"
                      + markdown_table(result["allocator"]["rows"], ALLOCATOR_COLUMNS))
+    elif result.get("allocator"):
+        parts.append("Allocator: `keep_freed_memory` " + ("applied" if result["allocator"]["applied"] else "refused by the C library")
+                     + " before the timings, as the app and the CLI apply it (not compared: --no-fast-path).")
     cpu = result.get("cpu_fast_path")
     if cpu:
         parts.append("### CPU fast path: U-Net time per call (batch 1)\n\n" + markdown_table(_ratios(cpu["unet"], "ms_per_call", "image_size", "ratio", invert=False), CPU_UNET_COLUMNS))

@@ -140,8 +140,9 @@ def _add_common(p, device: bool = True, runtime: bool = False) -> None:
         from .runtime import CHOICES
 
         p.add_argument("--runtime", default="auto", choices=CHOICES,
-                       help="how the U-Net runs: 'auto' the measured CPU default (channels-last PyTorch; "
-                       "on a GPU the reference), 'reference' plain fp32 eager PyTorch, 'channels_last', or a CPU "
+                       help="how the U-Net runs: 'auto' the CPU default (channels-last PyTorch; "
+                       "on a GPU the reference), 'reference' plain fp32 eager PyTorch, 'channels_last', 'bf16' (bf16 "
+                       "autocast with channels_last, for CPUs with AVX512-BF16 or AMX), or a CPU "
                        "runtime (onnxruntime, openvino, openvino-bf16: pip install 'cgdiff[fast]'; exported once "
                        "per checkpoint into ~/.cache/cgdiff); see BENCHMARKS.md (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -326,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose only among settings whose validation removal (0..1: how much of each synthetic "
                    "defect the reconstruction takes out) reaches X, while any does; 0: by AUPRO alone")
     p.add_argument("--max-model-calls", type=_number(int, 1), default=None, metavar="N",
-                   help="leave out settings that cost more than N denoiser calls per image (K, 2K with blur "
-                   "guidance, times the reconstructions averaged), e.g. to keep the app's latency (default: no cap)")
+                   help="leave out settings that cost more than N denoiser evaluations per image (K, 2K with "
+                   "blur guidance, times the reconstructions averaged, whose runs share U-Net calls), e.g. to keep the app's latency (default: no cap)")
     p.add_argument("--max-evaluations", type=_number(int, 0), default=None, metavar="N",
                    help="try at most N sampler settings besides the stored one (default: as the budget allows)")
     p.add_argument("--map-sigmas", type=_number(float, 0), nargs="+", default=(), metavar="X",

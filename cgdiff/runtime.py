@@ -42,14 +42,16 @@ import torch
 # Runtime names accepted by `RuntimeUNet` and `Detector.use_fast_path(runtime=...)`.
 RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")
 # What the CLI's and the app's --runtime accept (see `path_options`).
-CHOICES = ("auto", "reference", "channels_last") + RUNTIMES
-# The CPU default of `detect`, `evaluate` and the app: by the rule of `cgdiff bench --speed`
-# (`cgdiff.bench.choose_cpu_default`), the fastest variant whose verdicts equal the reference's on
-# every bundled example and test tile and whose scores stay within 1 % of the threshold. Measured
-# in BENCHMARKS.md: channels-last PyTorch (fp32, no export, no extra package). ONNX Runtime and
-# torch.compile were within run-to-run variation of it (10-20 %) and cost an export or a
-# compilation per model; the bf16 variants were faster but moved scores by more than 1 % of the
-# threshold.
+CHOICES = ("auto", "reference", "channels_last", "bf16") + RUNTIMES
+# The CPU default of `detect`, `evaluate` and the app: channels-last PyTorch (fp32, no export, no
+# extra package). `cgdiff bench --speed` (`cgdiff.bench.choose_cpu_default`) picks the fastest
+# variant whose verdicts equal the reference's on every bundled example and test tile and whose
+# scores stay within 1 % of the threshold. With the bundled detectors averaging N = 4 runs it
+# picked OpenVINO bf16 (1.4-1.9x end to end, BENCHMARKS.md), which is not the default because it
+# needs the optional packages of `cgdiff[fast]` and an ONNX export per checkpoint on first use
+# (about 20 s each), which the rule does not weigh; PyTorch bf16 ("bf16") moved brick's scores
+# by 2 % of its threshold. Before, every bf16 variant moved them by more than 1 %, and ONNX
+# Runtime and torch.compile were within run-to-run variation of channels-last (10-20 %).
 CPU_DEFAULT = "channels_last"
 EXPORT_VERSION = 1  # bump when the export itself changes: older cache entries are then ignored
 _MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}
@@ -57,8 +59,9 @@ _MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16
 
 def path_options(choice: str, device: torch.device | str = "cpu") -> dict:
     """`Detector.use_fast_path` keyword arguments for a --runtime choice: "reference" (plain fp32
-    eager PyTorch), "auto" (CPU_DEFAULT on a CPU; the reference elsewhere), "channels_last", or a
-    runtime of RUNTIMES. Raises ValueError for anything else."""
+    eager PyTorch), "auto" (CPU_DEFAULT on a CPU; the reference elsewhere), "channels_last",
+    "bf16" (bf16 autocast with channels_last, PyTorch; for CPUs with AVX512-BF16 or AMX, where
+    others emulate bf16 slowly), or a runtime of RUNTIMES. Raises ValueError for anything else."""
     if choice not in CHOICES:
         raise ValueError(f"unknown runtime {choice!r}; choose from {', '.join(CHOICES)}.")
     if choice == "auto":
@@ -67,6 +70,8 @@ def path_options(choice: str, device: torch.device | str = "cpu") -> dict:
         return {}
     if choice == "channels_last":
         return {"channels_last": True}
+    if choice == "bf16":
+        return {"autocast_dtype": torch.bfloat16, "channels_last": True}
     return {"runtime": choice}
 
 

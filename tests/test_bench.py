@@ -205,7 +205,8 @@ def test_bench_command_prints_tables_and_writes_results(data_root, checkpoint, t
     results = json.loads((out / "bench.json").read_text())
     assert [r["key"] for r in results["quality"]["rows"]] == ["full", "w0", "patchcore"]
     assert len(results["speed"]["app"]) == 1 and len(next(iter(results["speed"]["sweeps"].values()))) == 2
-    assert calls == [1]
+    assert calls == [1] and "Allocator: `keep_freed_memory` applied before the timings" in stdout
+    assert results["speed"]["allocator"] == {"applied": True, "rows": []}
     assert results["machine"]["torch_threads"] >= 1 and results["command"].startswith("cgdiff bench")
     assert (out / "quality.png").stat().st_size > 0 and (out / "speed.png").stat().st_size > 0
     assert (out / "bench.md").read_text().strip() == stdout.strip()

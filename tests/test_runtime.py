@@ -92,6 +92,7 @@ def test_the_runtime_choices_map_to_fast_path_options(tiny_detector):
     assert runtime.path_options("auto", "cuda") == {}  # the GPU keeps the reference until measured there
     assert runtime.path_options("channels_last") == {"channels_last": True}
     assert runtime.path_options("openvino") == {"runtime": "openvino"}
+    assert runtime.path_options("bf16") == {"autocast_dtype": torch.bfloat16, "channels_last": True}
     with pytest.raises(ValueError, match="unknown runtime 'fast'"):
         runtime.path_options("fast")
     tiny_detector.use_fast_path(**runtime.path_options("auto"))
