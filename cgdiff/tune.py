@@ -748,9 +748,11 @@ def tune(
     min_removal: choose only among settings whose validation removal reaches it (in [0, 1];
         0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when no
         setting reaches it, the choice is by AUPRO alone and the record says so.
-    max_model_calls: leave out settings that cost more denoiser calls per image (K, 2K with
-        blur guidance, times N), e.g. to keep an app's latency; the stored settings are still
-        measured as the reference, and chosen only when no cheaper setting completed.
+    max_model_calls: leave out settings that cost more denoiser evaluations per image (K, 2K
+        with blur guidance, times N), e.g. to keep an app's latency; the stored settings are
+        still measured as the reference, and chosen only when no cheaper setting completed;
+        when they are over the cap, the search starts from them brought under it (fewer
+        averaged runs first, then fewer steps).
     clock: the time source for the budget (tests pass a fake one)."""
     log = log or (lambda message: None)
     if budget_s is None or not budget_s > 0:
@@ -796,6 +798,9 @@ def tune(
         search.t_start = t_begin
         log(f"stored settings: {_describe(start_sampler)}")
         search.evaluate(start_sampler, "start", reference=True)
+        if max_model_calls is not None and start_sampler.model_calls() > max_model_calls:
+            # The search moves one setting at a time from the best row under the cap: give it one.
+            search.evaluate(_under_cap(start_sampler, max_model_calls), "start, under the cap")
         stopped = _run_search(search, grids, max_evaluations, refine_rounds, log)
     rows = search.rows
     start_index = next(i for i, r in enumerate(rows)
@@ -813,6 +818,16 @@ def tune(
     if apply:
         apply_result(detector, result, threshold=threshold, batch_size=batch_size, log=log)
     return result
+
+
+def _under_cap(sampler: SamplerConfig, max_model_calls: int) -> SamplerConfig:
+    """`sampler` brought under `max_model_calls` denoiser evaluations per image: fewer averaged
+    runs first, then fewer steps."""
+    per_run = sampler.model_calls() // sampler.samples
+    if per_run <= max_model_calls:
+        return sampler.replace(samples=min(sampler.samples, max_model_calls // per_run))
+    per_step = 2 if sampler.guidance_scale > 0 else 1
+    return sampler.replace(samples=1, steps=max(1, max_model_calls // per_step))
 
 
 def _run_search(search: _Search, grids, max_evaluations, refine_rounds, log) -> str:

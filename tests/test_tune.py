@@ -170,6 +170,23 @@ def test_a_cap_on_model_calls_leaves_the_dearer_settings_out(tiny_detector, grav
     assert result.chosen_row["model_calls"] <= 2 * per_run
     assert result.record["search"]["max_model_calls"] == 2 * per_run and result.record["search"]["over_the_cap"] >= 1
     assert "left out" in result.record["summary"]
+    # A stored setting over the cap: the search also starts from it brought under the cap.
+    stored = tiny_detector.sampler
+    tiny_detector.sampler = stored.replace(samples=4)
+    try:
+        result = tune(tiny_detector, gravel, budget_s=600, seed=5, refine_rounds=1, max_model_calls=2 * per_run,
+                      apply=False, **SMALL)
+    finally:
+        tiny_detector.sampler = stored
+    from cgdiff.sampler import SamplerConfig
+    from cgdiff.tune import _under_cap
+
+    assert _under_cap(SamplerConfig(steps=10, guidance_scale=0.25, samples=4), 40).samples == 2
+    assert _under_cap(SamplerConfig(steps=10, guidance_scale=0.5, samples=4), 8).model_calls() == 8  # K = 4, N = 1
+    under = [r for r in result.table if r["stage"] == "start, under the cap"]
+    assert under and all(r["samples"] == 2 for r in under)
+    assert {r["samples"] for r in result.table if r["stage"] != "start"} == {2}  # w swept around it, not around N = 4
+    assert result.chosen_row["model_calls"] <= 2 * per_run
     rows = [{"aupro": 0.95, "model_calls": 40, "complete": True}, {"aupro": 0.90, "model_calls": 10, "complete": True}]
     assert select(rows) == 0 and select(rows, max_model_calls=20) == 1 and select(rows, max_model_calls=5) == 0
     with pytest.raises(ValueError, match="max_model_calls"):
