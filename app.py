@@ -382,7 +382,8 @@ def verdict_html(kind: str, detail: str = "", model: str = "") -> str:
     )
 
 
-def describe_result(result: Detection, threshold_scale: float, seconds_total: float, steps: int) -> str:
+def describe_result(result: Detection, threshold_scale: float, seconds_total: float, steps: int,
+                    evaluations: int) -> str:
     relation = ">" if result.is_anomalous else "&le;"
     fraction = float(result.mask.mean())
     parts = [
@@ -393,7 +394,7 @@ def describe_result(result: Detection, threshold_scale: float, seconds_total: fl
     ]
     if result.is_anomalous:
         parts.append(f"Predicted defect area: {100 * fraction:.1f}% of the image.")
-    parts.append(f"Time: {result.seconds:.2f} s for {steps} denoising steps and scoring "
+    parts.append(f"Time: {result.seconds:.2f} s for {steps} denoising steps ({evaluations} U-Net evaluations) and scoring "
                  f"({seconds_total:.2f} s in all).")
     return "<br>".join(parts)
 
@@ -571,7 +572,7 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     seconds_total = time.perf_counter() - started
     SECONDS_PER_CALL[model] = result.seconds / max(1, sampler.model_calls())
     note = calibration_note(model_defaults(model, detector), overrides)
-    detail = describe_result(result, scale, seconds_total, sampler.steps * sampler.samples)
+    detail = describe_result(result, scale, seconds_total, sampler.steps * sampler.samples, sampler.model_calls())
     details = result_details(model, result, overrides, scale, seconds_total, note)
     familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
     details["unfamiliar"] = familiar.unfamiliar
@@ -622,13 +623,16 @@ def teaching_cost(model: str, t0, steps, w, guidance_scale, blur_sigma, eta, pix
         detector = MODELS.get(model)
         overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
         cost = teaching.ablation_cost(detector, **overrides)
+        sampler, _ = detector.settings(**overrides)
     except LOAD_ERRORS as e:
         return f"Cannot estimate the cost: {esc(str(e))}"
-    line = (f"**Cost:** {cost['reconstructions']} reconstructions of the image, {cost['model_calls']} denoiser evaluations "
-            f"(one inspection at these settings makes {cost['full_model_calls']})")
+    each = f" (each the mean of N = {sampler.samples} runs)" if sampler.samples > 1 else ""
+    line = (f"**Cost:** {cost['reconstructions']} reconstructions of the image{each}, {cost['model_calls']} denoiser "
+            f"evaluations (one inspection at these settings makes {cost['full_model_calls']}: K steps, two "
+            "evaluations a step with blur guidance, times N)")
     per_call = SECONDS_PER_CALL.get((model or "").strip())
     if per_call:
-        line += f", about {max(1, round(cost['model_calls'] * per_call * 1.3))} s here (from the last inspection's speed)."
+        line += f", about {max(1, round(cost['model_calls'] * per_call * 1.3))} s here (from this server's last inspection with this model)."
     else:
         line += f", about {cost['model_calls'] / max(1, cost['full_model_calls']):.0f} times one inspection."
     return line
@@ -676,7 +680,7 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
                  "estimate; set s above 0 in the method settings to see it."))
     out: list[Any] = [status, noisy, estimates, gr.update(value=blurred, visible=bool(blurred))]
     for v in variants:
-        out += [f"**{esc(v.title)}** ({v.model_calls} denoiser evaluations): {esc(v.line)}",
+        out += [f"**{esc(v.title)}**, {v.model_calls} denoiser evaluations: {esc(v.line)}",
                 v.detection.reconstruction, heatmap(v.detection.anomaly_map, v.detection.threshold)]
     return out
 
