@@ -667,7 +667,9 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
                 *teaching_placeholders(guidance_scale)]
     last = len(traj.steps) - 1
     noisy = [(s.x_t, f"x_t at t = {s.t}" + (" (start)" if i == 0 else "")) for i, s in enumerate(traj.steps)]
-    noisy.append((traj.detection.reconstruction, "result (t = 0)"))
+    runs = traj.sampler.samples
+    noisy.append((traj.detection.reconstruction,
+                  "result, after the last step" + (f" (the mean of {runs} runs)" if runs > 1 else "")))
     estimates = [(s.x0, f"estimate at t = {s.t}") for s in traj.steps]
     blurred = [(s.x0_blurred, f"blurred, t = {s.t}") for s in traj.steps if s.x0_blurred is not None]
     start = ("pure noise (t0 >= 1000)" if traj.sampler.t0 >= 1000 else f"the input noised to t0 = {traj.sampler.t0}")

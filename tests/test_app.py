@@ -465,6 +465,8 @@ def test_teaching_endpoint_shows_the_trajectory_and_the_ablations(client, app_mo
     status, noisy, estimates, blurred, variants = out[0], out[1], out[2], _value(out[3]), out[4:]
     assert "2 steps" in status and entry.name in status
     assert len(noisy) == 3 and len(estimates) == 2 and len(blurred) == 2  # start + steps + result
+    caption = noisy[-1]["caption"] if isinstance(noisy[-1], dict) else noisy[-1][1]
+    assert caption.startswith("result, after the last step")  # not "t = 0": the last step starts there
     lines = variants[0::3]
     assert [ln.split("**")[1] for ln in lines] == ["Full method", "Pure-noise start (t0 = 1000)",
                                                      "No conditioning (w = 0)", "No blur guidance (s = 0)"]
