@@ -394,8 +394,8 @@ def describe_result(result: Detection, threshold_scale: float, seconds_total: fl
     ]
     if result.is_anomalous:
         parts.append(f"Predicted defect area: {100 * fraction:.1f}% of the image.")
-    parts.append(f"Time: {result.seconds:.2f} s for {steps} denoising steps ({evaluations} U-Net evaluations) and scoring "
-                 f"({seconds_total:.2f} s in all).")
+    parts.append(f"Time: {result.seconds:.2f} s for {steps} denoising steps ({evaluations} U-Net evaluations) "
+                 f"and scoring ({seconds_total:.2f} s in all).")
     return "<br>".join(parts)
 
 
@@ -523,7 +523,7 @@ def note_for(defaults: dict, t0, steps, w, guidance_scale, blur_sigma, eta, pixe
     return calibration_note(defaults or {}, overrides)
 
 
-SECONDS_PER_CALL: dict[str, float] = {}  # model -> measured seconds per denoiser call (for cost estimates)
+SECONDS_PER_EVALUATION: dict[str, float] = {}  # model -> measured seconds per denoiser evaluation (for cost estimates)
 NO_TRUTH = [gr.update(visible=False), None, None, None, ""]
 
 
@@ -570,7 +570,7 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
         return [verdict_html("error", esc(message), model), *blank, {"verdict": "error", "error": message, "model": model},
                 "", *NO_TRUTH]
     seconds_total = time.perf_counter() - started
-    SECONDS_PER_CALL[model] = result.seconds / max(1, sampler.model_calls())
+    SECONDS_PER_EVALUATION[model] = result.seconds / max(1, sampler.model_calls())
     note = calibration_note(model_defaults(model, detector), overrides)
     detail = describe_result(result, scale, seconds_total, sampler.steps * sampler.samples, sampler.model_calls())
     details = result_details(model, result, overrides, scale, seconds_total, note)
@@ -630,9 +630,10 @@ def teaching_cost(model: str, t0, steps, w, guidance_scale, blur_sigma, eta, pix
     line = (f"**Cost:** {cost['reconstructions']} reconstructions of the image{each}, {cost['model_calls']} denoiser "
             f"evaluations (one inspection at these settings makes {cost['full_model_calls']}: K steps, two "
             "evaluations a step with blur guidance, times N)")
-    per_call = SECONDS_PER_CALL.get((model or "").strip())
-    if per_call:
-        line += f", about {max(1, round(cost['model_calls'] * per_call * 1.3))} s here (from this server's last inspection with this model)."
+    per_evaluation = SECONDS_PER_EVALUATION.get((model or "").strip())
+    if per_evaluation:
+        line += (f", about {max(1, round(cost['model_calls'] * per_evaluation * 1.3))} s here "
+                 "(from this server's last inspection with this model).")
     else:
         line += f", about {cost['model_calls'] / max(1, cost['full_model_calls']):.0f} times one inspection."
     return line

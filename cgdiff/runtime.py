@@ -50,8 +50,9 @@ CHOICES = ("auto", "reference", "channels_last", "bf16") + RUNTIMES
 # picked OpenVINO bf16 (1.4-1.9x end to end, BENCHMARKS.md), which is not the default because it
 # needs the optional packages of `cgdiff[fast]` and an ONNX export per checkpoint on first use
 # (about 20 s each), which the rule does not weigh; PyTorch bf16 ("bf16") moved brick's scores
-# by 2 % of its threshold. Before, every bf16 variant moved them by more than 1 %, and ONNX
-# Runtime and torch.compile were within run-to-run variation of channels-last (10-20 %).
+# by 2 % of its threshold. Before (grass and gravel at 20 calls, no averaging), every bf16
+# variant moved some detector's scores by more than 1 %, and ONNX Runtime and torch.compile were
+# within run-to-run variation of channels-last (10-20 %).
 CPU_DEFAULT = "channels_last"
 EXPORT_VERSION = 1  # bump when the export itself changes: older cache entries are then ignored
 _MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}

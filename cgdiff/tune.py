@@ -429,7 +429,7 @@ def select(rows: Sequence[dict[str, Any]], tie_tolerance: float = 0.005, min_rem
     """Index of the chosen row: the highest AUPRO; among rows within `tie_tolerance` of it,
     the fewest model calls, then the higher AUPRO, then the earliest. Incomplete rows (raced
     out on half the images) are never chosen. With `max_model_calls` only rows that cost at
-    most that many denoiser calls per image are candidates, while there are any. With
+    most that many denoiser evaluations per image are candidates, while there are any. With
     `min_removal` > 0 only rows whose validation removal (`cgdiff.metrics.removal`, in
     [0, 1]) reaches it are candidates, while there are any; otherwise every complete row is."""
     complete = [i for i, r in enumerate(rows) if r.get("complete") and r.get("aupro") is not None]
