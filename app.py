@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 from cgdiff import __version__, teaching
-from cgdiff.detector import Detection, Detector
+from cgdiff.detector import Detection, Detector, _num_steps
 from cgdiff.hub import CheckpointError
 from cgdiff.images import ImageError, load_image
 from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoints, registry_problems
@@ -572,7 +572,7 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     seconds_total = time.perf_counter() - started
     SECONDS_PER_EVALUATION[model] = result.seconds / max(1, sampler.model_calls())
     note = calibration_note(model_defaults(model, detector), overrides)
-    detail = describe_result(result, scale, seconds_total, sampler.steps * sampler.samples, sampler.model_calls())
+    detail = describe_result(result, scale, seconds_total, _num_steps(sampler), sampler.model_calls())
     details = result_details(model, result, overrides, scale, seconds_total, note)
     familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
     details["unfamiliar"] = familiar.unfamiliar
@@ -627,9 +627,12 @@ def teaching_cost(model: str, t0, steps, w, guidance_scale, blur_sigma, eta, pix
     except LOAD_ERRORS as e:
         return f"Cannot estimate the cost: {esc(str(e))}"
     each = f" (each the mean of N = {sampler.samples} runs)" if sampler.samples > 1 else ""
+    if sampler.repaint_t0 > 0:
+        each += f", each with a second pass of K2 = {sampler.repaint_model_calls()} steps"
     line = (f"**Cost:** {cost['reconstructions']} reconstructions of the image{each}, {cost['model_calls']} denoiser "
             f"evaluations (one inspection at these settings makes {cost['full_model_calls']}: K steps, two "
-            "evaluations a step with blur guidance, times N)")
+            "evaluations a step with blur guidance, times N" + (", plus K2 of the second pass" if sampler.repaint_t0 > 0 else "")
+            + ")")
     per_evaluation = SECONDS_PER_EVALUATION.get((model or "").strip())
     if per_evaluation:
         line += (f", about {max(1, round(cost['model_calls'] * per_evaluation * 1.3))} s here "
@@ -656,7 +659,7 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
             progress((min(total, offset + i), total), desc="Reconstructing", unit="model calls")
 
         sampler, _ = detector.settings(**overrides)
-        per_step = sampler.model_calls() / max(1, sampler.steps * sampler.samples)
+        per_step = sampler.model_calls() / max(1, _num_steps(sampler))
         traj = teaching.trajectory(detector, picture, threshold=threshold,
                                    progress=lambda i, n: report(round(i * per_step), n), **overrides)
         variants = teaching.ablations(detector, picture, threshold=threshold, full=traj.detection,
@@ -668,9 +671,10 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
                 *teaching_placeholders(guidance_scale)]
     last = len(traj.steps) - 1
     noisy = [(s.x_t, f"x_t at t = {s.t}" + (" (start)" if i == 0 else "")) for i, s in enumerate(traj.steps)]
-    runs = traj.sampler.samples
+    runs, t2 = traj.sampler.samples, traj.sampler.repaint_t0
     noisy.append((traj.detection.reconstruction,
-                  "result, after the last step" + (f" (the mean of {runs} runs)" if runs > 1 else "")))
+                  ("result, after the second pass" if t2 > 0 else "result, after the last step")
+                  + (f" (the mean of {runs} runs" + (", then re-painted)" if t2 > 0 else ")") if runs > 1 else "")))
     estimates = [(s.x0, f"estimate at t = {s.t}") for s in traj.steps]
     blurred = [(s.x0_blurred, f"blurred, t = {s.t}") for s in traj.steps if s.x0_blurred is not None]
     start = ("pure noise (t0 >= 1000)" if traj.sampler.t0 >= 1000 else f"the input noised to t0 = {traj.sampler.t0}")
@@ -679,6 +683,9 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
               f"(t = {traj.steps[last].t}) is the reconstruction."
               + (f" These are the first of {traj.sampler.samples} runs from different start noise; the "
                  f"reconstruction scored is their mean." if traj.sampler.samples > 1 else "")
+              + (f" Then a second pass: the pixels whose map came near the threshold were painted over by the "
+                 f"denoiser from t2 = {t2} in {traj.sampler.repaint_model_calls()} steps (no conditioning), the "
+                 "rest kept as it was; the result shows it and is what is scored." if t2 > 0 else "")
               + ("" if blurred else " Blur guidance is off at these settings (s = 0), so there is no blurred "
                  "estimate; set s above 0 in the method settings to see it."))
     out: list[Any] = [status, noisy, estimates, gr.update(value=blurred, visible=bool(blurred))]

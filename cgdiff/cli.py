@@ -43,6 +43,9 @@ SAMPLER_FLAGS = [
     ("--blur-sigma", "blur_sigma", float, "Gaussian blur sigma of the blur guidance"),
     ("--eta", "eta", float, "DDIM stochasticity in [0, 1] (0: deterministic)"),
     ("--samples", "samples", int, "N, reconstructions averaged (seeds seed .. seed + N - 1; N times the cost)"),
+    ("--repaint-t0", "repaint_t0", int, "t2 of a second pass that paints the suspect pixels over from t2 "
+     "(RePaint-style; 0: none, the paper's method)"),
+    ("--repaint-steps", "repaint_steps", int, "K2, the second pass's DDIM steps"),
 ]
 SEED_FLAG = ("--seed", "seed", int, "seed of the sampler's noise")
 SCORER_FLAGS = [
@@ -325,10 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AUPRO within X of the best counts as a tie, won by fewer model calls")
     p.add_argument("--min-removal", type=_number(float, 0), default=0.0, metavar="X",
                    help="choose only among settings whose validation removal (0..1: how much of each synthetic "
-                   "defect the reconstruction takes out) reaches X, while any does; 0: by AUPRO alone")
+                   "defect the reconstruction takes out) reaches X, while any does; when the best by AUPRO does "
+                   "not, it is also tried with the second pass (--repaint-t0 400, 600); 0: by AUPRO alone")
     p.add_argument("--max-model-calls", type=_number(int, 1), default=None, metavar="N",
                    help="leave out settings that cost more than N denoiser evaluations per image (K, 2K with "
-                   "blur guidance, times the reconstructions averaged, whose runs share U-Net calls), e.g. to keep the app's latency (default: no cap)")
+                   "blur guidance, times the reconstructions averaged, whose runs share U-Net calls, plus K2 of a "
+                   "second pass), e.g. to keep the app's latency (default: no cap)")
     p.add_argument("--max-evaluations", type=_number(int, 0), default=None, metavar="N",
                    help="try at most N sampler settings besides the stored one (default: as the budget allows)")
     p.add_argument("--map-sigmas", type=_number(float, 0), nargs="+", default=(), metavar="X",

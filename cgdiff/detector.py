@@ -36,7 +36,7 @@ from .hub import (
 from .card import render_model_card
 from .images import ImageLike, to_batch, to_uint8
 from .model import NUM_TRAIN_TIMESTEPS, build_scheduler, count_parameters, downsampling_factor
-from .sampler import SamplerConfig, reconstruct, timesteps
+from .sampler import SamplerConfig, reconstruct, repaint, suspect_mask, timesteps
 from .scorer import NORMAL_TAIL, THRESHOLD_RULES, Calibration, Scorer, ScorerConfig, build_backbone
 
 FORMAT_VERSION = 1
@@ -219,9 +219,34 @@ class Detector:
         trace: Optional[Callable[[dict], None]] = None,
     ) -> torch.Tensor:
         """Reconstructions of a batch x (B x 3 x S x S in [-1, 1], see `prepare`); `trace` sees
-        every step's tensors (see `cgdiff.sampler.reconstruct`)."""
+        every step's tensors of the first pass (see `cgdiff.sampler.reconstruct`).
+
+        With the second pass on (sampler.repaint_t0 > 0) the first reconstruction is scored with
+        the stored scorer settings, and the pixels whose map nears the first pass's threshold
+        (`calibration.mask_threshold`, or the threshold of a detector calibrated without the
+        second pass) are painted over (`cgdiff.sampler.repaint`); that needs a calibration
+        (RuntimeError without one). `progress(done, total)` counts the steps of both passes."""
+        sampler = sampler or self.sampler
         extra = {"trace": trace} if trace is not None else {}
-        return reconstruct(self._eps, x, self.alphas_cumprod, sampler or self.sampler, progress, **extra)
+        first = sampler.replace(repaint_t0=0) if sampler.repaint_t0 else sampler
+        n_first = _num_steps(first)
+        first_progress = None if progress is None else (lambda i, _n: progress(i, _num_steps(sampler)))
+        x_rec = reconstruct(self._eps, x, self.alphas_cumprod, first, first_progress, **extra)
+        if not sampler.repaint_t0:
+            return x_rec
+        if self.calibration is None:
+            raise RuntimeError("the second pass (repaint_t0 > 0) needs a calibrated detector: call "
+                               "detector.calibrate(normal_images) first.")
+        return self._repaint(x, x_rec, sampler, self.calibration.mask_threshold or self.calibration.threshold,
+                             None if progress is None else (lambda i, _n: progress(n_first + i, _num_steps(sampler))))
+
+    def _repaint(self, x: torch.Tensor, x_rec: torch.Tensor, sampler: SamplerConfig, mask_threshold: float,
+                 progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+        """The second pass on a first reconstruction x_rec of x, its mask drawn from the first
+        map (stored scorer settings) relative to `mask_threshold`."""
+        maps = self.score_maps(x, x_rec)
+        mask = suspect_mask(maps / max(mask_threshold, 1e-12))
+        return repaint(self._eps, x, mask, self.alphas_cumprod, sampler, progress)
 
     @torch.no_grad()
     def score_maps(
@@ -284,19 +309,42 @@ class Detector:
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> Calibration:
         """Fit the pixel/feature balance c and the threshold on normal images, and store them.
-        Uses the detector's current sampler and scorer settings."""
+        Uses the detector's current sampler and scorer settings. With the second pass
+        (repaint_t0 > 0), c and the mask's threshold (`mask_threshold`, by the same rule) come
+        from the first pass's maps, the threshold from the second's. `progress(done, total)`
+        counts images (each twice with the second pass)."""
         x_all = self.prepare(normal_images)
-        d_p, d_f = [], []
-        for i, start in enumerate(range(0, x_all.shape[0], batch_size)):
+        n = x_all.shape[0]
+        two_pass = self.sampler.repaint_t0 > 0
+        total = 2 * n if two_pass else n
+        first = self.sampler.replace(repaint_t0=0)
+        d_p, d_f, recs = [], [], []
+        for start in range(0, n, batch_size):
             x = x_all[start : start + batch_size]
-            x_rec = self.reconstruct(x)
+            x_rec = self.reconstruct(x, first)
             dp, df = self.scorer.distances(x, x_rec)
             _check_finite(dp + df, self.sampler)
             d_p.append(dp.cpu())
             d_f.append(df.cpu())
+            if two_pass:
+                recs.append(x_rec)
             if progress is not None:
-                progress(min(start + batch_size, x_all.shape[0]), x_all.shape[0])
+                progress(min(start + batch_size, n), total)
         self.calibration = self.scorer.calibrate(torch.cat(d_p), torch.cat(d_f), threshold_sigmas)
+        if two_pass:
+            # The first pass fixed c and the mask's threshold; the threshold is the second's.
+            mask_threshold, d_p, d_f = self.calibration.threshold, [], []
+            for i, start in enumerate(range(0, n, batch_size)):
+                x = x_all[start : start + batch_size]
+                dp, df = self.scorer.distances(x, self._repaint(x, recs[i], self.sampler, mask_threshold))
+                _check_finite(dp + df, self.sampler)
+                d_p.append(dp.cpu())
+                d_f.append(df.cpu())
+                if progress is not None:
+                    progress(n + min(start + batch_size, n), total)
+            self.calibration = self.scorer.calibrate(torch.cat(d_p), torch.cat(d_f), threshold_sigmas,
+                                                     pixel_scale=self.calibration.pixel_scale)
+            self.calibration.mask_threshold = mask_threshold
         for key in ("calibration_normals", "calibration_command"):  # notes of an earlier `cgdiff calibrate`
             self.info.pop(key, None)
         return self.calibration
@@ -424,6 +472,8 @@ class Detector:
             f"{self.scorer.config.backbone}; t0={s.t0}, K={s.steps}, w={s.w}, s={s.guidance_scale}, "
             f"blur sigma={s.blur_sigma}, eta={s.eta}"
             + (f", the mean of N={s.samples} reconstructions" if s.samples > 1 else "")
+            + (f", suspect pixels re-painted from t2={s.repaint_t0} in K2={s.repaint_steps} steps"
+               if s.repaint_t0 > 0 else "")
         )
 
 
@@ -452,8 +502,10 @@ _CORE_KEYS = {"format_version", "cgdiff_version", "image_size", "sampler", "scor
 
 
 def _num_steps(sampler: SamplerConfig) -> int:
-    """Progress steps of one reconstruction: K steps per run, N runs."""
-    return len(timesteps(sampler.t0, sampler.steps, NUM_TRAIN_TIMESTEPS)) * sampler.samples
+    """Progress steps of one reconstruction: K steps per run, N runs, plus K2 of the second pass."""
+    first = len(timesteps(sampler.t0, sampler.steps, NUM_TRAIN_TIMESTEPS)) * sampler.samples
+    return first + (len(timesteps(sampler.repaint_t0, sampler.repaint_steps, NUM_TRAIN_TIMESTEPS))
+                    if sampler.repaint_t0 > 0 else 0)
 
 
 def _json_default(obj: Any) -> Any:
@@ -541,7 +593,7 @@ def read_config(folder: Path) -> dict[str, Any]:
                     raise CheckpointError(f"{CONFIG_NAME} in '{folder}': scorer.backbone must be a string.")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise CheckpointError(f"{CONFIG_NAME} in '{folder}': {section}.{key} must be a number, got {value!r}.")
-    for key in ("t0", "steps", "seed", "samples", "feature_smoothing"):
+    for key in ("t0", "steps", "seed", "samples", "repaint_t0", "repaint_steps", "feature_smoothing"):
         for section in ("sampler", "scorer"):
             if key in config[section] and not isinstance(config[section][key], int):
                 raise CheckpointError(f"{CONFIG_NAME} in '{folder}': {section}.{key} must be a whole number.")
@@ -562,6 +614,10 @@ def read_config(folder: Path) -> dict[str, Any]:
         if not 0 < calibration["pixel_scale"] <= MAX_PIXEL_SCALE:
             raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.pixel_scale must be above 0 and at most "
                                   f"{MAX_PIXEL_SCALE:g}, got {calibration['pixel_scale']!r}.")
+        mask_threshold = calibration.get("mask_threshold")
+        if mask_threshold is not None and (isinstance(mask_threshold, bool) or not isinstance(mask_threshold, (int, float))
+                                           or not math.isfinite(mask_threshold) or mask_threshold <= 0):
+            raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.mask_threshold must be a number above 0.")
         for key in ("threshold", "score_std"):
             if calibration[key] < 0:
                 raise CheckpointError(f"{CONFIG_NAME} in '{folder}': calibration.{key} must be >= 0, got {calibration[key]!r}.")

@@ -22,6 +22,14 @@ With N = `samples` > 1 the reconstruction is the mean of N such runs, seeded see
 which leaves out the sampler's own variance (N = 1, the paper's method, is the default). The runs
 share U-Net calls (batched up to MAX_BATCH_PIXELS pixels a call), which on a CPU costs less than one run
 after another; each run's numbers are those it gets alone, up to float rounding.
+
+With t2 = `repaint_t0` > 0 a second pass follows (off by default; not in the paper): the first
+reconstruction's anomaly map marks the suspect pixels (`suspect_mask`), and a K2-step DDIM run
+(`repaint_steps`, eta 0, unconditioned, no blur guidance) from the input noised to t2 fills them
+with the denoiser alone, while every step's state outside the mask is replaced by the input
+noised to that step (RePaint, Lugmayr et al., CVPR 2022, without its resampling loops): the tile
+around a defect stays as it is and the defect is painted over with normal texture. `repaint`
+runs it; `cgdiff.detector.Detector.reconstruct` makes the mask (the map needs the scorer).
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ class SamplerConfig:
     eta: float = 0.0  # 0: deterministic DDIM; 1: DDAD's stochastic choice
     seed: int = 0
     samples: int = 1  # N: reconstructions averaged, seeded seed .. seed + N - 1 (1: the paper's method)
+    repaint_t0: int = 0  # t2: second pass from t2 over the suspect pixels (0: none, the paper's method)
+    repaint_steps: int = 8  # K2: the second pass's DDIM steps
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,6 +93,14 @@ class SamplerConfig:
                 isinstance(self.samples, int) and 1 <= self.samples <= MAX_SAMPLES,
                 f"samples must be a whole number from 1 to {MAX_SAMPLES}, got {self.samples!r}",
             ),
+            (
+                isinstance(self.repaint_t0, int) and self.repaint_t0 >= 0,
+                f"repaint_t0 must be a whole number >= 0 (0: no second pass), got {self.repaint_t0!r}",
+            ),
+            (
+                isinstance(self.repaint_steps, int) and self.repaint_steps >= 1,
+                f"repaint_steps must be a whole number >= 1, got {self.repaint_steps!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -95,21 +113,29 @@ class SamplerConfig:
             raise ValueError(f"unknown sampler setting(s): {sorted(unknown)}")
         values = asdict(self)
         values.update({k: v for k, v in changes.items() if v is not None})
-        for name in ("t0", "steps", "seed", "samples"):
+        for name in ("t0", "steps", "seed", "samples", "repaint_t0", "repaint_steps"):
             if isinstance(values[name], float) and values[name].is_integer():
                 values[name] = int(values[name])
         return SamplerConfig(**values)
 
     def model_calls(self) -> int:
-        """Denoiser evaluations per image: K, or 2K with blur guidance, times N samples."""
-        return self.steps * (2 if self.guidance_scale > 0 else 1) * self.samples
+        """Denoiser evaluations per image: K, or 2K with blur guidance, times N samples, plus K2
+        with the second pass."""
+        return self.steps * (2 if self.guidance_scale > 0 else 1) * self.samples + self.repaint_model_calls()
+
+    def repaint_model_calls(self) -> int:
+        """Denoiser evaluations of the second pass per image: K2 (at most t2 + 1), 0 without it."""
+        return min(self.repaint_steps, self.repaint_t0 + 1) if self.repaint_t0 > 0 else 0
 
     def to_dict(self) -> dict:
-        """The settings as a dict; `samples` only when above 1, so a checkpoint that does not
-        average reads the same as before the setting existed (older cgdiff versions load it)."""
+        """The settings as a dict; `samples` only when above 1 and the second pass's settings
+        only when it is on, so a checkpoint without them reads the same as before the settings
+        existed (older cgdiff versions load it)."""
         values = asdict(self)
         if values["samples"] == 1:
             del values["samples"]
+        if values["repaint_t0"] == 0:
+            del values["repaint_t0"], values["repaint_steps"]
         return values
 
 
@@ -260,6 +286,59 @@ def _reconstruct_runs(eps_model: NoiseModel, y: torch.Tensor, alphas_cumprod: to
         if trace is not None:
             trace({"t": t, "next_t": schedule[i + 1] if i + 1 < len(schedule) else -1, "x_t": x_t,
                    "x0": x0, "x0_blurred": x0_blurred, "x_next": x})
+        if progress is not None:
+            progress(i + 1, len(schedule))
+    return x.clamp(-1, 1)
+
+
+# The suspect pixels of the second pass: the mask ramps from 0 to 1 as the first map goes from
+# SUSPECT_LOW to SUSPECT_HIGH times the threshold, then grows by SUSPECT_GROW px and is blurred
+# by SUSPECT_SIGMA px, so the painted region covers a defect's rim and blends into the tile.
+SUSPECT_LOW, SUSPECT_HIGH = 0.6, 0.9
+SUSPECT_GROW, SUSPECT_SIGMA = 2, 2.0
+
+
+def suspect_mask(relative_map: torch.Tensor) -> torch.Tensor:
+    """The second pass's mask: B x H x W anomaly maps divided by the (first pass's) threshold
+    -> B x 1 x H x W in [0, 1] (1: painted over by the denoiser, 0: the input kept). A normal
+    image whose map stays under SUSPECT_LOW times the threshold gets an empty mask."""
+    m = ((relative_map.float()[:, None] - SUSPECT_LOW) / (SUSPECT_HIGH - SUSPECT_LOW)).clamp(0, 1)
+    m = F.max_pool2d(m, 2 * SUSPECT_GROW + 1, 1, SUSPECT_GROW)
+    return gaussian_blur(m, SUSPECT_SIGMA).clamp(0, 1)
+
+
+@torch.no_grad()
+def repaint(
+    eps_model: NoiseModel,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    config: SamplerConfig,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> torch.Tensor:
+    """The second pass (see the module docstring): y (B x 3 x H x W in [-1, 1]) with the pixels
+    of `mask` (B x 1 x H x W in [0, 1], see `suspect_mask`) painted over by a K2-step DDIM run
+    (eta 0, no conditioning or blur guidance) from t2 = config.repaint_t0, the input noised to
+    each step kept outside; B x 3 x H x W in [-1, 1], equal to y where the mask is 0. Seeded by
+    config.seed. `progress(done, K2)` after every step. Raises ValueError when the second pass
+    is off (repaint_t0 = 0)."""
+    config.validate()
+    if config.repaint_t0 <= 0:
+        raise ValueError("the second pass is off (repaint_t0 = 0).")
+    abar = alphas_cumprod.to(device=y.device, dtype=torch.float64)
+    mask = mask.to(device=y.device, dtype=y.dtype)
+    generators = [torch.Generator().manual_seed(_seed(config.seed)) for _ in range(y.shape[0])]
+    z = _per_image_noise(y.shape, generators, y.device, y.dtype)
+    schedule = timesteps(config.repaint_t0, config.repaint_steps, abar.shape[0])
+    a2 = abar[schedule[0]].item()
+    x = math.sqrt(a2) * y + math.sqrt(1 - a2) * z
+    for i, t in enumerate(schedule):
+        a_t = abar[t].item()
+        a_n = abar[schedule[i + 1]].item() if i + 1 < len(schedule) else 1.0
+        e = eps_model(x, torch.full((y.shape[0],), t, device=y.device, dtype=torch.long))
+        x0 = (x - math.sqrt(1 - a_t) * e) / math.sqrt(a_t)
+        x = math.sqrt(a_n) * x0 + math.sqrt(1 - a_n) * e
+        x = mask * x + (1 - mask) * (math.sqrt(a_n) * y + math.sqrt(1 - a_n) * z)
         if progress is not None:
             progress(i + 1, len(schedule))
     return x.clamp(-1, 1)

@@ -193,11 +193,14 @@ class Calibration:
     anomalous_scores: list = field(default_factory=list)  # synthetic-defect scores (VALIDATION_F1)
     validation_f1: Optional[float] = None  # image F1 of the threshold on those scores (VALIDATION_F1)
     anomalous_source: str = ""  # what the synthetic-defect images were made from (VALIDATION_F1)
+    mask_threshold: Optional[float] = None  # the first pass's threshold, for the second pass's mask (repaint_t0 > 0)
 
     def to_dict(self) -> dict:
         # The threshold-rule fields only where they say something: a normal-tail calibration is
         # written as before, so older cgdiff versions still read it.
         d = asdict(self)
+        if self.mask_threshold is None:
+            d.pop("mask_threshold")
         if self.threshold_rule == NORMAL_TAIL and not self.anomalous_scores:
             for key in ("threshold_rule", "anomalous_scores", "validation_f1", "anomalous_source"):
                 d.pop(key)
@@ -246,10 +249,14 @@ class Scorer(nn.Module):
         return amap
 
     def calibrate(
-        self, d_pixel: torch.Tensor, d_feat: torch.Tensor, threshold_sigmas: float = 3.0
+        self, d_pixel: torch.Tensor, d_feat: torch.Tensor, threshold_sigmas: float = 3.0,
+        pixel_scale: Optional[float] = None,
     ) -> Calibration:
-        """Fit c and the threshold from normal images' raw distances (B x H x W each)."""
-        if self.config.feature_weight == 0 or self.config.pixel_weight == 0:
+        """Fit c and the threshold from normal images' raw distances (B x H x W each); with
+        `pixel_scale` given, c is kept at it and only the threshold is fitted."""
+        if pixel_scale is not None:
+            pass
+        elif self.config.feature_weight == 0 or self.config.pixel_weight == 0:
             pixel_scale = 1.0
         else:
             max_p = float(d_pixel.amax())

@@ -22,7 +22,11 @@ normal images only:
        K, blur sigma, the number N of reconstructions averaged), each over a coarse grid
        around the best point so far;
      - refinement: the neighbours of the best value on a finer grid, repeated while the
-       best point moves and time is left.
+       best point moves and time is left;
+     - with `min_removal` > 0, when the best setting by AUPRO does not reach it: that setting
+       again with the second pass (`cgdiff.sampler.repaint`) from each t2 in `repaint_t0s`,
+       its mask drawn relative to the threshold `Detector.calibrate` gives that setting on the
+       calibration normals (run after the budget, like the recalibration).
    Every sampler setting is first run on half of the validation images; it is finished on
    the other half only if its AUPRO there is within `race_margin` of the best point's
    (clearly bad settings cost half). For every reconstruction the pixel/feature balance (and,
@@ -102,6 +106,9 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple]] = {
 # strong local colour changes, which favour the pixel term more than real defects do (on the
 # leather subset, validation picked the pixel term alone, the worst balance on the test set).
 BALANCES: tuple[tuple[float, float], ...] = ((0.25, 1.0), (0.5, 1.0), (1.0, 1.0), (2.0, 1.0), (4.0, 1.0))
+# t2 of the second pass tried when no setting reaches `min_removal` (BENCHMARKS.md, "Averaged
+# reconstructions and a masked second pass": 400 and 600 on the bundled textures).
+REPAINT_T0S: tuple[int, ...] = (400, 600)
 SAMPLER_SEARCHED = tuple(DEFAULT_GRIDS)
 SCORER_SEARCHED = ("pixel_weight", "feature_weight", "map_sigma")
 
@@ -489,6 +496,7 @@ class _Search:
         base = detector.scorer.config
         self._c_scorer = Scorer(ScorerConfig(backbone=base.backbone, feature_smoothing=base.feature_smoothing,
                                              map_sigma=base.map_sigma), detector.scorer.backbone)
+        self.pixel_scale: Optional[float] = None  # c, when fixed (the second pass keeps the first's)
 
     # -- time
     def elapsed(self) -> float:
@@ -535,7 +543,7 @@ class _Search:
         normals = labels == 0
         with_features = ScorerConfig(**{**base.to_dict(), "pixel_weight": 1.0, "feature_weight": 1.0})
         d_p, d_f, feature_seconds = recs.distances(det, with_features, self.batch_size)
-        c = self._c_scorer.calibrate(d_p[normals], d_f[normals]).pixel_scale  # as Detector.calibrate fits it
+        c = self.pixel_scale or self._c_scorer.calibrate(d_p[normals], d_f[normals]).pixel_scale  # as Detector.calibrate fits it
         removed = self._removal(recs, idx)
         out = []
         for (pixel_weight, feature_weight), map_sigma in itertools.product(self.balances, self.map_sigmas):
@@ -580,8 +588,10 @@ class _Search:
             return None
 
     def center(self) -> SamplerConfig:
+        """The best setting so far, without a second pass (its mask belongs to the settings
+        it was calibrated at, so the search moves the first pass only)."""
         i = self.incumbent()
-        return SamplerConfig(**{k: v for k, v in self.rows[i]["sampler"].items()})
+        return SamplerConfig(**{k: v for k, v in self.rows[i]["sampler"].items()}).replace(repaint_t0=0)
 
     def evaluate(self, sampler: SamplerConfig, stage: str, reference: bool = False) -> str:
         """Run one sampler setting (half, then the rest unless raced out). Returns 'done',
@@ -638,7 +648,7 @@ class _Search:
         for r in scored:
             self.rows.append({
                 "sampler": sampler.to_dict(),
-                **{k: getattr(sampler, k) for k in SAMPLER_SEARCHED},
+                **{k: getattr(sampler, k) for k in SAMPLER_SEARCHED}, "repaint_t0": sampler.repaint_t0,
                 "pixel_weight": r["pixel_weight"], "feature_weight": r["feature_weight"], "map_sigma": r["map_sigma"],
                 "model_calls": sampler.model_calls(),
                 "seconds_per_image": round(seconds + r["scoring_seconds_per_image"], 4),
@@ -681,7 +691,8 @@ def _describe(sampler: SamplerConfig) -> str:
     s = sampler
     blur = f" sigma={s.blur_sigma:g}" if s.guidance_scale > 0 else ""
     averaged = f" N={s.samples}" if s.samples > 1 else ""
-    return f"t0={s.t0} K={s.steps} w={s.w:g} s={s.guidance_scale:g}{blur}{averaged}"
+    second = f" t2={s.repaint_t0} K2={s.repaint_steps}" if s.repaint_t0 > 0 else ""
+    return f"t0={s.t0} K={s.steps} w={s.w:g} s={s.guidance_scale:g}{blur}{averaged}{second}"
 
 
 def _neighbours(value: Any, grid: Sequence) -> list:
@@ -705,6 +716,7 @@ def tune(
     race_margin: float = 0.03,
     min_removal: float = 0.0,
     max_model_calls: Optional[int] = None,
+    repaint_t0s: Sequence[int] = REPAINT_T0S,
     grids: Optional[dict[str, dict[str, Sequence]]] = None,
     balances: Sequence[tuple[float, float]] = BALANCES,
     map_sigmas: Sequence[float] = (),
@@ -746,8 +758,11 @@ def tune(
         seeded by the validation's seed; see `validation_threshold`) or "normal-tail" (normal
         images only: max(largest normal score, mean + 3 sd)).
     min_removal: choose only among settings whose validation removal reaches it (in [0, 1];
-        0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when no
-        setting reaches it, the choice is by AUPRO alone and the record says so.
+        0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when the
+        search's best setting by AUPRO does not reach it, that setting is also tried with the
+        second pass from each t2 in `repaint_t0s` (after the budget); when none reaches it, the
+        choice is by AUPRO alone and the record says so.
+    repaint_t0s: t2 values of that second-pass stage (empty: no stage).
     max_model_calls: leave out settings that cost more denoiser evaluations per image (K, 2K
         with blur guidance, times N), e.g. to keep an app's latency; the stored settings are
         still measured as the reference, and chosen only when no cheaper setting completed;
@@ -802,6 +817,8 @@ def tune(
             # The search moves one setting at a time from the best row under the cap: give it one.
             search.evaluate(_under_cap(start_sampler, max_model_calls), "start, under the cap")
         stopped = _run_search(search, grids, max_evaluations, refine_rounds, log)
+        if min_removal > 0 and repaint_t0s:
+            _repaint_stage(search, repaint_t0s, batch_size, log)
     rows = search.rows
     start_index = next(i for i, r in enumerate(rows)
                        if r["stage"] == "start" and (r["pixel_weight"], r["feature_weight"]) == stored_balance
@@ -818,6 +835,40 @@ def tune(
     if apply:
         apply_result(detector, result, threshold=threshold, batch_size=batch_size, log=log)
     return result
+
+
+def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int, log: Callable[[str], None]) -> None:
+    """When the best one-pass setting by AUPRO does not reach the removal floor: that setting (its
+    balance and map sigma) with the second pass from each t2, its mask relative to the threshold that
+    `Detector.calibrate` gives the setting on the calibration normals (as `apply_result` will),
+    c kept at that calibration's. The detector is left as it was."""
+    one_pass = [r for r in search.rows if not r["repaint_t0"]]
+    best = one_pass[select(one_pass, search.tie_tolerance, 0.0, search.max_model_calls)]
+    if (best.get("removal") or 0.0) >= search.min_removal:
+        return
+    det, vset = search.detector, search.vset
+    sampler = SamplerConfig(**best["sampler"])
+    saved = (det.sampler, det.scorer.config, det.calibration, search.balances, search.map_sigmas, search.race_margin)
+    log(f"second pass (the best setting by AUPRO removes {best.get('removal') or 0.0:.3f}, under "
+        f"{search.min_removal:g}): {_describe(sampler)} with the suspect pixels re-painted from t2 "
+        f"in {', '.join(map(str, repaint_t0s))}:")
+    try:
+        det.sampler = sampler
+        det.scorer.config = ScorerConfig(**{**det.scorer.config.to_dict(),
+                                            **{k: best[k] for k in SCORER_SEARCHED}})
+        det.calibrate(det.prepare(vset.calibration_paths or vset.normal_paths), batch_size=batch_size)
+        search.pixel_scale = det.calibration.pixel_scale
+        search.balances, search.map_sigmas = ((best["pixel_weight"], best["feature_weight"]),), (best["map_sigma"],)
+        search.race_margin = math.inf  # finished in full: it is there for removal, not to beat AUPRO
+        for t2 in repaint_t0s:
+            candidate = sampler.replace(repaint_t0=int(t2))
+            if search.max_model_calls is not None and candidate.model_calls() > search.max_model_calls:
+                search.over_cap += 1
+                continue
+            search.evaluate(candidate, "second pass", reference=True)
+    finally:
+        det.sampler, det.scorer.config, det.calibration, search.balances, search.map_sigmas, search.race_margin = saved
+        search.pixel_scale = None
 
 
 def _under_cap(sampler: SamplerConfig, max_model_calls: int) -> SamplerConfig:
@@ -880,6 +931,8 @@ def _why(search: _Search, max_evaluations) -> str:
 
 def _settings_text(d: dict[str, Any]) -> str:
     averaged = f" N={d['samples']}" if d.get("samples", 1) > 1 else ""
+    if d.get("repaint_t0", 0) > 0:
+        averaged += f" t2={d['repaint_t0']} K2={d.get('repaint_steps', SamplerConfig.repaint_steps)}"
     return (f"t0={d['t0']} K={d['steps']} w={d['w']:g} s={d['guidance_scale']:g} sigma={d['blur_sigma']:g}{averaged} "
             f"v={d['pixel_weight']:g} features x{d['feature_weight']:g} map sigma {d['map_sigma']:g}")
 
@@ -915,7 +968,8 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
         "validation_set": vset.describe(),
         "search": {
             "strategy": "stored settings, then a coarse one-setting-at-a-time sweep (w, s, t0, K, sigma, N) and "
-                        "refinement on finer grids; settings raced on half the images; pixel/feature balance "
+                        "refinement on finer grids (then, when the best by AUPRO is below min_removal, it with "
+                        "the second pass); settings raced on half the images; pixel/feature balance "
                         f"(and map sigmas {', '.join(f'{x:g}' for x in search.map_sigmas)}) searched on every "
                         "reconstruction",
             "budget_seconds": result.budget_s, "seconds": round(result.seconds, 1), "stopped": result.stopped,

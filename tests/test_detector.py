@@ -107,6 +107,39 @@ def test_averaged_reconstructions_are_stored_and_scored_as_their_mean(tiny_detec
     assert loaded.detect(x[:1])[0].score == pytest.approx(result.score, rel=1e-5)
 
 
+def test_the_second_pass_is_calibrated_on_the_first_pass_and_stored(tiny_detector, tmp_path):
+    """With repaint_t0 > 0, c and the mask's threshold come from the first pass on the normals
+    and the threshold from the second; the settings and the mask's threshold are stored."""
+    import copy
+
+    normals = torch.rand(3, 3, 32, 32) * 2 - 1
+    one_pass = tiny_detector.calibrate(normals)
+    assert one_pass.mask_threshold is None and "mask_threshold" not in one_pass.to_dict()
+    two = copy.deepcopy(tiny_detector)
+    two.sampler = two.sampler.replace(repaint_t0=300, repaint_steps=4)
+    seen = []
+    cal = two.calibrate(normals, progress=lambda i, n: seen.append((i, n)))
+    assert seen[-1] == (6, 6)  # every image twice: once per pass
+    assert cal.mask_threshold == pytest.approx(one_pass.threshold) and cal.pixel_scale == one_pass.pixel_scale
+    # The second pass's maps are the ones its threshold was fitted on.
+    scores = [d.score for d in two.detect(normals)]
+    assert cal.normal_scores == pytest.approx(scores, abs=1e-5)
+    steps = []
+    (result,) = two.detect(normals[:1], progress=lambda i, n: steps.append((i, n)))
+    assert steps[-1] == (7, 7)  # K = 3, then K2 = 4
+    path = two.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((path / "cgdiff.json").read_text())
+    assert config["sampler"]["repaint_t0"] == 300 and config["calibration"]["mask_threshold"] == cal.mask_threshold
+    loaded = Detector.from_pretrained(path, device="cpu")
+    assert loaded.sampler == two.sampler and loaded.calibration.mask_threshold == cal.mask_threshold
+    assert loaded.detect(normals[:1])[0].score == pytest.approx(result.score, rel=1e-4)
+    assert "t2=300" in loaded.describe()
+    # The second pass needs the first map's threshold, so a calibration.
+    two.calibration = None
+    with pytest.raises(RuntimeError, match="calibrate"):
+        two.reconstruct(normals[:1])
+
+
 def test_save_never_overwrites_by_accident_and_keeps_extra_files(tiny_detector, tmp_path):
     path = tiny_detector.save_pretrained(tmp_path / "ckpt")
     (path / "training_state").mkdir()
@@ -167,6 +200,8 @@ def _edit_config(path, **changes):
         (dict(sampler__steps=2.5), "sampler.steps"),
         (dict(sampler__samples=2.5), "sampler.samples"),
         (dict(sampler__samples=0), "samples must be"),
+        (dict(sampler__repaint_t0=2.5), "sampler.repaint_t0"),
+        (dict(calibration__mask_threshold=-1.0), "mask_threshold"),
         (dict(sampler__attention=1), "unknown sampler"),
         (dict(scorer__backbone=3), "backbone"),
         (dict(calibration__threshold=None), "calibration.threshold"),

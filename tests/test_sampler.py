@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from cgdiff.model import build_scheduler, build_unet
-from cgdiff.sampler import SamplerConfig, gaussian_blur, reconstruct, timesteps
+from cgdiff.sampler import SamplerConfig, gaussian_blur, reconstruct, repaint, suspect_mask, timesteps
 
 ABAR = build_scheduler().alphas_cumprod
 
@@ -180,7 +180,7 @@ def test_model_calls_per_strategy():
 @pytest.mark.parametrize(
     "bad",
     [dict(t0=-1), dict(steps=0), dict(w=-1.0), dict(w=math.nan), dict(guidance_scale=-0.1), dict(blur_sigma=0.0),
-     dict(eta=2.0), dict(samples=0), dict(samples=1.5)],
+     dict(eta=2.0), dict(samples=0), dict(samples=1.5), dict(repaint_t0=-1), dict(repaint_steps=0)],
 )
 def test_bad_settings_are_refused_with_a_message(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -244,3 +244,48 @@ def test_samples_is_stored_only_when_it_averages():
     assert SamplerConfig(samples=2).to_dict()["samples"] == 2
     assert SamplerConfig(**SamplerConfig(samples=4).to_dict()) == SamplerConfig(samples=4)
     assert SamplerConfig().replace(samples=2.0).samples == 2
+
+
+def test_the_second_pass_paints_the_mask_over_and_keeps_the_rest_exactly():
+    """RePaint's masked DDIM: with the exact noise model of the clean tile, the masked pixels
+    come back clean and every other pixel is the input itself."""
+    clean = torch.rand(1, 3, 16, 16) * 1.6 - 0.8
+    y = clean.clone()
+    y[..., 4:9, 5:11] = 0.9  # the defect
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 3:10, 4:12] = 1.0
+    calls, seen = [], []
+
+    def counting_oracle(x, t):
+        calls.append(int(t[0]))
+        return oracle(clean)(x, t)
+
+    cfg = SamplerConfig(repaint_t0=400, repaint_steps=5, seed=2)
+    out = repaint(counting_oracle, y, mask, ABAR, cfg, progress=lambda i, n: seen.append((i, n)))
+    torch.testing.assert_close(out[..., mask[0, 0] == 0], y[..., mask[0, 0] == 0], atol=0, rtol=0)
+    torch.testing.assert_close(out, clean, atol=1e-4, rtol=0)
+    assert calls == timesteps(400, 5, 1000) and seen == [(i, 5) for i in range(1, 6)]
+    assert cfg.model_calls() == cfg.replace(repaint_t0=0).model_calls() + 5
+    # An empty mask returns the input unchanged; the pass needs t2 > 0.
+    torch.testing.assert_close(repaint(smooth_eps_model(), y, torch.zeros_like(mask), ABAR, cfg), y, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="off"):
+        repaint(smooth_eps_model(), y, mask, ABAR, SamplerConfig())
+
+
+def test_the_suspect_mask_ramps_with_the_map_and_covers_the_rim():
+    relative = torch.zeros(2, 32, 32)
+    relative[1, 8:16, 8:16] = 1.2  # above the threshold
+    m = suspect_mask(relative)
+    assert m.shape == (2, 1, 32, 32) and m.min() >= 0 and m.max() <= 1
+    assert m[0].max() == 0  # a map well under the threshold paints nothing
+    assert m[1, 0, 12, 12] > 0.99 and m[1, 0, 7, 12] > 0.5  # the defect and its rim
+    assert m[1, 0, 0, 0] < 1e-3 and m[1, 0, 28, 28] < 1e-3  # the rest of the tile stays
+    assert suspect_mask(torch.full((1, 8, 8), 0.5)).max() == 0
+
+
+def test_the_second_pass_is_stored_only_when_it_is_on():
+    assert "repaint_t0" not in SamplerConfig().to_dict() and "repaint_steps" not in SamplerConfig().to_dict()
+    on = SamplerConfig(repaint_t0=400, repaint_steps=6)
+    assert SamplerConfig(**on.to_dict()) == on
+    assert on.model_calls() == SamplerConfig().model_calls() + 6
+    assert SamplerConfig(repaint_t0=3, repaint_steps=8).repaint_model_calls() == 4  # no more steps than t2 + 1

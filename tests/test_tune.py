@@ -193,6 +193,30 @@ def test_a_cap_on_model_calls_leaves_the_dearer_settings_out(tiny_detector, grav
         tune(tiny_detector, gravel, budget_s=600, max_model_calls=0, apply=False, **SMALL)
 
 
+def test_below_the_removal_floor_the_best_setting_is_tried_with_the_second_pass(tiny_detector, gravel):
+    """When no searched setting reaches min_removal, the best one is run again with the second
+    pass from each t2 (outside the budget, in full, its own balance only), and the detector is
+    left as it was; without a floor there is no such stage."""
+    before = (tiny_detector.sampler, tiny_detector.scorer.config, tiny_detector.calibration.to_dict())
+    result = tune(tiny_detector, gravel, budget_s=600, seed=5, max_evaluations=1, refine_rounds=0,
+                  min_removal=0.999, repaint_t0s=(300, 500), apply=False, **SMALL)
+    second = [r for r in result.table if r["stage"] == "second pass"]
+    assert [r["repaint_t0"] for r in second] == [300, 500] and all(r["complete"] for r in second)
+    best = result.table[select([r for r in result.table if not r["repaint_t0"]])]
+    for r in second:
+        assert r["sampler"] == {**best["sampler"], "repaint_t0": r["repaint_t0"], "repaint_steps": 8}
+        assert (r["pixel_weight"], r["feature_weight"], r["map_sigma"]) == (
+            best["pixel_weight"], best["feature_weight"], best["map_sigma"])
+        assert r["model_calls"] == best["model_calls"] + 8 and r["removal"] is not None
+    assert (tiny_detector.sampler, tiny_detector.scorer.config, tiny_detector.calibration.to_dict()) == before
+    plain = tune(tiny_detector, gravel, budget_s=600, seed=5, max_evaluations=1, refine_rounds=0, apply=False, **SMALL)
+    assert not any(r["repaint_t0"] for r in plain.table)
+    # A chosen second pass becomes the detector's own, calibrated for it.
+    forced = dataclasses.replace(result, chosen={**second[0]["sampler"], **{k: second[0][k] for k in SCORER_SEARCHED}})
+    apply_result(tiny_detector, forced)
+    assert tiny_detector.sampler.repaint_t0 == 300 and tiny_detector.calibration.mask_threshold > 0
+
+
 def test_selection_prefers_fewer_model_calls_within_the_tolerance():
     rows = [
         {"aupro": 0.950, "model_calls": 20, "seconds_per_image": 2.0, "complete": True},
