@@ -360,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=whole, default=0, metavar="N",
                    help="seed of the synthetic defects (one per normal calibration image)")
     p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="images per batch")
+    p.add_argument("--repaint-t0", type=whole, default=None, metavar="N",
+                   help="store a second pass from t2 = N first, and calibrate for it (0: no second pass; default: "
+                   "the checkpoint's setting)")
+    p.add_argument("--repaint-steps", type=positive_int, default=None, metavar="N",
+                   help="K2 of that second pass (default: the checkpoint's setting)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
     _add_common(p)
 
@@ -1074,10 +1079,11 @@ def cmd_calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     source, folder = _target_folder(args, "calibrate")
     detector = _load_detector(args)  # refuses an uncalibrated checkpoint
-    before = detector.calibration
+    before, sampler_before = detector.calibration, detector.sampler
+    detector.sampler = detector.sampler.replace(repaint_t0=args.repaint_t0, repaint_steps=args.repaint_steps)
     used = recalibrate(detector, args.data, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                        log=None if args.no_progress else _info)
-    stale = retire_stale_metrics(detector, False, before.pixel_scale)
+    stale = retire_stale_metrics(detector, detector.sampler != sampler_before, before.pixel_scale)
     if stale:
         detector.info["metrics_before_recalibration"] = stale
     detector.info["calibration_before"] = {k: v for k, v in before.to_dict().items()

@@ -68,7 +68,7 @@ import torch
 
 from .data import DEFECT_KINDS, AnomalyDataset, DatasetError, Sample, SyntheticDefects, iter_images
 from .images import to_uint8
-from .metrics import aupro, f1_max_threshold, image_auroc, pixel_auroc, removal
+from .metrics import REMOVAL_BOUND_QUANTILE, aupro, f1_max_threshold, image_auroc, pixel_auroc, removal, removal_lower_bound
 from .sampler import SamplerConfig
 from .scorer import NORMAL_TAIL, THRESHOLD_RULES, VALIDATION_F1, Scorer, ScorerConfig
 
@@ -438,17 +438,25 @@ def select(rows: Sequence[dict[str, Any]], tie_tolerance: float = 0.005, min_rem
     out on half the images) are never chosen. With `max_model_calls` only rows that cost at
     most that many denoiser evaluations per image are candidates, while there are any. With
     `min_removal` > 0 only rows whose validation removal (`cgdiff.metrics.removal`, in
-    [0, 1]) reaches it are candidates, while there are any; otherwise every complete row is."""
+    [0, 1]) reaches it are candidates, while there are any; otherwise every complete row is.
+    Where a row has "removal_low" (`cgdiff.metrics.removal_lower_bound`), that bound must reach
+    it: a removal above the floor by chance of the few validation defects does not count."""
     complete = [i for i, r in enumerate(rows) if r.get("complete") and r.get("aupro") is not None]
     if not complete:
         raise ValueError("no complete row to choose from.")
     if max_model_calls is not None:
         complete = [i for i in complete if rows[i]["model_calls"] <= max_model_calls] or complete
     if min_removal > 0:
-        complete = [i for i in complete if (rows[i].get("removal") or 0.0) >= min_removal] or complete
+        complete = [i for i in complete if _removal_for_floor(rows[i]) >= min_removal] or complete
     best = max(rows[i]["aupro"] for i in complete)
     tied = [i for i in complete if rows[i]["aupro"] >= best - tie_tolerance]
     return min(tied, key=lambda i: (rows[i]["model_calls"], -rows[i]["aupro"], i))
+
+
+def _removal_for_floor(row: dict[str, Any]) -> float:
+    """What a removal floor is held against: the row's lower bound where it has one."""
+    value = row.get("removal_low", row.get("removal"))
+    return value if value is not None else 0.0
 
 
 def pareto_front(rows: Sequence[dict[str, Any]]) -> list[int]:
@@ -544,7 +552,7 @@ class _Search:
         with_features = ScorerConfig(**{**base.to_dict(), "pixel_weight": 1.0, "feature_weight": 1.0})
         d_p, d_f, feature_seconds = recs.distances(det, with_features, self.batch_size)
         c = self.pixel_scale or self._c_scorer.calibrate(d_p[normals], d_f[normals]).pixel_scale  # as Detector.calibrate fits it
-        removed = self._removal(recs, idx)
+        removed, removed_low = self._removal(recs, idx)
         out = []
         for (pixel_weight, feature_weight), map_sigma in itertools.product(self.balances, self.map_sigmas):
             config = ScorerConfig(**{**base.to_dict(), "pixel_weight": pixel_weight, "feature_weight": feature_weight,
@@ -562,24 +570,26 @@ class _Search:
                 "scoring_seconds_per_image": feature_seconds if feature_weight > 0 else 0.0,
                 "pixel_scale": scale,
                 "removal": removed,
+                "removal_low": removed_low,
             })
         self.score_seconds.append(self.clock() - t)
         return out
 
-    def _removal(self, recs, idx: np.ndarray) -> Optional[float]:
-        """`cgdiff.metrics.removal` (pooled) on the scored rows of the defect images `idx`: the
-        validation defects are painted on known normals, so their clean originals are known."""
+    def _removal(self, recs, idx: np.ndarray) -> tuple[Optional[float], Optional[float]]:
+        """`cgdiff.metrics.removal` (pooled) on the scored rows of the defect images `idx`, and
+        its lower bound (`removal_lower_bound`): the validation defects are painted on known
+        normals, so their clean originals are known. (None, None) without any."""
         anomalous = self.vset.labels[idx] == 1
         if self.vset.cleans is None or not anomalous.any():
-            return None
+            return None, None
         r0, r1 = self.vset.rows
         to_unit = lambda t: ((t[anomalous].numpy() + 1) / 2)[..., r0:r1, :]  # noqa: E731
         clean = self.vset.cleans[idx][anomalous].transpose(0, 3, 1, 2)[..., r0:r1, :] / 255.0
+        args = (to_unit(recs.inputs), to_unit(recs.reconstructions), clean, self.vset.masks[idx][anomalous][:, r0:r1])
         try:
-            return removal(to_unit(recs.inputs), to_unit(recs.reconstructions), clean,
-                           self.vset.masks[idx][anomalous][:, r0:r1])["removal"]
+            return removal(*args)["removal"], removal_lower_bound(*args, seed=self.vset.seed)
         except ValueError:  # no defect pixel differs from its clean original
-            return None
+            return None, None
 
     def incumbent(self) -> Optional[int]:
         try:
@@ -657,6 +667,7 @@ class _Search:
                 "pixel_auroc": round(r["pixel_auroc"], 5) if complete else None,
                 "image_auroc": round(r["image_auroc"], 5) if complete else None,
                 "removal": round(r["removal"], 4) if complete and r["removal"] is not None else None,
+                "removal_low": round(r["removal_low"], 4) if complete and r["removal_low"] is not None else None,
                 "stage": stage,
                 "complete": complete,
             })
@@ -758,7 +769,8 @@ def tune(
         seeded by the validation's seed; see `validation_threshold`) or "normal-tail" (normal
         images only: max(largest normal score, mean + 3 sd)).
     min_removal: choose only among settings whose validation removal reaches it (in [0, 1];
-        0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when the
+        the lower end of its bootstrap interval over the validation's defect images, see
+        `select`; 0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when the
         search's best setting by AUPRO does not reach it, that setting is also tried with the
         second pass from each t2 in `repaint_t0s` (after the budget); when none reaches it, the
         choice is by AUPRO alone and the record says so.
@@ -844,13 +856,13 @@ def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int,
     c kept at that calibration's. The detector is left as it was."""
     one_pass = [r for r in search.rows if not r["repaint_t0"]]
     best = one_pass[select(one_pass, search.tie_tolerance, 0.0, search.max_model_calls)]
-    if (best.get("removal") or 0.0) >= search.min_removal:
+    if _removal_for_floor(best) >= search.min_removal:
         return
     det, vset = search.detector, search.vset
     sampler = SamplerConfig(**best["sampler"])
     saved = (det.sampler, det.scorer.config, det.calibration, search.balances, search.map_sigmas, search.race_margin)
-    log(f"second pass (the best setting by AUPRO removes {best.get('removal') or 0.0:.3f}, under "
-        f"{search.min_removal:g}): {_describe(sampler)} with the suspect pixels re-painted from t2 "
+    log(f"second pass (the best setting by AUPRO removes {best.get('removal') or 0.0:.3f}, lower bound "
+        f"{_removal_for_floor(best):.3f}, under {search.min_removal:g}): {_describe(sampler)} with the suspect pixels re-painted from t2 "
         f"in {', '.join(map(str, repaint_t0s))}:")
     try:
         det.sampler = sampler
@@ -945,9 +957,10 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
     if search.max_model_calls is not None:
         rules = f"settings above {search.max_model_calls} model calls per image left out; "
     if search.min_removal > 0:
-        met = (c.get("removal") or 0.0) >= search.min_removal
-        rules += (f"chosen among the settings with validation removal >= {search.min_removal:g}; " if met else
-                  f"no setting reached validation removal {search.min_removal:g}, so chosen by AUPRO alone; ")
+        met = _removal_for_floor(c) >= search.min_removal
+        bound = f"(the lower end of its {100 * (1 - 2 * REMOVAL_BOUND_QUANTILE):.0f} % bootstrap interval)"
+        rules += (f"chosen among the settings with validation removal {bound} >= {search.min_removal:g}; " if met else
+                  f"no setting reached {search.min_removal:g} in validation removal {bound}, so chosen by AUPRO alone; ")
     summary = rules + (
         f"validation AUPRO {c['aupro']:.4f} with {_settings_text(result.chosen)} ({c['model_calls']} model calls), "
         f"against {s['aupro']:.4f} with the previous settings ({s['model_calls']} model calls); "
@@ -963,6 +976,7 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
         "validation": {"aupro": c["aupro"], "pixel_auroc": c["pixel_auroc"], "image_auroc": c["image_auroc"],
                        "previous_aupro": s["aupro"], "previous_pixel_auroc": s["pixel_auroc"],
                        "previous_image_auroc": s["image_auroc"], "removal": c.get("removal"),
+                       "removal_low": c.get("removal_low"),
                        "previous_removal": s.get("removal"), "mask_size": vset.image_size // search.factor,
                        "aupro_fpr_limit": AUPRO_FPR_LIMIT},
         "validation_set": vset.describe(),

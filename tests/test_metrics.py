@@ -307,6 +307,26 @@ def test_removal_is_one_when_the_defect_is_gone_and_zero_when_kept():
     assert removal(image, clean + 2 * (image - clean), clean, mask)["removal"] == pytest.approx(-1.0)
 
 
+def test_the_removal_bound_is_below_a_removal_that_varies_and_equal_to_one_that_does_not():
+    from cgdiff.metrics import removal, removal_lower_bound
+
+    rng = np.random.default_rng(1)
+    clean = rng.random((12, 3, 16, 16))
+    mask = np.zeros((12, 16, 16), dtype=bool)
+    mask[:, 4:10, 4:10] = True
+    image = clean + 0.5 * mask[:, None]
+    share = rng.uniform(0.1, 0.9, size=12)[:, None, None, None]  # each image removes its own share
+    rec = image - share * (image - clean)
+    pooled = removal(image, rec, clean, mask)["removal"]
+    low = removal_lower_bound(image, rec, clean, mask)
+    assert low < pooled - 0.02 and low == removal_lower_bound(image, rec, clean, mask)  # seeded
+    assert removal_lower_bound(image, rec, clean, mask, quantile=0.5) == pytest.approx(pooled, abs=0.05)
+    halfway = clean + (image - clean) / 2  # every image removes exactly half: no doubt about it
+    assert removal_lower_bound(image, halfway, clean, mask) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        removal_lower_bound(clean, clean, clean, mask)
+
+
 def test_removal_pools_pixels_and_names_bad_input():
     from cgdiff.metrics import removal
 

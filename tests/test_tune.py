@@ -242,6 +242,9 @@ def test_a_removal_floor_chooses_among_the_settings_that_take_the_defect_out_whi
     assert select(rows, min_removal=0.5) == 1
     assert select(rows, min_removal=0.65) == 1
     assert select(rows, min_removal=0.95) == 0  # none reaches it: by AUPRO alone
+    # Where a row has a lower bound, the floor holds it against the bound.
+    rows[1]["removal_low"], rows[2]["removal_low"] = 0.45, 0.55
+    assert select(rows, min_removal=0.5) == 2
 
 
 def test_holdout_split_and_stripe_crops(tmp_path):
@@ -280,7 +283,8 @@ def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys
     tuning = tuned["tuning"]
     # A floor this few-step denoiser does not reach: the choice falls back to AUPRO, and the record says so.
     assert tuning["search"]["min_removal"] == 0.99
-    assert tuning["summary"].startswith("no setting reached validation removal 0.99, so chosen by AUPRO alone")
+    assert tuning["summary"].startswith("no setting reached 0.99 in validation removal (the lower end of its 80 % "
+                                        "bootstrap interval), so chosen by AUPRO alone")
     assert tuning["validation_set"]["source"] == "holdout images" and not tuning["validation_set"]["in_sample"]
     assert sorted(tuning["validation_set"]["images"]) == sorted(held)
     assert {k: tuned["sampler"][k] for k in ("t0", "steps", "w")} == {k: tuning["chosen"][k] for k in ("t0", "steps", "w")}
@@ -367,6 +371,16 @@ def test_calibrate_sets_the_threshold_by_the_chosen_rule_without_reading_the_tes
     scores = np.array(cal["normal_scores"])
     assert "threshold_rule" not in cal and "anomalous_scores" not in cal  # normal-tail, as older versions wrote it
     assert cal["threshold"] == pytest.approx(max(scores.max(), scores.mean() + 3 * scores.std(ddof=1)), rel=1e-4)
+    capsys.readouterr()
+    # --repaint-t0 stores a second pass and calibrates for it (its mask's threshold from the first).
+    assert main(["calibrate", "--checkpoint", str(out), "--data", str(gravel), "--threshold", "normal-tail",
+                 "--repaint-t0", "300", "--repaint-steps", "2", "--no-progress"]) == 0
+    config = json.loads((out / "cgdiff.json").read_text())
+    assert config["sampler"]["repaint_t0"] == 300 and config["sampler"]["repaint_steps"] == 2
+    assert config["calibration"]["mask_threshold"] == pytest.approx(cal["threshold"], rel=1e-4)
+    assert main(["calibrate", "--checkpoint", str(out), "--data", str(gravel), "--repaint-t0", "0", "--no-progress"]) == 0
+    config = json.loads((out / "cgdiff.json").read_text())
+    assert "repaint_t0" not in config["sampler"] and "mask_threshold" not in config["calibration"]
     capsys.readouterr()
 
 
