@@ -12,7 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 # The settings the tuning section compares, in the order of the tuner's search.
-TABLE_KEYS = ("t0", "steps", "w", "guidance_scale", "blur_sigma", "samples", "pixel_weight", "feature_weight", "map_sigma")
+TABLE_KEYS = ("t0", "steps", "w", "guidance_scale", "blur_sigma", "samples", "repaint_t0", "pixel_weight",
+              "feature_weight", "map_sigma")
+# Settings stored only away from their default (a checkpoint without them reads as before).
+TABLE_DEFAULTS = {"samples": 1, "repaint_t0": 0}
 
 
 def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector") -> str:
@@ -60,6 +63,9 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
         "on normal images only reconstructs each image from a partially noised start, conditioned on the",
         "image itself and steered away from a blurred copy of its own estimate (blur guidance); the pixel",
         "and feature difference between the image and its reconstruction localises defects.",
+        *(["Then a second pass paints the pixels the first map marks over with the denoiser, from the input",
+           f"noised to t2 = {sampler['repaint_t0']}, keeping the rest of the image (RePaint-style); the second",
+           "reconstruction is the one scored."] if sampler.get("repaint_t0") else []),
         "",
         "```python",
         "from cgdiff import Detector",
@@ -152,9 +158,10 @@ def model_card_section(tuning: dict[str, Any]) -> list[str]:
     if chosen and previous:
         lines += ["", "| setting | before | chosen |", "|---|---|---|"]
         for key in TABLE_KEYS:
-            if key == "samples":  # stored only when above 1
-                if chosen.get(key, 1) != 1 or previous.get(key, 1) != 1:
-                    lines.append(f"| {key} | {previous.get(key, 1)} | {chosen.get(key, 1)} |")
+            if key in TABLE_DEFAULTS:
+                default = TABLE_DEFAULTS[key]
+                if chosen.get(key, default) != default or previous.get(key, default) != default:
+                    lines.append(f"| {key} | {previous.get(key, default)} | {chosen.get(key, default)} |")
             elif key in chosen:
                 lines.append(f"| {key} | {previous.get(key)} | {chosen.get(key)} |")
         v = tuning.get("validation") or {}

@@ -2,8 +2,8 @@
 
     HF_HUB_OFFLINE=1 python docs/make_figures.py [--checkpoint brick] [--image PATH] [--out docs/method.png]
 
-Panels: the input, its partial-diffusion start x_t0, the reconstruction, the pixel and the
-feature distances, the anomaly map (threshold-relative colours, as in the app) and the overlay
+Panels: the input, its partial-diffusion start x_t0, the reconstruction (with a second pass,
+the first pass's and the second's), the pixel and the feature distances, the anomaly map (threshold-relative colours, as in the app) and the overlay
 with the predicted mask. Everything is computed by cgdiff with the checkpoint's own settings.
 """
 
@@ -40,17 +40,21 @@ def main() -> None:
 
     x = detector.prepare(image)
     steps: list[dict] = []
-    x_rec = detector.reconstruct(x, trace=steps.append)
+    s = detector.sampler
+    x_first = detector.reconstruct(x, s.replace(repaint_t0=0), trace=steps.append)
+    x_rec = detector.reconstruct(x) if s.repaint_t0 else x_first
     d_pixel, d_feat = detector.scorer.distances(x, x_rec)
     amap = detector.score_maps(x, x_rec)[0].float().numpy()
     # The same result `detector.detect` gives, built from the pieces above instead of a second run.
     result = Detection(to_uint8(x)[0], to_uint8(x_rec)[0], amap, float(amap.max()), detector.threshold, 0.0)
 
-    s = detector.sampler
+    settings = f"K = {s.steps}, w = {s.w:g}, s = {s.guidance_scale:g}"
     panels = [
         (result.image, "input $y$"),
         (to_uint8(steps[0]["x_t"].clamp(-1, 1))[0], f"start $x_{{t_0}}$, $t_0$ = {s.t0}"),
-        (result.reconstruction, f"reconstruction\nK = {s.steps}, w = {s.w:g}, s = {s.guidance_scale:g}"),
+        *([(to_uint8(x_first)[0], f"first pass\n{settings}"),
+           (result.reconstruction, f"second pass: suspect pixels\nre-painted from $t_2$ = {s.repaint_t0}")]
+          if s.repaint_t0 else [(result.reconstruction, f"reconstruction\n{settings}")]),
         (d_pixel[0].numpy(), "pixel distance $D_p$"),
         (d_feat[0].numpy(), "feature distance $D_f$"),
         (viz.heatmap(amap, detector.threshold), "anomaly map $A$"),

@@ -130,6 +130,7 @@ def test_the_second_pass_is_calibrated_on_the_first_pass_and_stored(tiny_detecto
     path = two.save_pretrained(tmp_path / "ckpt")
     config = json.loads((path / "cgdiff.json").read_text())
     assert config["sampler"]["repaint_t0"] == 300 and config["calibration"]["mask_threshold"] == cal.mask_threshold
+    assert "a second pass paints the pixels the first map marks" in (path / "README.md").read_text()
     loaded = Detector.from_pretrained(path, device="cpu")
     assert loaded.sampler == two.sampler and loaded.calibration.mask_threshold == cal.mask_threshold
     assert loaded.detect(normals[:1])[0].score == pytest.approx(result.score, rel=1e-4)
