@@ -678,12 +678,14 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
     estimates = [(s.x0, f"estimate at t = {s.t}") for s in traj.steps]
     blurred = [(s.x0_blurred, f"blurred, t = {s.t}") for s in traj.steps if s.x0_blurred is not None]
     start = ("pure noise (t0 >= 1000)" if traj.sampler.t0 >= 1000 else f"the input noised to t0 = {traj.sampler.t0}")
+    whose = "first pass's " if t2 > 0 else ""
     status = (f"Model **{esc(model)}**: {len(traj.steps)} steps from {start} down to 0 "
               f"(w = {traj.sampler.w:g}, s = {traj.sampler.guidance_scale:g}); the last estimate "
-              f"(t = {traj.steps[last].t}) is the reconstruction."
+              f"(t = {traj.steps[last].t}) is the {whose}reconstruction."
               + (f" These are the first of {traj.sampler.samples} runs from different start noise; the "
                  f"reconstruction scored is their mean." if traj.sampler.samples > 1 else "")
-              + (f" Then a second pass: the pixels whose map came near the threshold were painted over by the "
+              + (f" Then a second pass: the pixels whose first map came near the model's calibrated first-pass "
+                 f"threshold were painted over by the "
                  f"denoiser from t2 = {t2} in {traj.sampler.repaint_model_calls()} steps (no conditioning), the "
                  "rest kept as it was; the result shows it and is what is scored." if t2 > 0 else "")
               + ("" if blurred else " Blur guidance is off at these settings (s = 0), so there is no blurred "

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-removal", type=_number(float, 0), default=0.0, metavar="X",
                    help="choose only among settings whose validation removal (0..1: how much of each synthetic "
                    "defect the reconstruction takes out) reaches X, while any does; when the best by AUPRO does "
-                   "not, it is also tried with the second pass (--repaint-t0 400, 600); 0: by AUPRO alone")
+                   "not, it is also tried with the second pass (t2 = 400, 600); 0: by AUPRO alone")
     p.add_argument("--max-model-calls", type=_number(int, 1), default=None, metavar="N",
                    help="leave out settings that cost more than N denoiser evaluations per image (K, 2K with "
                    "blur guidance, times the reconstructions averaged, whose runs share U-Net calls, plus K2 of a "
@@ -675,9 +675,10 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"the {len(all_images)} training images (in-sample: the denoiser trained on "
             f"{len(all_images) - len(held)} of them; --holdout {MIN_HELDOUT_CALIBRATION} or more gives a "
             "threshold from unseen normals only)")
-    if sampler.t0 >= config.max_timestep:
-        raise ValueError(f"--t0 {sampler.t0} starts at a noise level that --max-timestep {config.max_timestep} never "
-                         f"trains: give --t0 below {config.max_timestep} (or a larger --max-timestep).")
+    for flag, start in (("--t0", sampler.t0), ("--repaint-t0", sampler.repaint_t0)):
+        if start >= config.max_timestep:
+            raise ValueError(f"{flag} {start} starts at a noise level that --max-timestep {config.max_timestep} never "
+                             f"trains: give {flag} below {config.max_timestep} (or a larger --max-timestep).")
 
     # Checked here too, so the record never lands in a folder train() would refuse.
     check_output_folder(out, args.resume, args.overwrite)
@@ -1081,9 +1082,12 @@ def cmd_calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     detector = _load_detector(args)  # refuses an uncalibrated checkpoint
     before, sampler_before = detector.calibration, detector.sampler
     detector.sampler = detector.sampler.replace(repaint_t0=args.repaint_t0, repaint_steps=args.repaint_steps)
+    if args.repaint_steps is not None and not detector.sampler.repaint_t0:
+        raise ValueError("--repaint-steps sets the second pass's steps, and this checkpoint has no second pass: "
+                         "give --repaint-t0 N too.")
     used = recalibrate(detector, args.data, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                        log=None if args.no_progress else _info)
-    stale = retire_stale_metrics(detector, detector.sampler != sampler_before, before.pixel_scale)
+    stale = retire_stale_metrics(detector, detector.sampler.to_dict() != sampler_before.to_dict(), before.pixel_scale)
     if stale:
         detector.info["metrics_before_recalibration"] = stale
     detector.info["calibration_before"] = {k: v for k, v in before.to_dict().items()

@@ -39,7 +39,10 @@ from .model import NUM_TRAIN_TIMESTEPS, build_scheduler, count_parameters, downs
 from .sampler import SamplerConfig, reconstruct, repaint, suspect_mask, timesteps
 from .scorer import NORMAL_TAIL, THRESHOLD_RULES, Calibration, Scorer, ScorerConfig, build_backbone
 
-FORMAT_VERSION = 1
+# The newest cgdiff.json format this version reads. A checkpoint is written as format 1 (which
+# every version reads) unless it stores a second pass (repaint_t0, calibration.mask_threshold):
+# format 2, so that an older cgdiff says to upgrade instead of naming unknown settings.
+FORMAT_VERSION = 2
 MAX_IMAGE_SIZE = 2048
 MAX_UNET_CHANNELS = 2048
 MAX_UNET_PARAMETERS = 500_000_000  # DDAD's recipe ('paper' preset) has 30 M; 500 M is 2 GB of fp32
@@ -223,8 +226,8 @@ class Detector:
 
         With the second pass on (sampler.repaint_t0 > 0) the first reconstruction is scored with
         the stored scorer settings, and the pixels whose map nears the first pass's threshold
-        (`calibration.mask_threshold`, or the threshold of a detector calibrated without the
-        second pass) are painted over (`cgdiff.sampler.repaint`); that needs a calibration
+        (`calibration.mask_threshold`; for a detector calibrated without the second pass, the
+        normal-tail threshold of its normal scores, as `calibrate` would set it) are painted over (`cgdiff.sampler.repaint`); that needs a calibration
         (RuntimeError without one). `progress(done, total)` counts the steps of both passes."""
         sampler = sampler or self.sampler
         extra = {"trace": trace} if trace is not None else {}
@@ -237,7 +240,7 @@ class Detector:
         if self.calibration is None:
             raise RuntimeError("the second pass (repaint_t0 > 0) needs a calibrated detector: call "
                                "detector.calibrate(normal_images) first.")
-        return self._repaint(x, x_rec, sampler, self.calibration.mask_threshold or self.calibration.threshold,
+        return self._repaint(x, x_rec, sampler, _mask_threshold(self.calibration),
                              None if progress is None else (lambda i, _n: progress(n_first + i, _num_steps(sampler))))
 
     def _repaint(self, x: torch.Tensor, x_rec: torch.Tensor, sampler: SamplerConfig, mask_threshold: float,
@@ -369,7 +372,7 @@ class Detector:
     # ------------------------------------------------------------------------- persistence
     def config_dict(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": 2 if self.sampler.repaint_t0 or (self.calibration and self.calibration.mask_threshold) else 1,
             "cgdiff_version": __version__,
             "image_size": self.image_size,
             "sampler": self.sampler.to_dict(),
@@ -475,6 +478,18 @@ class Detector:
             + (f", suspect pixels re-painted from t2={s.repaint_t0} in K2={s.repaint_steps} steps"
                if s.repaint_t0 > 0 else "")
         )
+
+
+def _mask_threshold(calibration: Calibration, threshold_sigmas: float = 3.0) -> float:
+    """The first pass's threshold the second pass's mask is drawn against: the stored one, or
+    for a calibration made without the second pass its normal-tail threshold (max(largest
+    normal score, mean + 3 sd), as `Detector.calibrate` sets it), or its threshold when it
+    keeps no normal scores."""
+    if calibration.mask_threshold:
+        return calibration.mask_threshold
+    if calibration.normal_scores:
+        return max(max(calibration.normal_scores), calibration.score_mean + threshold_sigmas * calibration.score_std)
+    return calibration.threshold
 
 
 def _load_runtime(unet: torch.nn.Module, runtime: str):

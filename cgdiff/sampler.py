@@ -320,7 +320,8 @@ def repaint(
     of `mask` (B x 1 x H x W in [0, 1], see `suspect_mask`) painted over by a K2-step DDIM run
     (eta 0, no conditioning or blur guidance) from t2 = config.repaint_t0, the input noised to
     each step kept outside; B x 3 x H x W in [-1, 1], equal to y where the mask is 0. Seeded by
-    config.seed. `progress(done, K2)` after every step. Raises ValueError when the second pass
+    config.seed (the same start noise as the first pass's first run). `progress(done, K2)` after
+    every step. Raises ValueError when the second pass
     is off (repaint_t0 = 0)."""
     config.validate()
     if config.repaint_t0 <= 0:

@@ -172,10 +172,13 @@ def _difference(d: Detection) -> float:
     return float(np.abs(d.reconstruction.astype(np.float32) - d.image.astype(np.float32)).mean() / 255)
 
 
-def describe_change(key: str, variant: Detection, full: Detection) -> str:
-    """One line: what the variant does and what it changed (measured) against the full method."""
+def describe_change(key: str, variant: Detection, full: Detection, second_pass: int = 0) -> str:
+    """One line: what the variant does and what it changed (measured) against the full method.
+    `second_pass`: t2 of the settings' second pass (0: none), which every variant keeps."""
     if key == "full":
-        return (f"All three strategies: the reconstruction differs from the input by {_difference(full):.3f} on "
+        then = (f", then the second pass from t2 = {second_pass} (which every variant below keeps)"
+                if second_pass else "")
+        return (f"All three strategies{then}: the reconstruction differs from the input by {_difference(full):.3f} on "
                 f"average; score {full.relative_score:.2f}x the threshold, {100 * full.mask.mean():.0f}% of the map "
                 "above it.")
     return (f"{_WHY[key][0].upper()}{_WHY[key][1:]}: the reconstruction differs from the input by "
@@ -205,7 +208,8 @@ def ablations(detector: Detector, image: Any, threshold: Optional[float] = None,
             step_cb = lambda k, _n, o=done, m=per_step: progress(min(total, o + round(k * m)), total)  # noqa: E731
         results[i] = detector.detect(image, threshold=threshold, progress=step_cb, **{**overrides, **changes})[0]
         done += calls[i]
-    return [Variant(key, title, changes, results[i], describe_change(key, results[i], results[0]), calls[i])
+    return [Variant(key, title, changes, results[i], describe_change(key, results[i], results[0], sampler.repaint_t0),
+                    calls[i])
             for i, (key, title, changes) in enumerate(rows)]
 
 

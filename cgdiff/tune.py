@@ -659,6 +659,7 @@ class _Search:
             self.rows.append({
                 "sampler": sampler.to_dict(),
                 **{k: getattr(sampler, k) for k in SAMPLER_SEARCHED}, "repaint_t0": sampler.repaint_t0,
+                "repaint_steps": sampler.repaint_steps,
                 "pixel_weight": r["pixel_weight"], "feature_weight": r["feature_weight"], "map_sigma": r["map_sigma"],
                 "model_calls": sampler.model_calls(),
                 "seconds_per_image": round(seconds + r["scoring_seconds_per_image"], 4),
@@ -776,7 +777,7 @@ def tune(
         choice is by AUPRO alone and the record says so.
     repaint_t0s: t2 values of that second-pass stage (empty: no stage).
     max_model_calls: leave out settings that cost more denoiser evaluations per image (K, 2K
-        with blur guidance, times N), e.g. to keep an app's latency; the stored settings are
+        with blur guidance, times N, plus K2 with a second pass), e.g. to keep an app's latency; the stored settings are
         still measured as the reference, and chosen only when no cheaper setting completed;
         when they are over the cap, the search starts from them brought under it (fewer
         averaged runs first, then fewer steps).
@@ -801,6 +802,7 @@ def tune(
     if "t0" in grids and trained < 1000:
         grids = {**grids, "t0": {stage: tuple(v for v in values if v < trained) or (trained - 1,)
                                  for stage, values in grids["t0"].items()}}
+    repaint_t0s = tuple(t2 for t2 in repaint_t0s if t2 < trained)  # never a start it did not learn
     for pw, fw in balances:
         ScorerConfig(pixel_weight=pw, feature_weight=fw)
     for sigma in map_sigmas:
@@ -824,7 +826,17 @@ def tune(
                          batch_size, log, Path(tmp), metric_size, min_removal, map_sigmas, max_model_calls)
         search.t_start = t_begin
         log(f"stored settings: {_describe(start_sampler)}")
-        search.evaluate(start_sampler, "start", reference=True)
+        if start_sampler.repaint_t0:
+            # Its mask was drawn with the stored balance, map sigma and c: score it with those only.
+            searched = (search.balances, search.map_sigmas)
+            search.balances, search.map_sigmas = (stored_balance,), (stored_sigma,)
+            search.pixel_scale = detector.calibration.pixel_scale
+            try:
+                search.evaluate(start_sampler, "start", reference=True)
+            finally:
+                (search.balances, search.map_sigmas), search.pixel_scale = searched, None
+        else:
+            search.evaluate(start_sampler, "start", reference=True)
         if max_model_calls is not None and start_sampler.model_calls() > max_model_calls:
             # The search moves one setting at a time from the best row under the cap: give it one.
             search.evaluate(_under_cap(start_sampler, max_model_calls), "start, under the cap")
@@ -854,13 +866,16 @@ def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int,
     balance and map sigma) with the second pass from each t2, its mask relative to the threshold that
     `Detector.calibrate` gives the setting on the calibration normals (as `apply_result` will),
     c kept at that calibration's. The detector is left as it was."""
-    one_pass = [r for r in search.rows if not r["repaint_t0"]]
+    one_pass = [r for r in search.rows if not r["repaint_t0"] and r.get("complete") and r.get("aupro") is not None]
+    if not one_pass:  # e.g. a stored second pass and no other setting finished
+        return
     best = one_pass[select(one_pass, search.tie_tolerance, 0.0, search.max_model_calls)]
     if _removal_for_floor(best) >= search.min_removal:
         return
     det, vset = search.detector, search.vset
     sampler = SamplerConfig(**best["sampler"])
     saved = (det.sampler, det.scorer.config, det.calibration, search.balances, search.map_sigmas, search.race_margin)
+    info = dict(det.info)  # calibrate() drops an earlier `cgdiff calibrate`'s notes
     log(f"second pass (the best setting by AUPRO removes {best.get('removal') or 0.0:.3f}, lower bound "
         f"{_removal_for_floor(best):.3f}, under {search.min_removal:g}): {_describe(sampler)} with the suspect pixels re-painted from t2 "
         f"in {', '.join(map(str, repaint_t0s))}:")
@@ -877,15 +892,20 @@ def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int,
             if search.max_model_calls is not None and candidate.model_calls() > search.max_model_calls:
                 search.over_cap += 1
                 continue
+            search.done.discard(_key(candidate))  # measured under this calibration, even if the stored one is alike
+            search.n_sampler_settings += 1
             search.evaluate(candidate, "second pass", reference=True)
     finally:
         det.sampler, det.scorer.config, det.calibration, search.balances, search.map_sigmas, search.race_margin = saved
+        det.info.clear()
+        det.info.update(info)
         search.pixel_scale = None
 
 
 def _under_cap(sampler: SamplerConfig, max_model_calls: int) -> SamplerConfig:
-    """`sampler` brought under `max_model_calls` denoiser evaluations per image: fewer averaged
-    runs first, then fewer steps."""
+    """`sampler` brought under `max_model_calls` denoiser evaluations per image: without a second
+    pass, then fewer averaged runs, then fewer steps."""
+    sampler = sampler.replace(repaint_t0=0)  # the search moves the first pass only
     per_run = sampler.model_calls() // sampler.samples
     if per_run <= max_model_calls:
         return sampler.replace(samples=min(sampler.samples, max_model_calls // per_run))
@@ -1172,7 +1192,8 @@ def front_table(record: dict[str, Any]) -> list[str]:
         flags = (f"--t0 {r['t0']} --steps {r['steps']} --w {r['w']:g} --guidance-scale {r['guidance_scale']:g} "
                  f"--blur-sigma {r['blur_sigma']:g} --pixel-weight {r['pixel_weight']:g} "
                  f"--feature-weight {r['feature_weight']:g}"
-                 + (f" --samples {r['samples']}" if r.get("samples", 1) > 1 else "")
+                 + f" --samples {r.get('samples', 1)} --repaint-t0 {r.get('repaint_t0', 0)}"
+                 + (f" --repaint-steps {r['repaint_steps']}" if r.get("repaint_t0") else "")
                  + (f" --map-sigma {r['map_sigma']:g}" if "map_sigma" in r else ""))
         mark = "  <- chosen" if i == record["chosen_row"] else ""
         removed = f"removal {r['removal']:.3f}" if r.get("removal") is not None else "removal  n/a"

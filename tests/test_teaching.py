@@ -82,11 +82,16 @@ def test_the_trajectory_follows_the_sampler(brick):
 def test_ablations_switch_off_one_strategy_each(brick):
     image = str(BUNDLED["brick"].examples()[0])
     seen = []
-    variants = teaching.ablations(brick, image, progress=lambda i, n: seen.append((i, n)), steps=2, guidance_scale=0.5)
+    one_pass = dict(steps=2, guidance_scale=0.5, repaint_t0=0)  # brick's second pass off: the paper's strategies
+    variants = teaching.ablations(brick, image, progress=lambda i, n: seen.append((i, n)), **one_pass)
     assert [v.key for v in variants] == ["full", "pure_noise", "no_conditioning", "no_guidance"]
     assert [v.changes for v in variants] == [{}, {"t0": 1000}, {"w": 0.0}, {"guidance_scale": 0.0}]
-    cost = teaching.ablation_cost(brick, steps=2, guidance_scale=0.5)
+    cost = teaching.ablation_cost(brick, **one_pass)
     assert cost == {"reconstructions": 4, "model_calls": 4 + 4 + 4 + 2, "full_model_calls": 4}
+    # With its second pass every variant keeps it, at K2 more calls each, and the full row says so.
+    k2 = brick.sampler.repaint_model_calls()
+    assert brick.sampler.repaint_t0 > 0 and teaching.ablation_cost(brick, steps=2, guidance_scale=0.5) == {
+        "reconstructions": 4, "model_calls": 14 + 4 * k2, "full_model_calls": 4 + k2}
     assert seen[-1] == (14, 14) and [i for i, _ in seen] == sorted(i for i, _ in seen)
     full, noise = variants[0].detection, variants[1].detection
     # A pure-noise start loses the image: its reconstruction is far further from the input.
@@ -94,9 +99,10 @@ def test_ablations_switch_off_one_strategy_each(brick):
         3 * np.abs(full.reconstruction.astype(float) - full.image).mean()
     assert all(v.line for v in variants) and "full method" in variants[1].line
     # At the model's own settings (s = 0) the last row switches blur guidance on instead.
-    stored = teaching.ablations(brick, image, full=full, steps=2)
+    stored = teaching.ablations(brick, image, full=full, steps=2, repaint_t0=0)
     assert stored[-1].key == "with_guidance" and stored[-1].changes == {"guidance_scale": teaching.GUIDANCE_DEMO_SCALE}
     assert stored[0].detection is full
+    assert "then the second pass from t2 = " in teaching.describe_change("full", full, full, 400)
 
 
 def test_bundled_examples_bring_their_ground_truth(tmp_path):

@@ -215,6 +215,10 @@ def test_below_the_removal_floor_the_best_setting_is_tried_with_the_second_pass(
     forced = dataclasses.replace(result, chosen={**second[0]["sampler"], **{k: second[0][k] for k in SCORER_SEARCHED}})
     apply_result(tiny_detector, forced)
     assert tiny_detector.sampler.repaint_t0 == 300 and tiny_detector.calibration.mask_threshold > 0
+    # Stored with a second pass and no other setting run: the stored row is the only one, no stage.
+    again = tune(tiny_detector, gravel, budget_s=600, seed=5, max_evaluations=0, min_removal=0.999, apply=False,
+                 **SMALL)
+    assert [r["stage"] for r in again.table] == ["start"] and again.chosen["repaint_t0"] == 300
 
 
 def test_selection_prefers_fewer_model_calls_within_the_tolerance():
@@ -294,7 +298,10 @@ def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys
     # The threshold: the F1-max cut against one synthetic defect per calibration normal.
     assert len(tuned["calibration"]["anomalous_scores"]) == 12
     _check_threshold_rule(tuned["calibration"])
-    assert len(tuning["table"]) >= 2 and tuning["search"]["sampler_settings"] == 2
+    # The stored setting, one searched, and the best with the second pass from t2 = 400 and 600
+    # (the floor was missed).
+    assert [r["repaint_t0"] for r in tuning["table"] if r["stage"] == "second pass"] == [400, 600]
+    assert len(tuning["table"]) >= 2 and tuning["search"]["sampler_settings"] == 4
     assert (ckpt / "tuning_front.png").read_bytes()[:4] == b"\x89PNG"
     card = (ckpt / "README.md").read_text()
     assert "Label-free tuning" in card and "tuning_front.png" in card
