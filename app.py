@@ -383,7 +383,8 @@ def verdict_html(kind: str, detail: str = "", model: str = "") -> str:
 
 
 def describe_result(result: Detection, threshold_scale: float, seconds_total: float, steps: int,
-                    evaluations: int) -> str:
+                    evaluations: int, second_pass: Optional[tuple[int, int]] = None) -> str:
+    """The verdict's lines; `second_pass`: (steps of the first pass, t2) when the settings have one."""
     relation = ">" if result.is_anomalous else "&le;"
     fraction = float(result.mask.mean())
     parts = [
@@ -394,7 +395,9 @@ def describe_result(result: Detection, threshold_scale: float, seconds_total: fl
     ]
     if result.is_anomalous:
         parts.append(f"Predicted defect area: {100 * fraction:.1f}% of the image.")
-    parts.append(f"Time: {result.seconds:.2f} s for {steps} denoising steps ({evaluations} U-Net evaluations) "
+    split = (f"{second_pass[0]}, then {steps - second_pass[0]} in the second pass from t2 = {second_pass[1]}; "
+             if second_pass else "")
+    parts.append(f"Time: {result.seconds:.2f} s for {steps} denoising steps ({split}{evaluations} U-Net evaluations) "
                  f"and scoring ({seconds_total:.2f} s in all).")
     return "<br>".join(parts)
 
@@ -572,8 +575,10 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     seconds_total = time.perf_counter() - started
     SECONDS_PER_EVALUATION[model] = result.seconds / max(1, sampler.model_calls())
     note = calibration_note(model_defaults(model, detector), overrides)
-    detail = describe_result(result, scale, seconds_total, _num_steps(sampler), sampler.model_calls())
-    details = result_details(model, result, overrides, scale, seconds_total, note)
+    second = (_num_steps(sampler.replace(repaint_t0=0)), sampler.repaint_t0) if sampler.repaint_t0 else None
+    detail = describe_result(result, scale, seconds_total, _num_steps(sampler), sampler.model_calls(), second)
+    settings = {**overrides, **({"repaint_t0": sampler.repaint_t0, "repaint_steps": sampler.repaint_steps} if second else {})}
+    details = result_details(model, result, settings, scale, seconds_total, note)
     familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
     details["unfamiliar"] = familiar.unfamiliar
     details["map_fraction_above_normal_level"] = round(familiar.fraction, 4)
@@ -673,7 +678,7 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
     noisy = [(s.x_t, f"x_t at t = {s.t}" + (" (start)" if i == 0 else "")) for i, s in enumerate(traj.steps)]
     runs, t2 = traj.sampler.samples, traj.sampler.repaint_t0
     noisy.append((traj.detection.reconstruction,
-                  ("result, after the second pass" if t2 > 0 else "result, after the last step")
+                  (f"result (2nd pass, t2 = {t2})" if t2 > 0 else "result, after the last step")
                   + (f" (the mean of {runs} runs" + (", then re-painted)" if t2 > 0 else ")") if runs > 1 else "")))
     estimates = [(s.x0, f"estimate at t = {s.t}") for s in traj.steps]
     blurred = [(s.x0_blurred, f"blurred, t = {s.t}") for s in traj.steps if s.x0_blurred is not None]

@@ -328,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AUPRO within X of the best counts as a tie, won by fewer model calls")
     p.add_argument("--min-removal", type=_number(float, 0), default=0.0, metavar="X",
                    help="choose only among settings whose validation removal (0..1: how much of each synthetic "
-                   "defect the reconstruction takes out) reaches X, while any does; when the best by AUPRO does "
-                   "not, it is also tried with the second pass (t2 = 400, 600); 0: by AUPRO alone")
+                   "defect the reconstruction takes out) reaches X, while any does; when none does, the best by "
+                   "AUPRO is also tried with the second pass (t2 = 400, 600); 0: by AUPRO alone")
     p.add_argument("--max-model-calls", type=_number(int, 1), default=None, metavar="N",
                    help="leave out settings that cost more than N denoiser evaluations per image (K, 2K with "
                    "blur guidance, times the reconstructions averaged, whose runs share U-Net calls, plus K2 of a "

@@ -178,7 +178,7 @@ def describe_change(key: str, variant: Detection, full: Detection, second_pass: 
     if key == "full":
         then = (f", then the second pass from t2 = {second_pass} (which every variant below keeps)"
                 if second_pass else "")
-        return (f"All three strategies{then}: the reconstruction differs from the input by {_difference(full):.3f} on "
+        return (f"The detector's settings{then}: the reconstruction differs from the input by {_difference(full):.3f} on "
                 f"average; score {full.relative_score:.2f}x the threshold, {100 * full.mask.mean():.0f}% of the map "
                 "above it.")
     return (f"{_WHY[key][0].upper()}{_WHY[key][1:]}: the reconstruction differs from the input by "

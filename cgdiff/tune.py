@@ -23,10 +23,10 @@ normal images only:
        around the best point so far;
      - refinement: the neighbours of the best value on a finer grid, repeated while the
        best point moves and time is left;
-     - with `min_removal` > 0, when the best setting by AUPRO does not reach it: that setting
-       again with the second pass (`cgdiff.sampler.repaint`) from each t2 in `repaint_t0s`,
-       its mask drawn relative to the threshold `Detector.calibrate` gives that setting on the
-       calibration normals (run after the budget, like the recalibration).
+     - with `min_removal` > 0, when no setting reaches it: the best setting by AUPRO again with
+       the second pass (`cgdiff.sampler.repaint`) from each t2 in `repaint_t0s`, its mask drawn
+       relative to the threshold `Detector.calibrate` gives that setting on the calibration
+       normals (run after the budget, like the recalibration).
    Every sampler setting is first run on half of the validation images; it is finished on
    the other half only if its AUPRO there is within `race_margin` of the best point's
    (clearly bad settings cost half). For every reconstruction the pixel/feature balance (and,
@@ -771,10 +771,10 @@ def tune(
         images only: max(largest normal score, mean + 3 sd)).
     min_removal: choose only among settings whose validation removal reaches it (in [0, 1];
         the lower end of its bootstrap interval over the validation's defect images, see
-        `select`; 0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when the
-        search's best setting by AUPRO does not reach it, that setting is also tried with the
-        second pass from each t2 in `repaint_t0s` (after the budget); when none reaches it, the
-        choice is by AUPRO alone and the record says so.
+        `select`; 0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when no
+        setting of the search reaches it, the best one by AUPRO is also tried with the second pass
+        from each t2 in `repaint_t0s` (after the budget); when still none reaches it, the choice
+        is by AUPRO alone and the record says so.
     repaint_t0s: t2 values of that second-pass stage (empty: no stage).
     max_model_calls: leave out settings that cost more denoiser evaluations per image (K, 2K
         with blur guidance, times N, plus K2 with a second pass), e.g. to keep an app's latency; the stored settings are
@@ -862,22 +862,22 @@ def tune(
 
 
 def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int, log: Callable[[str], None]) -> None:
-    """When the best one-pass setting by AUPRO does not reach the removal floor: that setting (its
-    balance and map sigma) with the second pass from each t2, its mask relative to the threshold that
+    """When no setting reaches the removal floor: the best one-pass setting by AUPRO (its balance
+    and map sigma) with the second pass from each t2, its mask relative to the threshold that
     `Detector.calibrate` gives the setting on the calibration normals (as `apply_result` will),
     c kept at that calibration's. The detector is left as it was."""
     one_pass = [r for r in search.rows if not r["repaint_t0"] and r.get("complete") and r.get("aupro") is not None]
     if not one_pass:  # e.g. a stored second pass and no other setting finished
         return
     best = one_pass[select(one_pass, search.tie_tolerance, 0.0, search.max_model_calls)]
-    if _removal_for_floor(best) >= search.min_removal:
+    if any(_removal_for_floor(r) >= search.min_removal for r in search.rows if r.get("complete")):
         return
     det, vset = search.detector, search.vset
     sampler = SamplerConfig(**best["sampler"])
     saved = (det.sampler, det.scorer.config, det.calibration, search.balances, search.map_sigmas, search.race_margin)
     info = dict(det.info)  # calibrate() drops an earlier `cgdiff calibrate`'s notes
-    log(f"second pass (the best setting by AUPRO removes {best.get('removal') or 0.0:.3f}, lower bound "
-        f"{_removal_for_floor(best):.3f}, under {search.min_removal:g}): {_describe(sampler)} with the suspect pixels re-painted from t2 "
+    log(f"second pass (no setting reached validation removal {search.min_removal:g}; the best by AUPRO removes "
+        f"{best.get('removal') or 0.0:.3f}, lower bound {_removal_for_floor(best):.3f}): {_describe(sampler)} with the suspect pixels re-painted from t2 "
         f"in {', '.join(map(str, repaint_t0s))}:")
     try:
         det.sampler = sampler
@@ -1002,8 +1002,8 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
         "validation_set": vset.describe(),
         "search": {
             "strategy": "stored settings, then a coarse one-setting-at-a-time sweep (w, s, t0, K, sigma, N) and "
-                        "refinement on finer grids (then, when the best by AUPRO is below min_removal, it with "
-                        "the second pass); settings raced on half the images; pixel/feature balance "
+                        "refinement on finer grids (then, when no setting reaches min_removal, the best by "
+                        "AUPRO with the second pass); settings raced on half the images; pixel/feature balance "
                         f"(and map sigmas {', '.join(f'{x:g}' for x in search.map_sigmas)}) searched on every "
                         "reconstruction",
             "budget_seconds": result.budget_s, "seconds": round(result.seconds, 1), "stopped": result.stopped,

@@ -472,7 +472,7 @@ def test_teaching_endpoint_shows_the_trajectory_and_the_ablations(client, app_mo
     caption = noisy[-1]["caption"] if isinstance(noisy[-1], dict) else noisy[-1][1]
     # Not "t = 0": the last step starts there; brick's result comes after its second pass.
     second = app_module.MODELS.get(entry.name).sampler.repaint_t0
-    assert caption.startswith("result, after the second pass" if second else "result, after the last step")
+    assert caption.startswith("result (2nd pass" if second else "result, after the last step")
     assert ("Then a second pass" in status) == bool(second)
     lines = variants[0::3]
     assert [ln.split("**")[1] for ln in lines] == ["Full method", "Pure-noise start (t0 = 1000)",
