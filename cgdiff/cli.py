@@ -34,6 +34,12 @@ from .train import LR_SCHEDULES, UNET_PRESETS, TrainConfig, TrainingError
 PROG = "cgdiff"
 TRAIN_ARGS_NAME = "train_args.json"  # beside the checkpoint: what `--resume` must keep
 
+# The command line's removal floor for tuning (`cgdiff tune --min-removal`, `train
+# --tune-min-removal`): choose among the settings whose reconstructions take out at least half of
+# each synthetic validation defect, while any does (BENCHMARKS.md, "The second pass in cgdiff" and
+# "A detector in 30 CPU minutes"). `cgdiff.tune.tune` itself defaults to 0, by AUPRO alone.
+MIN_REMOVAL = 0.5
+
 # (flag, dest, type, help) of the settings stored in a checkpoint.
 SAMPLER_FLAGS = [
     ("--t0", "t0", int, "start step of the partial diffusion (>= 1000: pure-noise start)"),
@@ -226,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the bottom fraction F of every training image out of training, for tuning")
     g.add_argument("--tune", action="store_true", help="run 'cgdiff tune' on the new checkpoint after training")
     g.add_argument("--tune-minutes", type=positive_float, default=10.0, metavar="M", help="time budget of --tune")
-    g.add_argument("--tune-min-removal", type=_number(float, 0), default=0.0, metavar="X",
-                   help="--min-removal of --tune (see 'cgdiff tune --help')")
+    g.add_argument("--tune-min-removal", type=_number(float, 0), default=MIN_REMOVAL, metavar="X",
+                   help="--min-removal of --tune (see 'cgdiff tune --help'; 0: by AUPRO alone)")
     g.add_argument("--tune-max-model-calls", type=_number(int, 1), default=None, metavar="N",
                    help="--max-model-calls of --tune (see 'cgdiff tune --help')")
     _add_common(p, device=False)
@@ -326,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation images with a synthetic defect")
     p.add_argument("--tie-tolerance", type=_number(float, 0), default=0.005, metavar="X",
                    help="AUPRO within X of the best counts as a tie, won by fewer model calls")
-    p.add_argument("--min-removal", type=_number(float, 0), default=0.0, metavar="X",
+    p.add_argument("--min-removal", type=_number(float, 0), default=MIN_REMOVAL, metavar="X",
                    help="choose only among settings whose validation removal (0..1: how much of each synthetic "
                    "defect the reconstruction takes out) reaches X, while any does; when none does, the best by "
                    "AUPRO is also tried with the second pass (t2 = 400, 600); 0: by AUPRO alone")

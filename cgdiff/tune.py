@@ -774,7 +774,8 @@ def tune(
         `select`; 0: by AUPRO alone), so that the reconstruction visibly takes the defect out; when no
         setting of the search reaches it, the best one by AUPRO is also tried with the second pass
         from each t2 in `repaint_t0s` (after the budget); when still none reaches it, the choice
-        is by AUPRO alone and the record says so.
+        is by AUPRO alone and the record says so. (The command line's default is 0.5,
+        `cgdiff.cli.MIN_REMOVAL`.)
     repaint_t0s: t2 values of that second-pass stage (empty: no stage).
     max_model_calls: leave out settings that cost more denoiser evaluations per image (K, 2K
         with blur guidance, times N, plus K2 with a second pass), e.g. to keep an app's latency; the stored settings are

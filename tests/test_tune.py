@@ -221,6 +221,15 @@ def test_below_the_removal_floor_the_best_setting_is_tried_with_the_second_pass(
     assert [r["stage"] for r in again.table] == ["start"] and again.chosen["repaint_t0"] == 300
 
 
+def test_the_command_line_tunes_for_removal_by_default():
+    from cgdiff.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["tune", "--checkpoint", "c", "--data", "d"]).min_removal == 0.5
+    assert parser.parse_args(["train", "--data", "d", "--out", "o"]).tune_min_removal == 0.5
+    assert parser.parse_args(["tune", "--checkpoint", "c", "--data", "d", "--min-removal", "0"]).min_removal == 0
+
+
 def test_selection_prefers_fewer_model_calls_within_the_tolerance():
     rows = [
         {"aupro": 0.950, "model_calls": 20, "seconds_per_image": 2.0, "complete": True},

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../../.." && . .venv/bin/activate
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 D=../shared/data/mvtec_leather_mini/leather
 SRC=${SRC:-runs/curve/leather30_samples}
-OUT=${OUT:-runs/curve/leather30_removal}
+OUT=${OUT:-runs/curve/leather30_samples_removal}
 rm -rf "$OUT" && cp -r "$SRC" "$OUT"
 python - "$OUT/cgdiff.json" <<'PY'
 import json, sys
@@ -22,5 +22,6 @@ for key in ("tuning", "metrics", "metrics_before_tuning"):
 json.dump(config, open(path, "w"), indent=2)
 PY
 /usr/bin/time -v cgdiff tune --checkpoint "$OUT" --data $D --minutes 8 --min-removal 0.5 --no-progress > "$OUT.tune.log" 2>&1
-cgdiff bench --quality --pair "$OUT" $D --methods full w0 pixel patchcore --out benchmarks/results/leather30_removal \
+mkdir -p benchmarks/results/leather30_samples_removal && cp "$OUT.tune.log" benchmarks/results/leather30_samples_removal/tune.log
+cgdiff bench --quality --pair "$OUT" $D --methods full w0 pixel patchcore --out benchmarks/results/leather30_samples_removal \
   --overwrite --no-progress
