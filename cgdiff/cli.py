@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="choose the sampler and scorer settings without test labels",
         description="Choose t0, K, w, the blur-guidance scale and sigma, the reconstructions averaged N and the "
         "pixel/feature balance "
-        "by AUPRO on a validation set of normal training images with seeded synthetic defects (images "
+        "by AUPRO (by default among the settings that take out at least half of each defect, see "
+        "--min-removal) on a validation set of normal training images with seeded synthetic defects (images "
         "or a stripe held out by 'train --holdout' / '--holdout-stripe' where there are some, else the "
         "training images themselves, which the output says). Test images and masks are never read. "
         "The chosen settings become the checkpoint's defaults; it is recalibrated (the threshold by "

@@ -758,7 +758,8 @@ def tune(
         validation's pick also won on their (synthetic) test splits; on the leather subset's
         real defects it picked a finer map than the stored one and lost (BENCHMARKS.md, "Map
         smoothing").
-    max_evaluations: at most this many sampler settings besides the stored one.
+    max_evaluations: at most this many sampler settings besides the stored one (the
+        second-pass stage's included).
     validation: a ready ValidationSet instead of one made from `root`.
     metric_size: pixel metrics are computed on maps and masks reduced to about this size
         (block means of the maps), which keeps scoring cheap next to reconstruction.
@@ -843,7 +844,7 @@ def tune(
             search.evaluate(_under_cap(start_sampler, max_model_calls), "start, under the cap")
         stopped = _run_search(search, grids, max_evaluations, refine_rounds, log)
         if min_removal > 0 and repaint_t0s:
-            _repaint_stage(search, repaint_t0s, batch_size, log)
+            _repaint_stage(search, repaint_t0s, batch_size, log, max_evaluations)
     rows = search.rows
     start_index = next(i for i, r in enumerate(rows)
                        if r["stage"] == "start" and (r["pixel_weight"], r["feature_weight"]) == stored_balance
@@ -862,7 +863,8 @@ def tune(
     return result
 
 
-def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int, log: Callable[[str], None]) -> None:
+def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int, log: Callable[[str], None],
+                   max_evaluations: Optional[int] = None) -> None:
     """When no setting reaches the removal floor: the best one-pass setting by AUPRO (its balance
     and map sigma) with the second pass from each t2, its mask relative to the threshold that
     `Detector.calibrate` gives the setting on the calibration normals (as `apply_result` will),
@@ -873,6 +875,8 @@ def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int,
     best = one_pass[select(one_pass, search.tie_tolerance, 0.0, search.max_model_calls)]
     if any(_removal_for_floor(r) >= search.min_removal for r in search.rows if r.get("complete")):
         return
+    if max_evaluations is not None and search.n_sampler_settings >= max_evaluations:
+        return  # its settings count among max_evaluations
     det, vset = search.detector, search.vset
     sampler = SamplerConfig(**best["sampler"])
     saved = (det.sampler, det.scorer.config, det.calibration, search.balances, search.map_sigmas, search.race_margin)
@@ -889,6 +893,8 @@ def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int,
         search.balances, search.map_sigmas = ((best["pixel_weight"], best["feature_weight"]),), (best["map_sigma"],)
         search.race_margin = math.inf  # finished in full: it is there for removal, not to beat AUPRO
         for t2 in repaint_t0s:
+            if max_evaluations is not None and search.n_sampler_settings >= max_evaluations:
+                break
             candidate = sampler.replace(repaint_t0=int(t2))
             if search.max_model_calls is not None and candidate.model_calls() > search.max_model_calls:
                 search.over_cap += 1

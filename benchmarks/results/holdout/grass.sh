@@ -13,6 +13,6 @@ if [ ! -f $ckpt/cgdiff.json ]; then
   OMP_NUM_THREADS=1 cgdiff train --data data/textures/grass --out $ckpt --image-size 128 --crop-size 64 --preset tiny \
     --max-steps 100000 --max-minutes 20 --backbone efficientnet-lite0 --rotations --holdout 8 --no-progress
 fi
-cgdiff tune --checkpoint $ckpt --data data/textures/grass --minutes 8 --no-progress > $out/grass_tune.txt 2>&1
+cgdiff tune --checkpoint $ckpt --data data/textures/grass --minutes 8 --min-removal 0 --no-progress > $out/grass_tune.txt 2>&1
 cgdiff evaluate --checkpoint $ckpt --data data/textures/grass --json $out/grass_test.json --overwrite --no-progress > /dev/null 2>&1
 cgdiff detect --checkpoint $ckpt checkpoints/grass/examples --no-progress > $out/grass_examples.txt 2>&1

@@ -8,5 +8,5 @@ D=../shared/data/mvtec_leather_mini/leather
 OUT=${OUT:-runs/curve/leather30}  # OUT=... for another run of the same recipe
 mkdir -p "$(dirname "$OUT")"
 /usr/bin/time -v cgdiff train --data $D --out "$OUT" --image-size 256 --backbone efficientnet-lite0 \
-  --max-minutes 21 --max-steps 100000 --tune --tune-minutes 8 --no-progress > "$OUT.log" 2>&1
+  --max-minutes 21 --max-steps 100000 --tune --tune-minutes 8 --tune-min-removal 0 --no-progress > "$OUT.log" 2>&1
 echo trained > "$OUT.trained"

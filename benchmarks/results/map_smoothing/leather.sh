@@ -23,5 +23,5 @@ det.info.pop("tuning")
 det.info.pop("metrics", None)
 det.save_pretrained("runs/curve/leather30_sigma")
 PY
-cgdiff tune --checkpoint $R --data $D --minutes 8 --map-sigmas 1 2 4 8 --no-progress | tee benchmarks/results/map_smoothing/leather_tune.txt
+cgdiff tune --checkpoint $R --data $D --minutes 8 --map-sigmas 1 2 4 8 --min-removal 0 --no-progress | tee benchmarks/results/map_smoothing/leather_tune.txt
 cgdiff bench --quality --pair $R $D --methods full w0 pixel feature patchcore --out benchmarks/results/map_smoothing/leather

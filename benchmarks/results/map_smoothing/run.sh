@@ -19,7 +19,7 @@ python benchmarks/map_smoothing.py --pair "$before/checkpoints/brick" data/textu
 mkdir -p $out/search
 for t in brick grass gravel; do
   cgdiff tune --checkpoint "$before/checkpoints/$t" --data data/textures/$t --out "$before/searched_$t" --overwrite \
-    --minutes 8 --map-sigmas 1 2 4 8 --no-progress | tee $out/search/${t}_tune.txt
+    --minutes 8 --map-sigmas 1 2 4 8 --min-removal 0 --no-progress | tee $out/search/${t}_tune.txt
   cgdiff evaluate --checkpoint "$before/searched_$t" --data data/textures/$t --json $out/search/${t}_test.json --overwrite --no-progress
   cgdiff detect --checkpoint "$before/searched_$t" "$before/checkpoints/$t/examples" --no-progress | tee $out/search/${t}_examples.txt
 done

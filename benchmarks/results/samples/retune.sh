@@ -37,7 +37,7 @@ PY
   rm $out/${t}_before.json
 done
 one() {
-  cgdiff tune --checkpoint checkpoints/$1 --data data/textures/$1 --minutes 8 ${MAX_CALLS:+--max-model-calls $MAX_CALLS} \
+  cgdiff tune --checkpoint checkpoints/$1 --data data/textures/$1 --minutes 8 --min-removal 0 ${MAX_CALLS:+--max-model-calls $MAX_CALLS} \
     --no-progress > $out/${1}_tune.txt 2>&1
   cgdiff evaluate --checkpoint checkpoints/$1 --data data/textures/$1 --record --json $out/${1}_test.json --overwrite --no-progress > /dev/null 2>&1
   cgdiff detect --checkpoint checkpoints/$1 checkpoints/$1/examples --no-progress > $out/${1}_examples.txt 2>&1
