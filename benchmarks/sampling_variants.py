@@ -11,7 +11,9 @@ Both ask whether the reconstruction, rather than the denoiser, keeps the defects
   them. Outside the mask every step's state is replaced by the input noised to that step, as
   in RePaint (Lugmayr et al., CVPR 2022), so the tile around a defect stays as it is; inside,
   the denoiser runs unconditioned (w = 0, s = 0) from a start noisy enough to hide the defect.
-  The map is then scored on the second reconstruction. This is the "inpainting" reference of
+  The map is then scored on the second reconstruction. (Since measured, this is in cgdiff as
+  `repaint_t0`; the script calls its `suspect_mask` and `repaint`, masked relative to the
+  stored threshold and without a calibration for the second pass.) This is the "inpainting" reference of
   `removal_ceiling.py` with the denoiser as the filler and the first map as the mask.
 
 Test split of `cgdiff build-textures` (removal needs the clean originals), the bundled
@@ -26,43 +28,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cgdiff.data import load_dataset
 from cgdiff.detector import Detector
 from cgdiff.evaluation import _removal, reconstruct_dataset, score_reconstructions
-from cgdiff.sampler import _per_image_noise, gaussian_blur, timesteps
+from cgdiff.sampler import repaint, suspect_mask
 
 KEYS = ("image_auroc", "pixel_auroc", "aupro", "removal", "fidelity")
-
-
-def suspect_mask(maps: np.ndarray, threshold: float, lo: float = 0.6, hi: float = 0.9) -> torch.Tensor:
-    """N x 1 x S x S in [0, 1]: 1 where the first map is near or above the threshold."""
-    m = ((torch.from_numpy(maps)[:, None] / threshold - lo) / (hi - lo)).clamp(0, 1)
-    return gaussian_blur(F.max_pool2d(m, 5, 1, 2), 2.0).clamp(0, 1)
-
-
-@torch.no_grad()
-def masked_restart(detector: Detector, y: torch.Tensor, m: torch.Tensor, t2: int, steps: int, seed: int = 0
-                   ) -> torch.Tensor:
-    """RePaint-style DDIM (eta 0) from t2: free inside m, the input's own forward process outside."""
-    abar = detector.alphas_cumprod.double()
-    z = _per_image_noise(y.shape, [torch.Generator().manual_seed(seed) for _ in range(len(y))], y.device, y.dtype)
-    x = math.sqrt(abar[t2]) * y + math.sqrt(1 - abar[t2]) * z
-    schedule = timesteps(t2, steps, abar.shape[0])
-    for i, t in enumerate(schedule):
-        a_t = abar[t].item()
-        a_n = abar[schedule[i + 1]].item() if i + 1 < len(schedule) else 1.0
-        e = detector._eps(x, torch.full((len(y),), t, dtype=torch.long))
-        x0 = (x - math.sqrt(1 - a_t) * e) / math.sqrt(a_t)
-        x = math.sqrt(a_n) * x0 + math.sqrt(1 - a_n) * e
-        x = m * x + (1 - m) * (math.sqrt(a_n) * y + math.sqrt(1 - a_n) * z)
-    return x.clamp(-1, 1)
 
 
 def measure(name: str, textures: Path, seeds: int, restarts: list[int], steps: int) -> list[dict]:
@@ -83,9 +58,10 @@ def measure(name: str, textures: Path, seeds: int, restarts: list[int], steps: i
     for n in sorted({2, seeds} - {1}):
         row(f"mean of {n} reconstructions (samples = {n})", reconstruct_dataset(detector, dataset, s.replace(samples=n)))
 
-    m = suspect_mask(score_reconstructions(detector, first).maps, detector.threshold)
+    m = suspect_mask(torch.from_numpy(score_reconstructions(detector, first).maps) / detector.threshold)
     for t2 in restarts:
-        rec = torch.cat([masked_restart(detector, first.inputs[b:b + 8], m[b:b + 8], t2, steps)
+        second = s.replace(repaint_t0=t2, repaint_steps=steps, seed=0)
+        rec = torch.cat([repaint(detector._eps, first.inputs[b:b + 8], m[b:b + 8], detector.alphas_cumprod, second)
                          for b in range(0, len(first), 8)])
         row(f"two-pass, masked re-start at t2 = {t2} (K = {steps})", dataclasses.replace(
             first, reconstructions=rec, removal=_removal(detector, dataset, samples, first.inputs, rec),

@@ -37,7 +37,7 @@ from .card import render_model_card
 from .images import ImageLike, to_batch, to_uint8
 from .model import NUM_TRAIN_TIMESTEPS, build_scheduler, count_parameters, downsampling_factor
 from .sampler import SamplerConfig, reconstruct, repaint, suspect_mask, timesteps
-from .scorer import NORMAL_TAIL, THRESHOLD_RULES, Calibration, Scorer, ScorerConfig, build_backbone
+from .scorer import NORMAL_TAIL, THRESHOLD_RULES, Calibration, Scorer, ScorerConfig, build_backbone, normal_tail
 
 # The newest cgdiff.json format this version reads. A checkpoint is written as format 1 (which
 # every version reads) unless it stores a second pass (repaint_t0, calibration.mask_threshold):
@@ -240,15 +240,14 @@ class Detector:
         if self.calibration is None:
             raise RuntimeError("the second pass (repaint_t0 > 0) needs a calibrated detector: call "
                                "detector.calibrate(normal_images) first.")
-        return self._repaint(x, x_rec, sampler, _mask_threshold(self.calibration),
+        return self._repaint(x, self.score_maps(x, x_rec), sampler, _mask_threshold(self.calibration),
                              None if progress is None else (lambda i, _n: progress(n_first + i, _num_steps(sampler))))
 
-    def _repaint(self, x: torch.Tensor, x_rec: torch.Tensor, sampler: SamplerConfig, mask_threshold: float,
+    def _repaint(self, x: torch.Tensor, first_maps: torch.Tensor, sampler: SamplerConfig, mask_threshold: float,
                  progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-        """The second pass on a first reconstruction x_rec of x, its mask drawn from the first
-        map (stored scorer settings) relative to `mask_threshold`."""
-        maps = self.score_maps(x, x_rec)
-        mask = suspect_mask(maps / max(mask_threshold, 1e-12))
+        """The second pass on x, its mask drawn from the first reconstruction's maps (B x H x W,
+        stored scorer settings) relative to `mask_threshold`."""
+        mask = suspect_mask(first_maps / max(mask_threshold, 1e-12))
         return repaint(self._eps, x, mask, self.alphas_cumprod, sampler, progress)
 
     @torch.no_grad()
@@ -321,25 +320,25 @@ class Detector:
         two_pass = self.sampler.repaint_t0 > 0
         total = 2 * n if two_pass else n
         first = self.sampler.replace(repaint_t0=0)
-        d_p, d_f, recs = [], [], []
+        d_p, d_f = [], []
         for start in range(0, n, batch_size):
             x = x_all[start : start + batch_size]
-            x_rec = self.reconstruct(x, first)
-            dp, df = self.scorer.distances(x, x_rec)
+            dp, df = self.scorer.distances(x, self.reconstruct(x, first))
             _check_finite(dp + df, self.sampler)
             d_p.append(dp.cpu())
             d_f.append(df.cpu())
-            if two_pass:
-                recs.append(x_rec)
             if progress is not None:
                 progress(min(start + batch_size, n), total)
         self.calibration = self.scorer.calibrate(torch.cat(d_p), torch.cat(d_f), threshold_sigmas)
         if two_pass:
-            # The first pass fixed c and the mask's threshold; the threshold is the second's.
-            mask_threshold, d_p, d_f = self.calibration.threshold, [], []
+            # The first pass fixed c and the mask's threshold (its maps from the distances above);
+            # the threshold is the second's.
+            cal = self.calibration
+            first_maps = [self.scorer.combine(dp, df, cal.pixel_scale) for dp, df in zip(d_p, d_f)]
+            mask_threshold, d_p, d_f = cal.threshold, [], []
             for i, start in enumerate(range(0, n, batch_size)):
                 x = x_all[start : start + batch_size]
-                dp, df = self.scorer.distances(x, self._repaint(x, recs[i], self.sampler, mask_threshold))
+                dp, df = self.scorer.distances(x, self._repaint(x, first_maps[i], self.sampler, mask_threshold))
                 _check_finite(dp + df, self.sampler)
                 d_p.append(dp.cpu())
                 d_f.append(df.cpu())
@@ -488,7 +487,8 @@ def _mask_threshold(calibration: Calibration, threshold_sigmas: float = 3.0) -> 
     if calibration.mask_threshold:
         return calibration.mask_threshold
     if calibration.normal_scores:
-        return max(max(calibration.normal_scores), calibration.score_mean + threshold_sigmas * calibration.score_std)
+        return normal_tail(max(calibration.normal_scores), calibration.score_mean, calibration.score_std,
+                           threshold_sigmas)
     return calibration.threshold
 
 
@@ -519,8 +519,7 @@ _CORE_KEYS = {"format_version", "cgdiff_version", "image_size", "sampler", "scor
 def _num_steps(sampler: SamplerConfig) -> int:
     """Progress steps of one reconstruction: K steps per run, N runs, plus K2 of the second pass."""
     first = len(timesteps(sampler.t0, sampler.steps, NUM_TRAIN_TIMESTEPS)) * sampler.samples
-    return first + (len(timesteps(sampler.repaint_t0, sampler.repaint_steps, NUM_TRAIN_TIMESTEPS))
-                    if sampler.repaint_t0 > 0 else 0)
+    return first + sampler.repaint_model_calls()  # one call a step
 
 
 def _json_default(obj: Any) -> Any:

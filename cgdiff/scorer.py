@@ -254,18 +254,14 @@ class Scorer(nn.Module):
     ) -> Calibration:
         """Fit c and the threshold from normal images' raw distances (B x H x W each); with
         `pixel_scale` given, c is kept at it and only the threshold is fitted."""
-        if pixel_scale is not None:
-            pass
-        elif self.config.feature_weight == 0 or self.config.pixel_weight == 0:
-            pixel_scale = 1.0
-        else:
+        if pixel_scale is None:
             max_p = float(d_pixel.amax())
-            pixel_scale = float(d_feat.amax()) / max_p if max_p > 0 else 1.0
+            one_term = self.config.feature_weight == 0 or self.config.pixel_weight == 0
+            pixel_scale = 1.0 if one_term or max_p <= 0 else float(d_feat.amax()) / max_p
         scores = self.combine(d_pixel, d_feat, pixel_scale).flatten(1).amax(1).double()
         mean = float(scores.mean())
         std = float(scores.std()) if scores.numel() > 1 else 0.0
-        # The largest normal score is a floor: a threshold under it would flag known-good data.
-        threshold = max(float(scores.max()), mean + threshold_sigmas * std)
+        threshold = normal_tail(float(scores.max()), mean, std, threshold_sigmas)
         return Calibration(
             pixel_scale=pixel_scale,
             threshold=threshold,
@@ -275,6 +271,12 @@ class Scorer(nn.Module):
             normal_scores=[round(float(s), 6) for s in scores],
         )
 
+
+
+def normal_tail(max_score: float, mean: float, std: float, threshold_sigmas: float = 3.0) -> float:
+    """The threshold from normal scores alone: max(largest normal score, mean + threshold_sigmas
+    sd). The largest normal score is a floor: a threshold under it would flag known-good data."""
+    return max(max_score, mean + threshold_sigmas * std)
 
 
 def adapt_backbone(

@@ -59,6 +59,7 @@ import itertools
 import math
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -506,6 +507,17 @@ class _Search:
                                              map_sigma=base.map_sigma), detector.scorer.backbone)
         self.pixel_scale: Optional[float] = None  # c, when fixed (the second pass keeps the first's)
 
+    @contextmanager
+    def scoring_as(self, balance: tuple[float, float], map_sigma: float, pixel_scale: float):
+        """Score with this one balance and map sigma and this c only, within the block: a second
+        pass's mask was drawn with them, so no other scoring of its reconstructions is its own."""
+        saved = (self.balances, self.map_sigmas, self.pixel_scale)
+        self.balances, self.map_sigmas, self.pixel_scale = (balance,), (map_sigma,), pixel_scale
+        try:
+            yield
+        finally:
+            self.balances, self.map_sigmas, self.pixel_scale = saved
+
     # -- time
     def elapsed(self) -> float:
         return self.clock() - self.t_start
@@ -829,14 +841,8 @@ def tune(
         search.t_start = t_begin
         log(f"stored settings: {_describe(start_sampler)}")
         if start_sampler.repaint_t0:
-            # Its mask was drawn with the stored balance, map sigma and c: score it with those only.
-            searched = (search.balances, search.map_sigmas)
-            search.balances, search.map_sigmas = (stored_balance,), (stored_sigma,)
-            search.pixel_scale = detector.calibration.pixel_scale
-            try:
+            with search.scoring_as(stored_balance, stored_sigma, detector.calibration.pixel_scale):
                 search.evaluate(start_sampler, "start", reference=True)
-            finally:
-                (search.balances, search.map_sigmas), search.pixel_scale = searched, None
         else:
             search.evaluate(start_sampler, "start", reference=True)
         if max_model_calls is not None and start_sampler.model_calls() > max_model_calls:
@@ -869,17 +875,17 @@ def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int,
     and map sigma) with the second pass from each t2, its mask relative to the threshold that
     `Detector.calibrate` gives the setting on the calibration normals (as `apply_result` will),
     c kept at that calibration's. The detector is left as it was."""
-    one_pass = [r for r in search.rows if not r["repaint_t0"] and r.get("complete") and r.get("aupro") is not None]
-    if not one_pass:  # e.g. a stored second pass and no other setting finished
-        return
-    best = one_pass[select(one_pass, search.tie_tolerance, 0.0, search.max_model_calls)]
     if any(_removal_for_floor(r) >= search.min_removal for r in search.rows if r.get("complete")):
         return
     if max_evaluations is not None and search.n_sampler_settings >= max_evaluations:
         return  # its settings count among max_evaluations
+    one_pass = [r for r in search.rows if not r["repaint_t0"] and r.get("complete") and r.get("aupro") is not None]
+    if not one_pass:  # e.g. a stored second pass and no other setting finished
+        return
+    best = one_pass[select(one_pass, search.tie_tolerance, 0.0, search.max_model_calls)]
     det, vset = search.detector, search.vset
     sampler = SamplerConfig(**best["sampler"])
-    saved = (det.sampler, det.scorer.config, det.calibration, search.balances, search.map_sigmas, search.race_margin)
+    saved = (det.sampler, det.scorer.config, det.calibration, search.race_margin)
     info = dict(det.info)  # calibrate() drops an earlier `cgdiff calibrate`'s notes
     log(f"second pass (no setting reached validation removal {search.min_removal:g}; the best by AUPRO removes "
         f"{best.get('removal') or 0.0:.3f}, lower bound {_removal_for_floor(best):.3f}): {_describe(sampler)} with the suspect pixels re-painted from t2 "
@@ -889,24 +895,23 @@ def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int,
         det.scorer.config = ScorerConfig(**{**det.scorer.config.to_dict(),
                                             **{k: best[k] for k in SCORER_SEARCHED}})
         det.calibrate(det.prepare(vset.calibration_paths or vset.normal_paths), batch_size=batch_size)
-        search.pixel_scale = det.calibration.pixel_scale
-        search.balances, search.map_sigmas = ((best["pixel_weight"], best["feature_weight"]),), (best["map_sigma"],)
         search.race_margin = math.inf  # finished in full: it is there for removal, not to beat AUPRO
-        for t2 in repaint_t0s:
-            if max_evaluations is not None and search.n_sampler_settings >= max_evaluations:
-                break
-            candidate = sampler.replace(repaint_t0=int(t2))
-            if search.max_model_calls is not None and candidate.model_calls() > search.max_model_calls:
-                search.over_cap += 1
-                continue
-            search.done.discard(_key(candidate))  # measured under this calibration, even if the stored one is alike
-            search.n_sampler_settings += 1
-            search.evaluate(candidate, "second pass", reference=True)
+        with search.scoring_as((best["pixel_weight"], best["feature_weight"]), best["map_sigma"],
+                               det.calibration.pixel_scale):
+            for t2 in repaint_t0s:
+                if max_evaluations is not None and search.n_sampler_settings >= max_evaluations:
+                    break
+                candidate = sampler.replace(repaint_t0=int(t2))
+                if search.max_model_calls is not None and candidate.model_calls() > search.max_model_calls:
+                    search.over_cap += 1
+                    continue
+                search.done.discard(_key(candidate))  # measured under this calibration, even if the stored one is alike
+                search.n_sampler_settings += 1
+                search.evaluate(candidate, "second pass", reference=True)
     finally:
-        det.sampler, det.scorer.config, det.calibration, search.balances, search.map_sigmas, search.race_margin = saved
+        det.sampler, det.scorer.config, det.calibration, search.race_margin = saved
         det.info.clear()
         det.info.update(info)
-        search.pixel_scale = None
 
 
 def _under_cap(sampler: SamplerConfig, max_model_calls: int) -> SamplerConfig:
