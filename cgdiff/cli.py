@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = g.add_mutually_exclusive_group()
     h.add_argument("--holdout", type=_holdout_count, default="auto", metavar="N|auto",
                    help="keep N training images (chosen by --seed) out of training, for tuning and (8 or more) "
-                   "the threshold; 'auto': a tenth of them where there are 80 or more, else none (none with "
+                   "the threshold; of a 'build-textures' set's overlapping tiles, the last N in the photo and "
+                   "every tile overlapping them, so that no held-out pixel is trained on; 'auto': a tenth of them where there are 80 or more, else none (none with "
                    "--preset paper, whose recipe trains on every image)")
     h.add_argument("--holdout-stripe", type=positive_float, default=None, metavar="F",
                    help="keep the bottom fraction F of every training image out of training, for tuning")
@@ -642,6 +643,9 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     all_images = list(dataset.train)
     if holdout:
         _info(f"holdout for tuning: {holdout.get('images') or ('rows %d-%d of every image' % tuple(holdout['stripe_rows']))}")
+        if holdout.get("overlapping_left_out"):
+            _info(f"left out of training too, as they overlap the held-out tiles (dataset.json): "
+                  f"{holdout['overlapping_left_out']}")
     elif args.holdout == "auto" and not args.resume:
         from .tune import AUTO_HOLDOUT_MIN_IMAGES
 
@@ -968,6 +972,7 @@ def cmd_build_textures(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _holdout(args: argparse.Namespace, saved_args: dict, images: list[Path], config: TrainConfig):
     """(images to train on, the holdout record, held-out rows) from --holdout / --holdout-stripe;
     a resumed run keeps the split it was started with."""
+    from .data import training_tile_boxes
     from .tune import auto_holdout_count, holdout_stripe, split_holdout
 
     if args.resume:
@@ -980,8 +985,14 @@ def _holdout(args: argparse.Namespace, saved_args: dict, images: list[Path], con
         # The paper's recipe trains on every training image: 'auto' holds none out with --preset paper.
         auto = 0 if config.unet_preset == "paper" else auto_holdout_count(len(images))
         n = auto if args.holdout == "auto" else args.holdout
-        record = {"images": [p.name for p in split_holdout(images, n, args.seed)[1]]} if n else {}
-    held = set(record.get("images", []))
+        record = {}
+        if n:
+            train_on, held_out = split_holdout(images, n, args.seed, boxes=training_tile_boxes(args.data))
+            record = {"images": [p.name for p in held_out]}
+            left_out = [p.name for p in images if p not in train_on and p not in held_out]
+            if left_out:
+                record["overlapping_left_out"] = left_out
+    held = set(record.get("images", [])) | set(record.get("overlapping_left_out", []))
     kept = [p for p in images if p.name not in held]
     rows = record["stripe_rows"][1] - record["stripe_rows"][0] if record.get("stripe_rows") else 0
     return kept, record, rows

@@ -58,6 +58,8 @@ __all__ = [
     "perlin_noise",
     "SyntheticDefects",
     "build_texture_dataset",
+    "training_tile_boxes",
+    "overlapping_tiles",
     "download_archive",
 ]
 
@@ -753,3 +755,31 @@ def build_texture_dataset(
         )
         result[name] = cls
     return result
+
+
+def training_tile_boxes(root: str | Path) -> dict[str, tuple[int, int, int]]:
+    """{file name: (y, x, side)} of the training tiles of a folder built by
+    `build_texture_dataset`, from its dataset.json (pixels of the source photo); {} for any
+    other dataset. Such tiles overlap (every tile_size // 2 by default), so a tile kept out of
+    training is unseen only if no tile it overlaps is trained on (see `overlapping_tiles`)."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+        side = int(info["tile_size"])
+        return {Path(rel).name: (int(t["y"]), int(t["x"]), side)
+                for rel, t in info["tiles"].items() if rel.startswith("train/good/")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"'{path}' is not a readable texture-set record ({e}).") from e
+
+
+def overlapping_tiles(names: Iterable[str], others: Iterable[str],
+                      boxes: dict[str, tuple[int, int, int]]) -> set[str]:
+    """The tiles of `names` that share at least one photo pixel with a tile of `others`
+    (boxes from `training_tile_boxes`; a name without a box overlaps nothing)."""
+    def meets(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+        return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[2] and b[1] < a[1] + a[2]
+
+    placed = [boxes[o] for o in others if o in boxes]
+    return {n for n in names if n in boxes and any(meets(boxes[n], b) for b in placed)}

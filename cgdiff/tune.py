@@ -67,7 +67,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .data import DEFECT_KINDS, AnomalyDataset, DatasetError, Sample, SyntheticDefects, iter_images
+from .data import (DEFECT_KINDS, AnomalyDataset, DatasetError, Sample, SyntheticDefects, iter_images,
+                   overlapping_tiles, training_tile_boxes)
 from .images import to_uint8
 from .metrics import REMOVAL_BOUND_QUANTILE, aupro, f1_max_threshold, image_auroc, pixel_auroc, removal, removal_lower_bound
 from .sampler import SamplerConfig
@@ -146,8 +147,15 @@ def auto_holdout_count(n_images: int) -> int:
     return n_images // 10 if n_images >= AUTO_HOLDOUT_MIN_IMAGES else 0
 
 
-def split_holdout(images: Sequence[Path], n: int, seed: int = 0) -> tuple[list[Path], list[Path]]:
-    """(training images, held-out images): `n` images chosen by `seed`, the order kept."""
+def split_holdout(images: Sequence[Path], n: int, seed: int = 0,
+                  boxes: Optional[dict[str, tuple[int, int, int]]] = None) -> tuple[list[Path], list[Path]]:
+    """(training images, held-out images), the order kept.
+
+    Plain images: `n` images chosen by `seed`. Overlapping tiles of one photo (`boxes`, from
+    `data.training_tile_boxes`, covering every image): the last `n` tiles in (y, x) order, a band
+    at one edge of the photo, and every other tile that shares a pixel with one of them is left
+    out of training too (neither list has it), so that the held-out tiles are normals the denoiser
+    never saw any part of. Raises ValueError when nothing would be left to train on."""
     images = list(images)
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"the number of held-out images must be a whole number >= 0, got {n!r}.")
@@ -156,6 +164,16 @@ def split_holdout(images: Sequence[Path], n: int, seed: int = 0) -> tuple[list[P
             f"cannot hold out {n} of {len(images)} training images: at least one must be left to train on "
             "(use --holdout-stripe to keep a stripe of every image instead)."
         )
+    if boxes and n and all(p.name in boxes for p in images):
+        order = sorted(range(len(images)), key=lambda i: boxes[images[i].name][:2])
+        chosen = set(order[-n:])
+        held_names = [images[i].name for i in chosen]
+        touching = overlapping_tiles([p.name for p in images], held_names, boxes)
+        kept = [p for i, p in enumerate(images) if i not in chosen and p.name not in touching]
+        if not kept:
+            raise ValueError(f"holding out {n} of {len(images)} overlapping tiles leaves none that does not "
+                             "overlap them to train on; hold out fewer.")
+        return kept, [p for i, p in enumerate(images) if i in chosen]
     chosen = set(np.random.default_rng(seed).choice(len(images), size=n, replace=False).tolist()) if n else set()
     return ([p for i, p in enumerate(images) if i not in chosen], [p for i, p in enumerate(images) if i in chosen])
 
@@ -243,6 +261,8 @@ class ValidationSet:
             "holdout stripe": f"the stripe of rows {r0}-{r1} held out of training in {n} "
                               "training images (only its pixels are scored)",
             "unseen training-folder images": f"{n} training-folder images that training did not use",
+            "holdout tiles overlapping training": f"{n} training tiles held out of training, each overlapping "
+                                                  "tiles that training used",
             "training images": f"{n} training images",
         }.get(self.source, f"{n} {self.source}")
 
@@ -251,7 +271,8 @@ class ValidationSet:
         text = (f"validation: {d['n_normal']} normal + {d['n_anomalous']} synthetic-defect images made from "
                 f"{self.made_from()}")
         if self.in_sample:
-            text += (" -- training used all of them, so the validation measures in-sample normals and its "
+            used = "parts of them" if self.source == "holdout tiles overlapping training" else "all of them"
+            text += (f" -- training used {used}, so the validation measures in-sample normals and its "
                      "scores are optimistic (train with --holdout N or --holdout-stripe F for an "
                      "out-of-sample validation)")
         return text
@@ -294,7 +315,11 @@ def _validation_sources(detector, root: str | Path) -> _Sources:
                 f"the checkpoint held out {', '.join(missing[:5])} for tuning, but '{root}' has no such "
                 "training image: pass the dataset the checkpoint was trained on."
             )
-        return _Sources([by_name[n] for n in holdout["images"]], "holdout images", False, (0, size), folder_images)
+        held = [by_name[n] for n in holdout["images"]]
+        # Tiles held out before overlapping neighbours were left out too share pixels with training.
+        if overlapping_tiles(holdout["images"], training.get("images") or [], training_tile_boxes(root)):
+            return _Sources(held, "holdout tiles overlapping training", True, (0, size), folder_images)
+        return _Sources(held, "holdout images", False, (0, size), folder_images)
     if holdout.get("stripe_rows"):
         r0, r1 = holdout["stripe_rows"]
         if holdout.get("image_size", size) != size or not 0 < r0 < r1 <= size:
@@ -302,7 +327,8 @@ def _validation_sources(detector, root: str | Path) -> _Sources:
                                f"working size {size}.")
         return _Sources(folder_images, "holdout stripe", False, (int(r0), int(r1)), folder_images)
     seen = set(training.get("images") or [])
-    unseen = [p for p in folder_images if seen and p.name not in seen]
+    touching = overlapping_tiles([p.name for p in folder_images], seen, training_tile_boxes(root)) if seen else set()
+    unseen = [p for p in folder_images if seen and p.name not in seen and p.name not in touching]
     if unseen:
         return _Sources(unseen, "unseen training-folder images", False, (0, size), folder_images)
     return _Sources(folder_images, "training images", True, (0, size), folder_images)

@@ -279,6 +279,52 @@ def test_holdout_split_and_stripe_crops(tmp_path):
     assert any(bool((RandomCrops(pixels, 16, 50, 0, False, False)[i] > 0).any()) for i in range(50))
 
 
+def test_holdout_of_overlapping_tiles_leaves_no_held_out_pixel_in_training(tmp_path):
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from cgdiff.cli import _holdout
+    from cgdiff.data import iter_images, overlapping_tiles, training_tile_boxes
+    from cgdiff.train import TrainConfig
+    from cgdiff.tune import _validation_sources
+
+    # 64-px tiles every 32 px: 11 rows x 15 columns of tiles, each overlapping its neighbours.
+    root = build_texture_dataset(tmp_path, textures=("gravel",), tile_size=64, n_test_good=1, n_test_defect=1)["gravel"]
+    images, boxes = iter_images(root / "train" / "good"), training_tile_boxes(root)
+    assert set(boxes) == {p.name for p in images} and training_tile_boxes(tmp_path) == {}
+    kept, held = split_holdout(images, 17, seed=0, boxes=boxes)
+    # The last 17 tiles in the photo: its bottom row and the two right-most of the row above.
+    assert sorted(boxes[p.name][:2] for p in held)[0] == sorted(boxes[p.name][:2] for p in images)[-17]
+    covered = np.zeros((512, 512), bool)
+    for p in kept:
+        y, x, side = boxes[p.name]
+        covered[y:y + side, x:x + side] = True
+    for p in held:
+        y, x, side = boxes[p.name]
+        assert not covered[y:y + side, x:x + side].any()  # no held-out pixel is trained on
+    assert not overlapping_tiles([p.name for p in kept], [p.name for p in held], boxes)
+    # Every tile that does not touch a held-out one is still trained on.
+    left_out = [p for p in images if p not in kept and p not in held]
+    assert left_out and overlapping_tiles([p.name for p in left_out], [p.name for p in held], boxes) == {p.name for p in left_out}
+    with pytest.raises(ValueError, match="overlap"):
+        split_holdout(images, 150, boxes=boxes)
+    # The CLI records the tiles left out beside the held-out ones and trains on neither.
+    args = Namespace(resume=False, holdout=17, holdout_stripe=None, seed=0, data=str(root))
+    train_on, record, _ = _holdout(args, {}, images, TrainConfig(image_size=64, crop_size=32))
+    assert train_on == kept and record["images"] == [p.name for p in held]
+    assert record["overlapping_left_out"] == [p.name for p in left_out]
+    # A checkpoint whose held-out tiles overlap its training tiles (held out before this rule)
+    # validates as in-sample and sets its threshold on the training folder, not on them.
+    leaky = SimpleNamespace(image_size=64, info={"training": {
+        "holdout": {"images": [held[0].name]}, "images": [p.name for p in images if p != held[0]]}})
+    src = _validation_sources(leaky, root)
+    assert src.source == "holdout tiles overlapping training" and src.in_sample and not src.calibration_unseen
+    # Training-folder images training did not use count as unseen only where they overlap none it used.
+    subset = SimpleNamespace(image_size=64, info={"training": {"images": [p.name for p in kept]}})
+    src = _validation_sources(subset, root)
+    assert src.source == "unseen training-folder images" and [p.name for p in src.paths] == [p.name for p in held]
+
+
 def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--data", str(gravel), "--out", str(ckpt), "--holdout", "2", *TRAIN]) == 0
@@ -533,7 +579,7 @@ def test_holdout_auto_keeps_a_tenth_out_from_80_images(tmp_path, capsys):
     images = sorted(folder.iterdir())
     paper = TrainConfig(unet_preset="paper", image_size=32, crop_size=32)
     for holdout, n_held in (("auto", 0), (5, 5)):
-        args = Namespace(resume=False, holdout=holdout, holdout_stripe=None, seed=0)
+        args = Namespace(resume=False, holdout=holdout, holdout_stripe=None, seed=0, data=str(folder))
         kept, record, rows = _holdout(args, {}, images, paper)
         assert len(record.get("images", [])) == n_held and len(kept) == len(images) - n_held and rows == 0
     # --holdout 0 trains on all of them and says the threshold is in-sample.
