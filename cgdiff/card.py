@@ -175,7 +175,7 @@ def model_card_section(tuning: dict[str, Any]) -> list[str]:
                   f"{', ...' if len(vs.get('images', [])) > 12 else ''}), rows {vs.get('rows')} at "
                   f"{vs.get('image_size')} px, seed {vs.get('seed')}."]
         if vs.get("in_sample"):
-            used = "parts of" if vs.get("source") == "holdout tiles overlapping training" else "all of"
+            used = "all of" if vs.get("source") == "training images" else "parts of"
             lines += ["", f"Training used {used} these images: the validation measures in-sample normals, so its "
                       "scores are optimistic."]
     if tuning.get("front_plot"):

@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     h = g.add_mutually_exclusive_group()
     h.add_argument("--holdout", type=_holdout_count, default="auto", metavar="N|auto",
                    help="keep N training images (chosen by --seed) out of training, for tuning and (8 or more) "
-                   "the threshold; of a 'build-textures' set's overlapping tiles, the last N in the photo and "
-                   "every tile overlapping them, so that no held-out pixel is trained on; 'auto': a tenth of them where there are 80 or more, else none (none with "
+                   "the threshold; of a 'build-textures' set's overlapping tiles, the last N in the photo (not "
+                   "by --seed), and every tile overlapping them out of training too, so that no held-out pixel "
+                   "is trained on; 'auto': a tenth of them where there are 80 or more, else none (none with "
                    "--preset paper, whose recipe trains on every image)")
     h.add_argument("--holdout-stripe", type=positive_float, default=None, metavar="F",
                    help="keep the bottom fraction F of every training image out of training, for tuning")
@@ -674,18 +675,20 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         info["holdout"] = holdout
     # The threshold is set on normal images the denoiser did not train on where there are some
     # (a threshold from in-sample normals sits too low for unseen ones).
-    from .tune import MIN_HELDOUT_CALIBRATION
+    from .tune import MIN_HELDOUT_CALIBRATION, unseen_holdout
 
     held = [p for p in all_images if p.name in set(holdout.get("images") or [])]
-    if len(held) >= MIN_HELDOUT_CALIBRATION:
+    unseen = unseen_holdout([p.name for p in held], [p.name for p in images], args.data)
+    if len(held) >= MIN_HELDOUT_CALIBRATION and unseen:
         calibration_images = held
         info["calibration_normals"] = f"{len(held)} held-out training images (not used in training)"
     else:
         calibration_images = all_images
+        why = (f"--holdout {MIN_HELDOUT_CALIBRATION} or more gives a threshold from unseen normals only" if unseen
+               else "the held-out tiles overlap tiles it trained on")
         info["calibration_normals"] = (
             f"the {len(all_images)} training images (in-sample: the denoiser trained on "
-            f"{len(all_images) - len(held)} of them; --holdout {MIN_HELDOUT_CALIBRATION} or more gives a "
-            "threshold from unseen normals only)")
+            f"{len(images)} of them; {why})")
     for flag, start in (("--t0", sampler.t0), ("--repaint-t0", sampler.repaint_t0)):
         if start >= config.max_timestep:
             raise ValueError(f"{flag} {start} starts at a noise level that --max-timestep {config.max_timestep} never "

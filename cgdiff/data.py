@@ -60,6 +60,7 @@ __all__ = [
     "build_texture_dataset",
     "training_tile_boxes",
     "overlapping_tiles",
+    "tiles_overlap",
     "download_archive",
 ]
 
@@ -767,11 +768,22 @@ def training_tile_boxes(root: str | Path) -> dict[str, tuple[int, int, int]]:
         return {}
     try:
         info = json.loads(path.read_text())
+    except ValueError as e:
+        raise DatasetError(f"'{path}' is not readable JSON ({e}).") from e
+    if not (isinstance(info, dict) and "tiles" in info and "tile_size" in info):
+        return {}  # some other dataset's record
+    try:
         side = int(info["tile_size"])
         return {Path(rel).name: (int(t["y"]), int(t["x"]), side)
                 for rel, t in info["tiles"].items() if rel.startswith("train/good/")}
     except (ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"'{path}' is not a readable texture-set record ({e}).") from e
+
+
+def tiles_overlap(boxes: dict[str, tuple[int, int, int]]) -> bool:
+    """Whether any two of the tiles in `boxes` (from `training_tile_boxes`) share a pixel."""
+    names = list(boxes)
+    return any(overlapping_tiles([n], names[:i], boxes) for i, n in enumerate(names))
 
 
 def overlapping_tiles(names: Iterable[str], others: Iterable[str],

@@ -8,10 +8,14 @@ normal images only:
    times with seeded synthetic defects (`cgdiff.data.SyntheticDefects`: Perlin-shaped
    foreign texture, colour shifts, scratches, holes) with exact masks. The normal images are,
    in order of preference:
-     - images `cgdiff train --holdout N` kept out of training;
+     - images `cgdiff train --holdout N` kept out of training (of a `build-textures` set, whose
+       training tiles overlap, the last N tiles of the photo with every tile overlapping them left
+       out of training too; held-out tiles that do overlap training tiles count as in-sample);
      - the stripe `cgdiff train --holdout-stripe F` kept out of every image: defects are
-       placed in the stripe and only its pixels are scored;
-     - training-folder images that the checkpoint's training record does not list;
+       placed in the stripe and only its pixels are scored (in-sample where the images are
+       overlapping tiles: a tile's stripe lies in the trained part of another);
+     - training-folder images that the checkpoint's training record does not list and that
+       overlap no tile it lists;
      - otherwise the training images themselves. Training used all of them, so the
        validation then measures in-sample normals (optimistic); the result says so.
    Test images and test masks are never read: only ROOT/CLASS/train/good (or the top level
@@ -68,14 +72,14 @@ import numpy as np
 import torch
 
 from .data import (DEFECT_KINDS, AnomalyDataset, DatasetError, Sample, SyntheticDefects, iter_images,
-                   overlapping_tiles, training_tile_boxes)
+                   overlapping_tiles, tiles_overlap, training_tile_boxes)
 from .images import to_uint8
 from .metrics import REMOVAL_BOUND_QUANTILE, aupro, f1_max_threshold, image_auroc, pixel_auroc, removal, removal_lower_bound
 from .sampler import SamplerConfig
 from .scorer import NORMAL_TAIL, THRESHOLD_RULES, VALIDATION_F1, Scorer, ScorerConfig
 
 __all__ = ["ValidationSet", "TuneResult", "DEFAULT_GRIDS", "BALANCES", "training_folder_images",
-           "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout", "auto_holdout_count",
+           "validation_set", "tune", "select", "pareto_front", "plot_front", "split_holdout", "unseen_holdout", "auto_holdout_count",
            "holdout_stripe", "FRONT_PLOT_NAME", "validation_threshold", "recalibrate",
            "retire_stale_metrics"]
 
@@ -153,9 +157,11 @@ def split_holdout(images: Sequence[Path], n: int, seed: int = 0,
 
     Plain images: `n` images chosen by `seed`. Overlapping tiles of one photo (`boxes`, from
     `data.training_tile_boxes`, covering every image): the last `n` tiles in (y, x) order, a band
-    at one edge of the photo, and every other tile that shares a pixel with one of them is left
-    out of training too (neither list has it), so that the held-out tiles are normals the denoiser
-    never saw any part of. Raises ValueError when nothing would be left to train on."""
+    at one edge of the photo (`seed` unused), and every other tile that shares a pixel with one of
+    them is left out of training too (neither list has it), so that the held-out tiles are normals
+    the denoiser never saw any part of. Where `boxes` misses some image, the plain rule applies
+    (`unseen_holdout` then tells whether the held-out images overlap training). Raises ValueError
+    when nothing would be left to train on."""
     images = list(images)
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"the number of held-out images must be a whole number >= 0, got {n!r}.")
@@ -172,10 +178,16 @@ def split_holdout(images: Sequence[Path], n: int, seed: int = 0,
         kept = [p for i, p in enumerate(images) if i not in chosen and p.name not in touching]
         if not kept:
             raise ValueError(f"holding out {n} of {len(images)} overlapping tiles leaves none that does not "
-                             "overlap them to train on; hold out fewer.")
+                             "overlap them to train on; hold out fewer with --holdout N.")
         return kept, [p for i, p in enumerate(images) if i in chosen]
     chosen = set(np.random.default_rng(seed).choice(len(images), size=n, replace=False).tolist()) if n else set()
     return ([p for i, p in enumerate(images) if i not in chosen], [p for i, p in enumerate(images) if i in chosen])
+
+
+def unseen_holdout(held: Sequence[str], trained: Sequence[str], root: str | Path) -> bool:
+    """Whether the held-out training images `held` (file names) share no pixel with the images
+    `trained` (of the same folder `root`; only a `build-textures` set's tiles can share)."""
+    return not overlapping_tiles(held, trained, training_tile_boxes(root))
 
 
 def holdout_stripe_rows(image_size: int, fraction: float, crop_size: int) -> int:
@@ -212,7 +224,7 @@ class ValidationSet:
     masks: np.ndarray  # N x S x S bool
     labels: np.ndarray  # N, 0 normal / 1 with a synthetic defect
     rows: tuple[int, int]  # scored rows [r0, r1) (the whole image, or the held-out stripe)
-    source: str  # holdout images | holdout stripe | unseen training-folder images | training images
+    source: str  # holdout images | holdout tiles overlapping training | holdout stripe | unseen training-folder images | training images
     in_sample: bool  # True when the normal images were used in training
     normal_paths: list[Path]  # the normal images the set was made from
     kinds: list[str]  # per image: "normal" or the defect kind
@@ -261,8 +273,8 @@ class ValidationSet:
             "holdout stripe": f"the stripe of rows {r0}-{r1} held out of training in {n} "
                               "training images (only its pixels are scored)",
             "unseen training-folder images": f"{n} training-folder images that training did not use",
-            "holdout tiles overlapping training": f"{n} training tiles held out of training, each overlapping "
-                                                  "tiles that training used",
+            "holdout tiles overlapping training": f"{n} training tiles held out of training, some of them "
+                                                  "overlapping tiles that training used",
             "training images": f"{n} training images",
         }.get(self.source, f"{n} {self.source}")
 
@@ -271,7 +283,7 @@ class ValidationSet:
         text = (f"validation: {d['n_normal']} normal + {d['n_anomalous']} synthetic-defect images made from "
                 f"{self.made_from()}")
         if self.in_sample:
-            used = "parts of them" if self.source == "holdout tiles overlapping training" else "all of them"
+            used = "all of them" if self.source == "training images" else "parts of them"
             text += (f" -- training used {used}, so the validation measures in-sample normals and its "
                      "scores are optimistic (train with --holdout N or --holdout-stripe F for an "
                      "out-of-sample validation)")
@@ -316,8 +328,11 @@ def _validation_sources(detector, root: str | Path) -> _Sources:
                 "training image: pass the dataset the checkpoint was trained on."
             )
         held = [by_name[n] for n in holdout["images"]]
-        # Tiles held out before overlapping neighbours were left out too share pixels with training.
-        if overlapping_tiles(holdout["images"], training.get("images") or [], training_tile_boxes(root)):
+        # Tiles held out before overlapping neighbours were left out too share pixels with training
+        # (a record without the training list: every folder image not held or left out).
+        left_out = set(holdout["images"]) | set(holdout.get("overlapping_left_out") or [])
+        trained = training.get("images") or [p.name for p in folder_images if p.name not in left_out]
+        if not unseen_holdout(holdout["images"], trained, root):
             return _Sources(held, "holdout tiles overlapping training", True, (0, size), folder_images)
         return _Sources(held, "holdout images", False, (0, size), folder_images)
     if holdout.get("stripe_rows"):
@@ -325,7 +340,9 @@ def _validation_sources(detector, root: str | Path) -> _Sources:
         if holdout.get("image_size", size) != size or not 0 < r0 < r1 <= size:
             raise DatasetError(f"the checkpoint's holdout stripe {holdout['stripe_rows']} does not fit its "
                                f"working size {size}.")
-        return _Sources(folder_images, "holdout stripe", False, (int(r0), int(r1)), folder_images)
+        # A tile's stripe is in the trained part of a tile below it where tiles overlap.
+        return _Sources(folder_images, "holdout stripe", tiles_overlap(training_tile_boxes(root)), (int(r0), int(r1)),
+                        folder_images)
     seen = set(training.get("images") or [])
     touching = overlapping_tiles([p.name for p in folder_images], seen, training_tile_boxes(root)) if seen else set()
     unseen = [p for p in folder_images if seen and p.name not in seen and p.name not in touching]

@@ -286,7 +286,7 @@ def test_holdout_of_overlapping_tiles_leaves_no_held_out_pixel_in_training(tmp_p
     from cgdiff.cli import _holdout
     from cgdiff.data import iter_images, overlapping_tiles, training_tile_boxes
     from cgdiff.train import TrainConfig
-    from cgdiff.tune import _validation_sources
+    from cgdiff.tune import _validation_sources, unseen_holdout
 
     # 64-px tiles every 32 px: 11 rows x 15 columns of tiles, each overlapping its neighbours.
     root = build_texture_dataset(tmp_path, textures=("gravel",), tile_size=64, n_test_good=1, n_test_defect=1)["gravel"]
@@ -319,6 +319,21 @@ def test_holdout_of_overlapping_tiles_leaves_no_held_out_pixel_in_training(tmp_p
         "holdout": {"images": [held[0].name]}, "images": [p.name for p in images if p != held[0]]}})
     src = _validation_sources(leaky, root)
     assert src.source == "holdout tiles overlapping training" and src.in_sample and not src.calibration_unseen
+    # So do records without the list of training images (every folder image not held or left out),
+    # and a stripe of overlapping tiles (it lies in the trained part of the tile below).
+    del leaky.info["training"]["images"]
+    assert _validation_sources(leaky, root).in_sample
+    clean = SimpleNamespace(image_size=64, info={"training": {"holdout": record}})
+    assert _validation_sources(clean, root).source == "holdout images" and not _validation_sources(clean, root).in_sample
+    stripe = SimpleNamespace(image_size=64, info={"training": {"holdout": {"stripe_rows": [48, 64], "image_size": 64}}})
+    assert _validation_sources(stripe, root).in_sample
+    assert unseen_holdout([p.name for p in held], [p.name for p in kept], root)
+    assert not unseen_holdout([p.name for p in held], [p.name for p in kept + left_out], root)
+    # Another dataset's dataset.json is not a texture-set record.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "dataset.json").write_text(json.dumps({"name": "widgets"}))
+    assert training_tile_boxes(other) == {}
     # Training-folder images training did not use count as unseen only where they overlap none it used.
     subset = SimpleNamespace(image_size=64, info={"training": {"images": [p.name for p in kept]}})
     src = _validation_sources(subset, root)
