@@ -90,6 +90,12 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
                 lines.append(f"- {key}: {value} ({schedule}" + (f", {warmup} warm-up steps)" if warmup else ")"))
             else:
                 lines.append(f"- {key}: {value}")
+    holdout = training.get("holdout") or {}
+    if holdout.get("images"):
+        lines.append(f"- held out of training, for tuning and the threshold: {', '.join(holdout['images'])}")
+    if holdout.get("overlapping_left_out"):
+        lines.append("- left out of training too, as they overlap the held-out tiles: "
+                     + ", ".join(holdout["overlapping_left_out"]))
     lines += ["", "## Settings stored in the checkpoint", "", f"- image size: {config.get('image_size')}"]
     lines.append("- sampler: " + ", ".join(f"{k}={v}" for k, v in sampler.items()))
     lines.append("- scorer: " + ", ".join(f"{k}={v}" for k, v in scorer.items()))

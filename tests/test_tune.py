@@ -313,6 +313,10 @@ def test_holdout_of_overlapping_tiles_leaves_no_held_out_pixel_in_training(tmp_p
     train_on, record, _ = _holdout(args, {}, images, TrainConfig(image_size=64, crop_size=32))
     assert train_on == kept and record["images"] == [p.name for p in held]
     assert record["overlapping_left_out"] == [p.name for p in left_out]
+    from cgdiff.card import render_model_card
+
+    card = render_model_card({"training": {"holdout": record}})
+    assert "- left out of training too, as they overlap the held-out tiles: " + ", ".join(record["overlapping_left_out"]) in card
     # A checkpoint whose held-out tiles overlap its training tiles (held out before this rule)
     # validates as in-sample and sets its threshold on the training folder, not on them.
     leaky = SimpleNamespace(image_size=64, info={"training": {
@@ -349,7 +353,10 @@ def test_train_with_holdout_then_tune_stores_the_choice(gravel, tmp_path, capsys
     assert config["training"]["n_images"] == 10
     # Two held-out normals are too few for a threshold of their own: all 12, and the card says so.
     assert config["calibration"]["n_images"] == 12 and "in-sample" in config["training"]["calibration_normals"]
-    assert "calibration on the 12 training images (in-sample" in (ckpt / "README.md").read_text()
+    card = (ckpt / "README.md").read_text()
+    assert "calibration on the 12 training images (in-sample" in card
+    assert f"- held out of training, for tuning and the threshold: {', '.join(held)}" in card
+    assert "left out of training too" not in card  # these tiles do not overlap
 
     with _Watch(gravel) as watch:
         code = main(["tune", "--checkpoint", str(ckpt), "--data", str(gravel), "--normal", "2", "--anomalous", "2",
