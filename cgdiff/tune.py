@@ -283,10 +283,10 @@ class ValidationSet:
         text = (f"validation: {d['n_normal']} normal + {d['n_anomalous']} synthetic-defect images made from "
                 f"{self.made_from()}")
         if self.in_sample:
-            used = "all of them" if self.source == "training images" else "parts of them"
-            text += (f" -- training used {used}, so the validation measures in-sample normals and its "
-                     "scores are optimistic (train with --holdout N or --holdout-stripe F for an "
-                     "out-of-sample validation)")
+            everything = self.source == "training images"
+            text += (f" -- training used {'all' if everything else 'parts'} of them, so the validation measures "
+                     "in-sample normals and its scores are optimistic (train with --holdout N"
+                     f"{' or --holdout-stripe F' if everything else ''} for an out-of-sample validation)")
         return text
 
 

@@ -333,6 +333,15 @@ def test_holdout_of_overlapping_tiles_leaves_no_held_out_pixel_in_training(tmp_p
     assert _validation_sources(stripe, root).in_sample
     assert unseen_holdout([p.name for p in held], [p.name for p in kept], root)
     assert not unseen_holdout([p.name for p in held], [p.name for p in kept + left_out], root)
+    from cgdiff.tune import ValidationSet
+
+    def note(source):
+        return ValidationSet(images=np.zeros((2, 8, 8, 3), np.uint8), masks=np.zeros((2, 8, 8), bool),
+                             labels=np.array([0, 1]), rows=(0, 8), source=source, in_sample=True,
+                             normal_paths=[held[0]], kinds=["normal", "hole"], origins=[0, 0], seed=0).note()
+
+    assert "training used parts of them" in note("holdout stripe") and "--holdout-stripe" not in note("holdout stripe")
+    assert "training used all of them" in note("training images") and "--holdout-stripe F" in note("training images")
     # Another dataset's dataset.json is not a texture-set record.
     other = tmp_path / "other"
     other.mkdir()
