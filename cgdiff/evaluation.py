@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .data import AnomalyDataset, DatasetError
+from .detector import SAMPLER_KEYS, _num_steps
 from .metrics import evaluate as compute_metrics
 from .sampler import SamplerConfig
 from .scorer import ScorerConfig
@@ -192,8 +193,6 @@ def reconstruct_dataset(
     progress: True for a tqdm bar, or a callable (done, total) counting model steps.
     empty_masks: "error" (a DatasetError naming the defect images whose mask is empty, before
     any reconstruction) or "skip" (leave them out of the pixel metrics); see `load_masks`."""
-    from .detector import _num_steps
-
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
     if not isinstance(mask_size, int) or mask_size < 8:
@@ -283,8 +282,6 @@ def _scorer_config(detector, scorer_config: Union[ScorerConfig, dict, None]) -> 
                 f"'{detector.scorer.config.backbone}'; the backbone is fixed by the checkpoint."
             )
         return scorer_config
-    from .detector import SAMPLER_KEYS
-
     changes = dict(scorer_config)
     sampler_keys = sorted(set(changes) & SAMPLER_KEYS)
     if sampler_keys:

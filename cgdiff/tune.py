@@ -73,6 +73,7 @@ import torch
 
 from .data import (DEFECT_KINDS, AnomalyDataset, DatasetError, Sample, SyntheticDefects, iter_images,
                    overlapping_tiles, tiles_overlap, training_tile_boxes)
+from .evaluation import Reconstructions, reconstruct_dataset
 from .images import to_uint8
 from .metrics import REMOVAL_BOUND_QUANTILE, aupro, f1_max_threshold, image_auroc, pixel_auroc, removal, removal_lower_bound
 from .sampler import SamplerConfig
@@ -574,8 +575,6 @@ class _Search:
 
     # -- reconstruction and scoring
     def _reconstruct(self, sampler: SamplerConfig, idx: np.ndarray, deadline: bool):
-        from .evaluation import reconstruct_dataset
-
         dataset = AnomalyDataset(root=self.samples[0].path.parent, layout="validation", category="validation",
                                  train=[], test=[self.samples[i] for i in idx])
 
@@ -742,8 +741,6 @@ def _shrink(arrays: np.ndarray, factor: int, is_mask: bool = False) -> np.ndarra
 
 
 def _concat(a, b):
-    from .evaluation import Reconstructions
-
     n_a, n_b = len(a), len(b)
     return Reconstructions(
         inputs=torch.cat([a.inputs, b.inputs]), reconstructions=torch.cat([a.reconstructions, b.reconstructions]),
