@@ -166,12 +166,14 @@ def split_holdout(images: Sequence[Path], n: int, seed: int = 0,
     images = list(images)
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"the number of held-out images must be a whole number >= 0, got {n!r}.")
+    tiles = bool(boxes) and all(p.name in boxes for p in images)
     if n >= len(images):
         raise ValueError(
             f"cannot hold out {n} of {len(images)} training images: at least one must be left to train on "
-            "(use --holdout-stripe to keep a stripe of every image instead)."
+            + ("(hold out fewer with --holdout N; a stripe of these overlapping tiles lies in the tile below it, "
+               "so it is no unseen holdout)." if tiles else "(use --holdout-stripe to keep a stripe of every image instead).")
         )
-    if boxes and n and all(p.name in boxes for p in images):
+    if tiles and n:
         order = sorted(range(len(images)), key=lambda i: boxes[images[i].name][:2])
         chosen = set(order[-n:])
         held_names = [images[i].name for i in chosen]

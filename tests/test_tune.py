@@ -269,7 +269,7 @@ def test_holdout_split_and_stripe_crops(tmp_path):
     images = [tmp_path / f"{i}.png" for i in range(5)]
     kept, held = split_holdout(images, 2, seed=1)
     assert len(held) == 2 and sorted(kept + held) == images and split_holdout(images, 2, seed=1)[1] == held
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match="at least one.*--holdout-stripe"):
         split_holdout(images, 5)
     # Crops never reach the held-out stripe (bottom 8 rows set to white).
     pixels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
@@ -308,6 +308,10 @@ def test_holdout_of_overlapping_tiles_leaves_no_held_out_pixel_in_training(tmp_p
     assert left_out and overlapping_tiles([p.name for p in left_out], [p.name for p in held], boxes) == {p.name for p in left_out}
     with pytest.raises(ValueError, match="overlap"):
         split_holdout(images, 150, boxes=boxes)
+    # Holding out every tile: the advice is fewer tiles, not a stripe (in-sample on such a set).
+    with pytest.raises(ValueError, match="at least one") as error:
+        split_holdout(images, len(images), boxes=boxes)
+    assert "--holdout N" in str(error.value) and "no unseen holdout" in str(error.value)
     # The CLI records the tiles left out beside the held-out ones and trains on neither.
     args = Namespace(resume=False, holdout=17, holdout_stripe=None, seed=0, data=str(root))
     train_on, record, _ = _holdout(args, {}, images, TrainConfig(image_size=64, crop_size=32))
