@@ -298,13 +298,16 @@ SUSPECT_LOW, SUSPECT_HIGH = 0.6, 0.9
 SUSPECT_GROW, SUSPECT_SIGMA = 2, 2.0
 
 
-def suspect_mask(relative_map: torch.Tensor) -> torch.Tensor:
+def suspect_mask(relative_map: torch.Tensor, low: float = SUSPECT_LOW, high: float = SUSPECT_HIGH,
+                 grow: int = SUSPECT_GROW, sigma: float = SUSPECT_SIGMA) -> torch.Tensor:
     """The second pass's mask: B x H x W anomaly maps divided by the (first pass's) threshold
-    -> B x 1 x H x W in [0, 1] (1: painted over by the denoiser, 0: the input kept). A normal
-    image whose map stays under SUSPECT_LOW times the threshold gets an empty mask."""
-    m = ((relative_map.float()[:, None] - SUSPECT_LOW) / (SUSPECT_HIGH - SUSPECT_LOW)).clamp(0, 1)
-    m = F.max_pool2d(m, 2 * SUSPECT_GROW + 1, 1, SUSPECT_GROW)
-    return gaussian_blur(m, SUSPECT_SIGMA).clamp(0, 1)
+    -> B x 1 x H x W in [0, 1] (1: painted over by the denoiser, 0: the input kept): a ramp from
+    `low` to `high`, grown by `grow` px and blurred by `sigma` px (0: neither). A normal image
+    whose map stays under `low` times the threshold gets an empty mask."""
+    m = ((relative_map.float()[:, None] - low) / (high - low)).clamp(0, 1)
+    if grow > 0:
+        m = F.max_pool2d(m, 2 * grow + 1, 1, grow)
+    return gaussian_blur(m, sigma).clamp(0, 1) if sigma > 0 else m
 
 
 @torch.no_grad()

@@ -281,6 +281,10 @@ def test_the_suspect_mask_ramps_with_the_map_and_covers_the_rim():
     assert m[1, 0, 12, 12] > 0.99 and m[1, 0, 7, 12] > 0.5  # the defect and its rim
     assert m[1, 0, 0, 0] < 1e-3 and m[1, 0, 28, 28] < 1e-3  # the rest of the tile stays
     assert suspect_mask(torch.full((1, 8, 8), 0.5)).max() == 0
+    # Without growing and blurring it is the ramp alone: 0 at `low`, 1 from `high` on.
+    ramp = suspect_mask(torch.tensor([[[0.5, 0.7, 0.9, 1.2]]]), low=0.7, high=0.9, grow=0, sigma=0)
+    torch.testing.assert_close(ramp, torch.tensor([[[[0.0, 0.0, 1.0, 1.0]]]]))
+    assert suspect_mask(relative, grow=0, sigma=0)[1, 0, 7, 12] == 0  # no rim
 
 
 def test_the_second_pass_is_stored_only_when_it_is_on():
