@@ -49,6 +49,7 @@ import torch
 from PIL import Image
 
 from cgdiff import __version__, teaching
+from cgdiff.card import calibration_normals
 from cgdiff.detector import Detection, Detector, _num_steps
 from cgdiff.hub import CheckpointError
 from cgdiff.images import ImageError, load_image
@@ -234,11 +235,12 @@ def model_info(name: str, detector: Detector) -> str:
                      f"{esc(texture)} images and nothing else).")
     lines.append(f"{esc(detector.describe())}.")
     cal = detector.calibration
+    normals = calibration_normals(detector.info) or f"{cal.n_images} normal images"
     if cal.threshold_rule == VALIDATION_F1:
-        lines.append(f"Threshold {cal.threshold:.4g}: the best F1 between {cal.n_images} normal images and "
+        lines.append(f"Threshold {cal.threshold:.4g}: the best F1 between {esc(normals)} and "
                      f"{len(cal.anomalous_scores)} with synthetic defects.")
     else:
-        lines.append(f"Threshold {cal.threshold:.4g}, calibrated on {cal.n_images} normal images.")
+        lines.append(f"Threshold {cal.threshold:.4g}, calibrated on {esc(normals)}.")
     if training.get("data"):
         lines.append(f"Trained on {esc(str(training['data']))}"
                      + (f" for {training['steps']} steps." if training.get("steps") else "."))

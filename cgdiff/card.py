@@ -9,13 +9,21 @@ dicts and imports nothing else of the package.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 # The settings the tuning section compares, in the order of the tuner's search.
 TABLE_KEYS = ("t0", "steps", "w", "guidance_scale", "blur_sigma", "samples", "repaint_t0", "pixel_weight",
               "feature_weight", "map_sigma")
 # Settings stored only away from their default (a checkpoint without them reads as before).
 TABLE_DEFAULTS = {"samples": 1, "repaint_t0": 0}
+
+
+def calibration_normals(config: dict[str, Any]) -> Optional[str]:
+    """Which normal images the stored calibration used, as its last writer (`cgdiff calibrate`,
+    `cgdiff tune` or `cgdiff train`) recorded them in cgdiff.json, e.g. "8 holdout images (not
+    used in training)" or "35 training-folder images (in-sample)"; None when none recorded it."""
+    return (config.get("calibration_normals") or (config.get("tuning") or {}).get("calibration_normals")
+            or (config.get("training") or {}).get("calibration_normals") or None)
 
 
 def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector") -> str:
@@ -100,8 +108,7 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
     lines.append("- sampler: " + ", ".join(f"{k}={v}" for k, v in sampler.items()))
     lines.append("- scorer: " + ", ".join(f"{k}={v}" for k, v in scorer.items()))
     if calibration:
-        normals = (config.get("calibration_normals") or (config.get("tuning") or {}).get("calibration_normals")
-                   or training.get("calibration_normals")
+        normals = (calibration_normals(config)
                    or f"{calibration.get('n_images')} normal images (which ones is not recorded)")
         lines.append(
             f"- calibration on {normals}: pixel scale c = "

@@ -185,10 +185,12 @@ def test_progress_follows_the_denoising_steps(client, app_module):
         time.sleep(0.02)
     assert job.result()[6]["verdict"] in ("normal", "anomalous")
     assert seen, "no progress was reported"
-    second = app_module.MODELS.get(entry.name).sampler.repaint_model_calls()  # brick's second pass: K2 more steps
-    assert {length for _, length, _ in seen} == {6 + second} and all(desc == "Denoising" for *_, desc in seen)
+    sampler = app_module.MODELS.get(entry.name).sampler
+    # K steps per averaged run (brick averages N = 2), then K2 steps of brick's second pass.
+    total = 6 * sampler.samples + sampler.repaint_model_calls()
+    assert {length for _, length, _ in seen} == {total} and all(desc == "Denoising" for *_, desc in seen)
     indexes = [i for i, _, _ in seen]
-    assert indexes == sorted(indexes) and 1 <= indexes[-1] <= 6 + second
+    assert indexes == sorted(indexes) and 1 <= indexes[-1] <= total
 
 
 def test_models_load_once(client, app_module):
@@ -804,3 +806,9 @@ def test_model_info_names_the_threshold_rule(app_module, tiny_detector):
     tiny_detector.calibration.anomalous_scores = [0.3, 0.25, 0.15]
     assert ("Threshold 0.2: the best F1 between 3 normal images and 3 with synthetic defects."
             in app_module.model_info("x", tiny_detector))
+    # Where the checkpoint records which normals they were, the line names them: held out or in-sample.
+    tiny_detector.info["tuning"] = {"calibration_normals": "3 holdout images (not used in training)"}
+    assert ("Threshold 0.2: the best F1 between 3 holdout images (not used in training) and 3 with synthetic "
+            "defects." in app_module.model_info("x", tiny_detector))
+    tiny_detector.info["calibration_normals"] = "3 training-folder images (in-sample)"  # a later `cgdiff calibrate`
+    assert "between 3 training-folder images (in-sample) and" in app_module.model_info("x", tiny_detector)
