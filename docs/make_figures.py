@@ -48,7 +48,7 @@ def main() -> None:
     # The same result `detector.detect` gives, built from the pieces above instead of a second run.
     result = Detection(to_uint8(x)[0], to_uint8(x_rec)[0], amap, float(amap.max()), detector.threshold, 0.0)
 
-    settings = f"K = {s.steps}, w = {s.w:g}, s = {s.guidance_scale:g}"
+    settings = f"K = {s.steps}, w = {s.w:g}, s = {s.guidance_scale:g}" + (f", N = {s.samples}" if s.samples > 1 else "")
     panels = [
         (result.image, "input $y$"),
         (to_uint8(steps[0]["x_t"].clamp(-1, 1))[0], f"start $x_{{t_0}}$, $t_0$ = {s.t0}"),

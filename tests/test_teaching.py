@@ -59,7 +59,8 @@ def test_foreign_images_are_unfamiliar_and_the_examples_are_not(brick):
 
 def test_the_trajectory_follows_the_sampler(brick):
     image = str(BUNDLED["brick"].examples()[0])
-    traj = teaching.trajectory(brick, image, steps=3, guidance_scale=0.5)
+    one = dict(t0=175, samples=1)  # pinned: the test does not follow the bundled settings
+    traj = teaching.trajectory(brick, image, steps=3, guidance_scale=0.5, **one)
     assert [s.t for s in traj.steps] == [175, 88, 0] and traj.steps[-1].next_t == -1
     assert all(s.x0_blurred is not None for s in traj.steps)
     assert all(s.x_t.shape == (128, 128, 3) and s.x_t.dtype == np.uint8 for s in traj.steps)
@@ -67,22 +68,23 @@ def test_the_trajectory_follows_the_sampler(brick):
     d = lambda a, b: np.abs(a.astype(float) - b.astype(float)).mean()  # noqa: E731
     assert d(traj.start, traj.detection.image) > 2 * d(traj.steps[-1].x_t, traj.detection.image)
     # The same reconstruction and score as detect() at these settings.
-    same = brick.detect(image, steps=3, guidance_scale=0.5)[0]
+    same = brick.detect(image, steps=3, guidance_scale=0.5, **one)[0]
     assert traj.detection.score == pytest.approx(same.score, rel=1e-5)
-    off = teaching.trajectory(brick, image, steps=2, guidance_scale=0.0)
+    off = teaching.trajectory(brick, image, steps=2, guidance_scale=0.0, **one)
     assert len(off.steps) == 2 and all(s.x0_blurred is None for s in off.steps)
     # Averaged reconstructions: the steps of the first run, the score of the mean as detect() has it.
-    mean = teaching.trajectory(brick, image, steps=2, guidance_scale=0.0, samples=2)
+    mean = teaching.trajectory(brick, image, steps=2, guidance_scale=0.0, t0=175, samples=2)
     assert [s.t for s in mean.steps] == [s.t for s in off.steps]
     assert np.array_equal(mean.steps[0].x_t, off.steps[0].x_t)
-    assert mean.detection.score == pytest.approx(brick.detect(image, steps=2, guidance_scale=0.0, samples=2)[0].score,
-                                                 rel=1e-5)
+    assert mean.detection.score == pytest.approx(
+        brick.detect(image, steps=2, guidance_scale=0.0, t0=175, samples=2)[0].score, rel=1e-5)
 
 
 def test_ablations_switch_off_one_strategy_each(brick):
     image = str(BUNDLED["brick"].examples()[0])
     seen = []
-    one_pass = dict(steps=2, guidance_scale=0.5, repaint_t0=0)  # brick's second pass off: the paper's strategies
+    # brick's second pass off and one run (not its N = 2): the paper's strategies.
+    one_pass = dict(steps=2, guidance_scale=0.5, repaint_t0=0, samples=1)
     variants = teaching.ablations(brick, image, progress=lambda i, n: seen.append((i, n)), **one_pass)
     assert [v.key for v in variants] == ["full", "pure_noise", "no_conditioning", "no_guidance"]
     assert [v.changes for v in variants] == [{}, {"t0": 1000}, {"w": 0.0}, {"guidance_scale": 0.0}]
@@ -90,7 +92,7 @@ def test_ablations_switch_off_one_strategy_each(brick):
     assert cost == {"reconstructions": 4, "model_calls": 4 + 4 + 4 + 2, "full_model_calls": 4}
     # With its second pass every variant keeps it, at K2 more calls each, and the full row says so.
     k2 = brick.sampler.repaint_model_calls()
-    assert brick.sampler.repaint_t0 > 0 and teaching.ablation_cost(brick, steps=2, guidance_scale=0.5) == {
+    assert brick.sampler.repaint_t0 > 0 and teaching.ablation_cost(brick, steps=2, guidance_scale=0.5, samples=1) == {
         "reconstructions": 4, "model_calls": 14 + 4 * k2, "full_model_calls": 4 + k2}
     assert seen[-1] == (14, 14) and [i for i, _ in seen] == sorted(i for i, _ in seen)
     full, noise = variants[0].detection, variants[1].detection

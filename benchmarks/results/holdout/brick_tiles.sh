@@ -3,16 +3,30 @@
 # 8 tiles held out, the 8 overlapping them left out, 19 trained on), then `cgdiff tune --minutes 8`
 # at the CLI's defaults (as the bundled brick detector was re-tuned: --min-removal 0.5), the test
 # split and the examples. Compare with the bundled brick detector (35 tiles, in-sample threshold).
+#   brick_tiles.sh                 4200 steps: runs/brick_holdout8_tiles, brick_tiles_*.{txt,json}
+#   brick_tiles.sh 8400            that run continued to 8400 steps (--resume on a copy):
+#                                  runs/brick_holdout8_tiles_8400, brick_tiles_8400_*.{txt,json}
+#   brick_tiles.sh [STEPS] --train-only
 set -e
 cd "$(dirname "$0")/../../.." && . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 out=benchmarks/results/holdout
-ckpt=runs/brick_holdout8_tiles
-if [ ! -f $ckpt/cgdiff.json ]; then
-  OMP_NUM_THREADS=1 cgdiff train --data data/textures/brick --out $ckpt --image-size 128 --crop-size 64 --preset tiny \
+steps=4200
+if [[ "$1" =~ ^[0-9]+$ ]]; then steps=$1; shift; fi
+base=runs/brick_holdout8_tiles
+if [ ! -f $base/cgdiff.json ]; then
+  OMP_NUM_THREADS=1 cgdiff train --data data/textures/brick --out $base --image-size 128 --crop-size 64 --preset tiny \
     --max-steps 4200 --max-minutes 40 --backbone efficientnet-lite0 --holdout 8 --no-progress
 fi
+ckpt=$base tag=brick_tiles
+if [ "$steps" != 4200 ]; then
+  ckpt=${base}_$steps tag=brick_tiles_$steps
+  if [ ! -f $ckpt/cgdiff.json ] || [ "$(python -c "import json;print(json.load(open('$ckpt/cgdiff.json'))['training']['steps'])")" != "$steps" ]; then
+    [ -d $ckpt ] || cp -r $base $ckpt  # before its tuning: the 4200-step run tuned in place, so train again from its state
+    OMP_NUM_THREADS=1 cgdiff train --data data/textures/brick --out $ckpt --resume --max-steps $steps --no-progress
+  fi
+fi
 [ "$1" = "--train-only" ] && exit 0
-cgdiff tune --checkpoint $ckpt --data data/textures/brick --minutes 8 --no-progress > $out/brick_tiles_tune.txt 2>&1
-cgdiff evaluate --checkpoint $ckpt --data data/textures/brick --json $out/brick_tiles_test.json --overwrite --no-progress > /dev/null 2>&1
-cgdiff detect --checkpoint $ckpt checkpoints/brick/examples --no-progress > $out/brick_tiles_examples.txt 2>&1
+cgdiff tune --checkpoint $ckpt --data data/textures/brick --minutes 8 --no-progress > $out/${tag}_tune.txt 2>&1
+cgdiff evaluate --checkpoint $ckpt --data data/textures/brick --json $out/${tag}_test.json --overwrite --no-progress > /dev/null 2>&1
+cgdiff detect --checkpoint $ckpt checkpoints/brick/examples --no-progress > $out/${tag}_examples.txt 2>&1
