@@ -347,8 +347,13 @@ class Detector:
             self.calibration = self.scorer.calibrate(torch.cat(d_p), torch.cat(d_f), threshold_sigmas,
                                                      pixel_scale=self.calibration.pixel_scale)
             self.calibration.mask_threshold = mask_threshold
-        for key in ("calibration_normals", "calibration_command"):  # notes of an earlier `cgdiff calibrate`
+        # Notes of an earlier calibration (`cgdiff calibrate`, `cgdiff tune`, `cgdiff train`) name
+        # images this one did not necessarily use: the caller records its own afterwards.
+        for key in ("calibration_normals", "calibration_command"):
             self.info.pop(key, None)
+        for section in ("tuning", "training"):
+            if isinstance(self.info.get(section), dict):
+                self.info[section].pop("calibration_normals", None)
         return self.calibration
 
     def adapt_backbone(

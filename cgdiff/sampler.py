@@ -303,7 +303,11 @@ def suspect_mask(relative_map: torch.Tensor, low: float = SUSPECT_LOW, high: flo
     """The second pass's mask: B x H x W anomaly maps divided by the (first pass's) threshold
     -> B x 1 x H x W in [0, 1] (1: painted over by the denoiser, 0: the input kept): a ramp from
     `low` to `high`, grown by `grow` px and blurred by `sigma` px (0: neither). A normal image
-    whose map stays under `low` times the threshold gets an empty mask."""
+    whose map stays under `low` times the threshold gets an empty mask. Raises ValueError unless
+    low < high, grow >= 0 and sigma >= 0."""
+    if not (low < high and grow >= 0 and sigma >= 0):
+        raise ValueError(f"the suspect mask needs low < high, grow >= 0 and sigma >= 0; got low={low}, high={high}, "
+                         f"grow={grow}, sigma={sigma}.")
     m = ((relative_map.float()[:, None] - low) / (high - low)).clamp(0, 1)
     if grow > 0:
         m = F.max_pool2d(m, 2 * grow + 1, 1, grow)

@@ -544,6 +544,8 @@ def train(
     calib = calibration_images if calibration_images is not None else images
     accelerator.print(f"calibrating on {len(calib)} normal images ...")
     detector.calibrate(calib)
+    if (info or {}).get("calibration_normals"):  # which images `calib` holds, as the caller described them
+        detector.info["training"]["calibration_normals"] = info["calibration_normals"]
     detector.save_pretrained(out, overwrite=True)
     accelerator.print(f"saved detector to {out} (threshold {detector.threshold:.4g})")
     return detector

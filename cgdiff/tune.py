@@ -59,6 +59,7 @@ The command line: `cgdiff tune --checkpoint CKPT --data ROOT/CLASS`, or `cgdiff 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import tempfile
@@ -928,7 +929,7 @@ def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int,
     det, vset = search.detector, search.vset
     sampler = SamplerConfig(**best["sampler"])
     saved = (det.sampler, det.scorer.config, det.calibration, search.race_margin)
-    info = dict(det.info)  # calibrate() drops an earlier `cgdiff calibrate`'s notes
+    info = copy.deepcopy(det.info)  # calibrate() drops the notes of earlier calibrations, nested ones too
     log(f"second pass (no setting reached validation removal {search.min_removal:g}; the best by AUPRO removes "
         f"{best.get('removal') or 0.0:.3f}, lower bound {_removal_for_floor(best):.3f}): {_describe(sampler)} with the suspect pixels re-painted from t2 "
         f"in {', '.join(map(str, repaint_t0s))}:")

@@ -107,6 +107,22 @@ def test_averaged_reconstructions_are_stored_and_scored_as_their_mean(tiny_detec
     assert loaded.detect(x[:1])[0].score == pytest.approx(result.score, rel=1e-5)
 
 
+def test_a_new_calibration_drops_the_record_of_the_normals_an_earlier_one_used(tiny_detector):
+    from cgdiff.card import calibration_normals, render_model_card
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    tiny_detector.info.update(calibration_normals="3 training-folder images (in-sample)",
+                              tuning={"calibration_normals": "8 holdout images (not used in training)"},
+                              training={"calibration_normals": "8 held-out training images (not used in training)",
+                                        "steps": 10})
+    assert calibration_normals(tiny_detector.info) == "3 training-folder images (in-sample)"
+    tiny_detector.calibrate(x)  # other images: no earlier note may name them
+    assert calibration_normals(tiny_detector.info) is None
+    assert tiny_detector.info["training"] == {"steps": 10}
+    card = render_model_card({**tiny_detector.info, "calibration": tiny_detector.calibration.to_dict()})
+    assert "calibration on 2 normal images (which ones is not recorded)" in card
+
+
 def test_the_second_pass_is_calibrated_on_the_first_pass_and_stored(tiny_detector, tmp_path):
     """With repaint_t0 > 0, c and the mask's threshold come from the first pass on the normals
     and the threshold from the second; the settings and the mask's threshold are stored."""

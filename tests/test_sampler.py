@@ -285,6 +285,9 @@ def test_the_suspect_mask_ramps_with_the_map_and_covers_the_rim():
     ramp = suspect_mask(torch.tensor([[[0.5, 0.7, 0.9, 1.2]]]), low=0.7, high=0.9, grow=0, sigma=0)
     torch.testing.assert_close(ramp, torch.tensor([[[[0.0, 0.0, 1.0, 1.0]]]]))
     assert suspect_mask(relative, grow=0, sigma=0)[1, 0, 7, 12] == 0  # no rim
+    for bad in (dict(low=0.9, high=0.9), dict(grow=-1), dict(sigma=-1.0)):
+        with pytest.raises(ValueError, match="low < high"):
+            suspect_mask(relative, **bad)
 
 
 def test_the_second_pass_is_stored_only_when_it_is_on():

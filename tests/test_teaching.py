@@ -101,7 +101,7 @@ def test_ablations_switch_off_one_strategy_each(brick):
         3 * np.abs(full.reconstruction.astype(float) - full.image).mean()
     assert all(v.line for v in variants) and "full method" in variants[1].line
     # At the model's own settings (s = 0) the last row switches blur guidance on instead.
-    stored = teaching.ablations(brick, image, full=full, steps=2, repaint_t0=0)
+    stored = teaching.ablations(brick, image, full=full, steps=2, repaint_t0=0, samples=1)
     assert stored[-1].key == "with_guidance" and stored[-1].changes == {"guidance_scale": teaching.GUIDANCE_DEMO_SCALE}
     assert stored[0].detection is full
     assert "then the second pass from t2 = " in teaching.describe_change("full", full, full, 400)

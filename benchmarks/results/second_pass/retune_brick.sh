@@ -10,6 +10,7 @@ cd "$(dirname "$0")/../../.." && . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 out=benchmarks/results/second_pass
 ckpt=runs/brick_35tiles_retuned
+git cat-file -e "32fa6d8^{commit}" 2>/dev/null || { echo "needs the repository's history (git fetch --unshallow)" >&2; exit 1; }
 rm -rf $ckpt && mkdir -p runs/brick_35tiles_src
 git archive 32fa6d8^ checkpoints/brick | tar -x -C runs/brick_35tiles_src
 mv runs/brick_35tiles_src/checkpoints/brick $ckpt && rm -rf runs/brick_35tiles_src
