@@ -29,9 +29,8 @@ fi
 [ "$1" = "--train-only" ] && exit 0
 # The recorded runs tuned in place from the training defaults; a tuned checkpoint would start the
 # search elsewhere, so it is not tuned again.
-if python -c "import json, sys; sys.exit('tuning' in json.load(open('$ckpt/cgdiff.json')))"; then :; else
-  echo "$ckpt is tuned already: train it again (remove it) to rerun the tuning" >&2; exit 1
-fi
+python -c "import json, sys; sys.exit('tuning' in json.load(open('$ckpt/cgdiff.json')))" \
+  || { echo "$ckpt is tuned already: train it again (remove it) to rerun the tuning" >&2; exit 1; }
 cgdiff tune --checkpoint $ckpt --data data/textures/brick --minutes 8 --no-progress > $out/${tag}_tune.txt 2>&1
 cgdiff evaluate --checkpoint $ckpt --data data/textures/brick --json $out/${tag}_test.json --overwrite --no-progress > /dev/null 2>&1
 cgdiff detect --checkpoint $ckpt checkpoints/brick/examples --no-progress > $out/${tag}_examples.txt 2>&1
