@@ -345,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "second pass), e.g. to keep the app's latency (default: no cap)")
     p.add_argument("--max-evaluations", type=_number(int, 0), default=None, metavar="N",
                    help="try at most N sampler settings besides the stored one (default: as the budget allows)")
+    p.add_argument("--start-from", nargs="+", default=(), metavar="CHECKPOINT",
+                   help="also evaluate the sampler settings stored in these checkpoints (e.g. another detector of "
+                   "the same texture; their first pass) and search from the best of all the starts (default: "
+                   "from the stored settings alone)")
     p.add_argument("--map-sigmas", type=_number(float, 0), nargs="+", default=(), metavar="X",
                    help="also search the anomaly map's smoothing sigma over these values (px at the working size; "
                    "e.g. 1 2 4 8). Default: the stored sigma stays. On synthetic-defect textures the search paid; "
@@ -1022,7 +1026,8 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
                 n_normal: int = 4, n_anomalous: int = 12, tie_tolerance: float = 0.005,
                 max_evaluations: Optional[int] = None, batch_size: int = 4, quiet: bool = False,
                 min_removal: float = 0.0, threshold: str = "validation-f1",
-                map_sigmas: Sequence[float] = (), max_model_calls: Optional[int] = None) -> dict[str, Any]:
+                map_sigmas: Sequence[float] = (), max_model_calls: Optional[int] = None,
+                starts: Sequence = ()) -> dict[str, Any]:
     """Tune `detector` on `data`, print the choice and the speed/quality front, and (unless
     `folder` is None) save it into `folder` with the front plot. Returns the tuning record."""
     from .tune import FRONT_PLOT_NAME, front_table, plot_front, tune
@@ -1031,7 +1036,7 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
     result = tune(detector, data, budget_s=budget_s, seed=seed, n_normal=n_normal, n_anomalous=n_anomalous,
                   tie_tolerance=tie_tolerance, max_evaluations=max_evaluations, batch_size=batch_size,
                   min_removal=min_removal, max_model_calls=max_model_calls, threshold=threshold,
-                  map_sigmas=map_sigmas, apply=folder is not None,
+                  map_sigmas=map_sigmas, starts=starts, apply=folder is not None,
                   log=None if quiet else _info)
     record = detector.info["tuning"] if folder is not None else result.record
     record["command"] = command
@@ -1083,17 +1088,34 @@ def _copy_checkpoint(source: Path, folder: Optional[Path]) -> None:
 def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     source, folder = _target_folder(args, "tune")
     json_path = _check_new_file(args.json, args.overwrite, "--json")
+    starts = [_stored_sampler(name) for name in args.start_from]
     detector = _load_detector(args)
     _copy_checkpoint(source, folder)
     record = _run_tuning(detector, args.data, folder, args.minutes * 60, _command_line(argv), seed=args.seed,
                          n_normal=args.normal, n_anomalous=args.anomalous, tie_tolerance=args.tie_tolerance,
                          max_evaluations=args.max_evaluations, batch_size=args.batch_size, quiet=args.no_progress,
                          min_removal=args.min_removal, threshold=args.threshold, map_sigmas=args.map_sigmas,
-                         max_model_calls=args.max_model_calls)
+                         max_model_calls=args.max_model_calls, starts=starts)
     if json_path is not None:
         _write_json(json_path, record)
         _info(f"wrote {json_path}")
     return 0
+
+
+def _stored_sampler(name: str):
+    """The sampler settings stored in checkpoint `name` (a folder or a known name), for
+    `tune --start-from`. Raises ValueError naming the checkpoint when it has none readable."""
+    from .detector import CheckpointError, read_config
+    from .registry import resolve
+    from .sampler import SamplerConfig
+
+    folder = Path(name) if Path(name).exists() else Path(resolve(name))
+    if not folder.is_dir():
+        raise ValueError(f"--start-from: '{name}' is not a local checkpoint folder.")
+    try:
+        return SamplerConfig(**read_config(folder)["sampler"])
+    except (CheckpointError, TypeError, ValueError) as e:
+        raise ValueError(f"--start-from: the sampler settings of '{name}' cannot be read: {e}") from None
 
 
 def cmd_calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:

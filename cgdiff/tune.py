@@ -21,7 +21,7 @@ normal images only:
    Test images and test masks are never read: only ROOT/CLASS/train/good (or the top level
    of a plain image folder) is listed.
 2. Search, within a time budget (`budget_s`), picking by validation AUPRO:
-     - the stored settings first (the reference);
+     - the stored settings first (the reference), then any further `starts`, each in full;
      - coarse: one setting at a time, in order of influence (w, blur-guidance scale s, t0,
        K, blur sigma, the number N of reconstructions averaged), each over a coarse grid
        around the best point so far;
@@ -789,6 +789,7 @@ def tune(
     map_sigmas: Sequence[float] = (),
     max_evaluations: Optional[int] = None,
     refine_rounds: int = 3,
+    starts: Sequence[SamplerConfig] = (),
     validation: Optional[ValidationSet] = None,
     metric_size: int = 128,
     apply: bool = True,
@@ -814,7 +815,13 @@ def tune(
         real defects it picked a finer map than the stored one and lost (BENCHMARKS.md, "Map
         smoothing").
     max_evaluations: at most this many sampler settings besides the stored one (the
-        second-pass stage's included).
+        second-pass stage's and `starts` included).
+    starts: more sampler settings to search from, e.g. those of another detector of the same
+        texture. Each is evaluated in full after the stored one (without its second pass: the
+        search moves the first pass; brought under `max_model_calls` as the stored one is), and
+        the one-setting-at-a-time search moves from the best of them all. Without them it moves
+        from the stored settings alone and can miss a better region: a setting dropped on half
+        the images near the start is never met again with the other settings it would need.
     validation: a ready ValidationSet instead of one made from `root`.
     metric_size: pixel metrics are computed on maps and masks reduced to about this size
         (block means of the maps), which keeps scoring cheap next to reconstruction.
@@ -860,6 +867,7 @@ def tune(
         grids = {**grids, "t0": {stage: tuple(v for v in values if v < trained) or (trained - 1,)
                                  for stage, values in grids["t0"].items()}}
     repaint_t0s = tuple(t2 for t2 in repaint_t0s if t2 < trained)  # never a start it did not learn
+    starts = [_start(sampler, trained) for sampler in starts]
     for pw, fw in balances:
         ScorerConfig(pixel_weight=pw, feature_weight=fw)
     for sigma in map_sigmas:
@@ -891,6 +899,7 @@ def tune(
         if max_model_calls is not None and start_sampler.model_calls() > max_model_calls:
             # The search moves one setting at a time from the best row under the cap: give it one.
             search.evaluate(_under_cap(start_sampler, max_model_calls), "start, under the cap")
+        _evaluate_starts(search, starts, max_evaluations)
         stopped = _run_search(search, grids, max_evaluations, refine_rounds, log)
         if min_removal > 0 and repaint_t0s:
             _repaint_stage(search, repaint_t0s, batch_size, log, max_evaluations)
@@ -907,6 +916,8 @@ def tune(
         validation=validation, seconds=clock() - t_begin, budget_s=float(budget_s), stopped=stopped,
     )
     result.record = _record(result, search, tie_tolerance, race_margin)
+    if starts:
+        result.record["search"]["starts"] = [sampler.to_dict() for sampler in starts]
     if apply:
         apply_result(detector, result, threshold=threshold, batch_size=batch_size, log=log)
     return result
@@ -955,6 +966,33 @@ def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int,
         det.sampler, det.scorer.config, det.calibration, search.race_margin = saved
         det.info.clear()
         det.info.update(info)
+
+
+def _evaluate_starts(search: _Search, starts: Sequence[SamplerConfig], max_evaluations: Optional[int]) -> None:
+    """Each further start in full (never raced, whatever the budget), as the stored settings."""
+    race_margin = search.race_margin
+    search.race_margin = math.inf
+    try:
+        for sampler in starts:
+            if max_evaluations is not None and search.n_sampler_settings >= max_evaluations:
+                break
+            if search.max_model_calls is not None and sampler.model_calls() > search.max_model_calls:
+                sampler = _under_cap(sampler, search.max_model_calls)
+            if _key(sampler) not in search.done:
+                search.n_sampler_settings += 1
+                search.evaluate(sampler, "another start", reference=True)
+    finally:
+        search.race_margin = race_margin
+
+
+def _start(sampler: SamplerConfig, trained: int) -> SamplerConfig:
+    """A further start of the search: its first pass (the search moves that only).
+    Raises ValueError for a sampler setting or a start step t0 the denoiser did not train on."""
+    if not isinstance(sampler, SamplerConfig):
+        raise ValueError(f"a start of the search must be a SamplerConfig, got {type(sampler).__name__}.")
+    if sampler.t0 >= trained:
+        raise ValueError(f"a start of the search has t0 = {sampler.t0}, but the denoiser trained on t < {trained} only.")
+    return sampler.replace(repaint_t0=0)
 
 
 def _under_cap(sampler: SamplerConfig, max_model_calls: int) -> SamplerConfig:
@@ -1056,7 +1094,8 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
                        "aupro_fpr_limit": AUPRO_FPR_LIMIT},
         "validation_set": vset.describe(),
         "search": {
-            "strategy": "stored settings, then a coarse one-setting-at-a-time sweep (w, s, t0, K, sigma, N) and "
+            "strategy": "stored settings (and any further starts), then from the best a coarse "
+                        "one-setting-at-a-time sweep (w, s, t0, K, sigma, N) and "
                         "refinement on finer grids (then, when no setting reaches min_removal, the best by "
                         "AUPRO with the second pass); settings raced on half the images; pixel/feature balance "
                         f"(and map sigmas {', '.join(f'{x:g}' for x in search.map_sigmas)}) searched on every "

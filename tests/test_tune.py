@@ -4,6 +4,7 @@ stores its choice in the checkpoint; holdout images and stripes for training."""
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -191,6 +192,66 @@ def test_a_cap_on_model_calls_leaves_the_dearer_settings_out(tiny_detector, grav
     assert select(rows) == 0 and select(rows, max_model_calls=20) == 1 and select(rows, max_model_calls=5) == 0
     with pytest.raises(ValueError, match="max_model_calls"):
         tune(tiny_detector, gravel, budget_s=600, max_model_calls=0, apply=False, **SMALL)
+
+
+def test_further_starts_are_evaluated_in_full_and_the_search_moves_from_the_best(tiny_detector, gravel):
+    """`starts` (`tune --start-from`): each further start is run in full after the stored
+    settings, its second pass dropped, and the coarse sweep moves from the best of them all."""
+    stored = tiny_detector.sampler
+    other = stored.replace(repaint_t0=300)  # K = 3: here it validates better than the stored K = 2, w = 2
+    grids = {"w": {"coarse": (0.0,), "fine": (0.0, 0.5)}}
+    tiny_detector.sampler = stored.replace(steps=2, w=2.0)
+    try:
+        result = tune(tiny_detector, gravel, budget_s=600, seed=5, refine_rounds=0, starts=[other], apply=False,
+                      **{**SMALL, "grids": grids})
+    finally:
+        tiny_detector.sampler = stored
+    started = [r for r in result.table if r["stage"] == "another start"]
+    assert started and all(r["complete"] and r["steps"] == 3 and not r["repaint_t0"] for r in started)
+    assert result.record["search"]["starts"] == [stored.to_dict()]
+    firsts = [r for r in result.table if r["stage"] in ("start", "another start")]
+    assert firsts[select(firsts)]["stage"] == "another start"
+    swept = [r for r in result.table if r["stage"] == "coarse"]
+    assert swept and all(r["w"] == 0.0 and r["steps"] == 3 for r in swept)  # around it, not the stored K = 2
+    # A start counts among max_evaluations; one the denoiser never trained for, or not a sampler setting, is refused.
+    none = tune(tiny_detector, gravel, budget_s=600, seed=5, max_evaluations=0, starts=[other.replace(steps=2)],
+                apply=False, **SMALL)
+    assert [r["stage"] for r in none.table] == ["start"] * len(none.table)
+    info = dict(tiny_detector.info)
+    tiny_detector.info["training"] = {"config": {"max_timestep": 500}}
+    try:
+        with pytest.raises(ValueError, match="t0 = 600"):
+            tune(tiny_detector, gravel, budget_s=600, starts=[other.replace(t0=600)], apply=False, **SMALL)
+    finally:
+        tiny_detector.info.clear()
+        tiny_detector.info.update(info)
+    with pytest.raises(ValueError, match="SamplerConfig"):
+        tune(tiny_detector, gravel, budget_s=600, starts=[{"w": 3.0}], apply=False, **SMALL)
+
+
+def test_start_from_reads_the_sampler_settings_of_another_checkpoint(gravel, tmp_path, capsys):
+    ckpt, other, empty = tmp_path / "ckpt", tmp_path / "other", tmp_path / "empty"
+    assert main(["train", "--data", str(gravel), "--out", str(ckpt), *TRAIN]) == 0
+    shutil.copytree(ckpt, other)
+    config = json.loads((other / "cgdiff.json").read_text())
+    config["sampler"]["w"] = 1.5
+    (other / "cgdiff.json").write_text(json.dumps(config))
+    empty.mkdir()
+    before = (ckpt / "cgdiff.json").read_text()
+    capsys.readouterr()
+    for bad in (empty, tmp_path / "missing"):
+        assert main(["tune", "--checkpoint", str(ckpt), "--data", str(gravel), "--start-from", str(bad),
+                     "--dry-run"]) != 0
+        assert "--start-from" in capsys.readouterr().err
+    code = main(["tune", "--checkpoint", str(ckpt), "--data", str(gravel), "--normal", "2", "--anomalous", "2",
+                 "--max-evaluations", "1", "--min-removal", "0", "--start-from", str(other), "--dry-run",
+                 "--json", str(tmp_path / "tuning.json"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "tuning.json").read_text())
+    assert record["search"]["starts"][0]["w"] == 1.5
+    assert {r["w"] for r in record["table"] if r["stage"] == "another start"} == {1.5}
+    assert record["search"]["sampler_settings"] == 2  # the start counts among --max-evaluations
+    assert (ckpt / "cgdiff.json").read_text() == before
 
 
 def test_below_the_removal_floor_the_best_setting_is_tried_with_the_second_pass(tiny_detector, gravel):
