@@ -76,7 +76,8 @@ class _Formatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        no_default = default is None or default is False or default == argparse.SUPPRESS
+        no_default = (default is None or default is False or default == argparse.SUPPRESS
+                      or (isinstance(default, (list, tuple)) and not default))
         if "%(default)" in text or no_default or not action.option_strings:
             return text
         if isinstance(default, (list, tuple)):
@@ -344,11 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "blur guidance, times the reconstructions averaged, whose runs share U-Net calls, plus K2 of a "
                    "second pass), e.g. to keep the app's latency (default: no cap)")
     p.add_argument("--max-evaluations", type=_number(int, 0), default=None, metavar="N",
-                   help="try at most N sampler settings besides the stored one (default: as the budget allows)")
+                   help="try at most N sampler settings besides the stored one, --start-from's included "
+                   "(default: as the budget allows)")
     p.add_argument("--start-from", nargs="+", default=(), metavar="CHECKPOINT",
-                   help="also evaluate the sampler settings stored in these checkpoints (e.g. another detector of "
-                   "the same texture; their first pass) and search from the best of all the starts (default: "
-                   "from the stored settings alone)")
+                   help="also evaluate the sampler settings stored in these local checkpoint folders or bundled "
+                   "names (e.g. another detector of the same texture; their first pass), in full and beyond "
+                   "--minutes as the stored ones, and search from the best of all the starts (default: from the "
+                   "stored settings alone)")
     p.add_argument("--map-sigmas", type=_number(float, 0), nargs="+", default=(), metavar="X",
                    help="also search the anomaly map's smoothing sigma over these values (px at the working size; "
                    "e.g. 1 2 4 8). Default: the stored sigma stays. On synthetic-defect textures the search paid; "
@@ -1088,9 +1091,12 @@ def _copy_checkpoint(source: Path, folder: Optional[Path]) -> None:
 def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     source, folder = _target_folder(args, "tune")
     json_path = _check_new_file(args.json, args.overwrite, "--json")
+    from .tune import check_starts
+
     starts = [_stored_sampler(name) for name in args.start_from]
     detector = _load_detector(args)
-    _copy_checkpoint(source, folder)
+    starts = check_starts(detector, starts, [f"--start-from {name}" for name in args.start_from])
+    _copy_checkpoint(source, folder)  # after every check: nothing in --out is replaced by a run that fails
     record = _run_tuning(detector, args.data, folder, args.minutes * 60, _command_line(argv), seed=args.seed,
                          n_normal=args.normal, n_anomalous=args.anomalous, tie_tolerance=args.tie_tolerance,
                          max_evaluations=args.max_evaluations, batch_size=args.batch_size, quiet=args.no_progress,

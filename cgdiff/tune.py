@@ -21,7 +21,8 @@ normal images only:
    Test images and test masks are never read: only ROOT/CLASS/train/good (or the top level
    of a plain image folder) is listed.
 2. Search, within a time budget (`budget_s`), picking by validation AUPRO:
-     - the stored settings first (the reference), then any further `starts`, each in full;
+     - the stored settings first (the reference), then any further `starts`, each in full
+       (never raced, not held to the budget);
      - coarse: one setting at a time, in order of influence (w, blur-guidance scale s, t0,
        K, blur sigma, the number N of reconstructions averaged), each over a coarse grid
        around the best point so far;
@@ -31,7 +32,7 @@ normal images only:
        the second pass (`cgdiff.sampler.repaint`) from each t2 in `repaint_t0s`, its mask drawn
        relative to the threshold `Detector.calibrate` gives that setting on the calibration
        normals (run after the budget, like the recalibration).
-   Every sampler setting is first run on half of the validation images; it is finished on
+   Every searched sampler setting is first run on half of the validation images; it is finished on
    the other half only if its AUPRO there is within `race_margin` of the best point's
    (clearly bad settings cost half). For every reconstruction the pixel/feature balance (and,
    when asked for, the anomaly map's smoothing sigma) is searched on the same reconstructions
@@ -553,6 +554,7 @@ class _Search:
         self._c_scorer = Scorer(ScorerConfig(backbone=base.backbone, feature_smoothing=base.feature_smoothing,
                                              map_sigma=base.map_sigma), detector.scorer.backbone)
         self.pixel_scale: Optional[float] = None  # c, when fixed (the second pass keeps the first's)
+        self.starts: list[SamplerConfig] = []  # further starts run (tune's `starts`)
 
     @contextmanager
     def scoring_as(self, balance: tuple[float, float], map_sigma: float, pixel_scale: float):
@@ -801,7 +803,7 @@ def tune(
     """Choose `detector`'s sampler and scorer settings on a synthetic-defect validation set
     made from the normal training images of `root` (see the module docstring).
 
-    budget_s: seconds for the search (the stored settings are always evaluated in full first;
+    budget_s: seconds for the search (the stored settings and `starts` are always evaluated in full first;
         a setting that would not fit is skipped, one that overruns is stopped). Recalibration
         afterwards is not counted.
     grids: {setting: {"coarse": values, "fine": values}} for some of t0, steps, w,
@@ -843,8 +845,8 @@ def tune(
     max_model_calls: leave out settings that cost more denoiser evaluations per image (K, 2K
         with blur guidance, times N, plus K2 with a second pass), e.g. to keep an app's latency; the stored settings are
         still measured as the reference, and chosen only when no cheaper setting completed;
-        when they are over the cap, the search starts from them brought under it (fewer
-        averaged runs first, then fewer steps).
+        when they (or `starts`) are over the cap, they are also run brought under it (fewer
+        averaged runs first, then fewer steps), for the search to move from.
     clock: the time source for the budget (tests pass a fake one)."""
     log = log or (lambda message: None)
     if budget_s is None or not budget_s > 0:
@@ -862,12 +864,12 @@ def tune(
         raise ValueError(f"unknown grid setting(s) {sorted(unknown)}; searchable: {', '.join(SAMPLER_SEARCHED)}.")
     # A denoiser trained on t < max_timestep only (`cgdiff train --max-timestep`) is not searched
     # at starts it never learned.
-    trained = int(((detector.info.get("training") or {}).get("config") or {}).get("max_timestep", 1000))
+    trained = trained_max_timestep(detector)
     if "t0" in grids and trained < 1000:
         grids = {**grids, "t0": {stage: tuple(v for v in values if v < trained) or (trained - 1,)
                                  for stage, values in grids["t0"].items()}}
     repaint_t0s = tuple(t2 for t2 in repaint_t0s if t2 < trained)  # never a start it did not learn
-    starts = [_start(sampler, trained) for sampler in starts]
+    starts = check_starts(detector, starts)
     for pw, fw in balances:
         ScorerConfig(pixel_weight=pw, feature_weight=fw)
     for sigma in map_sigmas:
@@ -899,7 +901,7 @@ def tune(
         if max_model_calls is not None and start_sampler.model_calls() > max_model_calls:
             # The search moves one setting at a time from the best row under the cap: give it one.
             search.evaluate(_under_cap(start_sampler, max_model_calls), "start, under the cap")
-        _evaluate_starts(search, starts, max_evaluations)
+        search.starts = _evaluate_starts(search, starts, max_evaluations)
         stopped = _run_search(search, grids, max_evaluations, refine_rounds, log)
         if min_removal > 0 and repaint_t0s:
             _repaint_stage(search, repaint_t0s, batch_size, log, max_evaluations)
@@ -916,8 +918,6 @@ def tune(
         validation=validation, seconds=clock() - t_begin, budget_s=float(budget_s), stopped=stopped,
     )
     result.record = _record(result, search, tie_tolerance, race_margin)
-    if starts:
-        result.record["search"]["starts"] = [sampler.to_dict() for sampler in starts]
     if apply:
         apply_result(detector, result, threshold=threshold, batch_size=batch_size, log=log)
     return result
@@ -968,31 +968,55 @@ def _repaint_stage(search: _Search, repaint_t0s: Sequence[int], batch_size: int,
         det.info.update(info)
 
 
-def _evaluate_starts(search: _Search, starts: Sequence[SamplerConfig], max_evaluations: Optional[int]) -> None:
-    """Each further start in full (never raced, whatever the budget), as the stored settings."""
+def _evaluate_starts(search: _Search, starts: Sequence[SamplerConfig],
+                     max_evaluations: Optional[int]) -> list[SamplerConfig]:
+    """Each further start in full, as the stored settings: never raced, and not held to the
+    budget. Returns the settings run (brought under the cap; one already run is left out)."""
+    run = []
+    if starts:
+        search.log("further starts:")
     race_margin = search.race_margin
     search.race_margin = math.inf
     try:
         for sampler in starts:
             if max_evaluations is not None and search.n_sampler_settings >= max_evaluations:
-                break
+                search.log(f"  {_describe(sampler)}: not run, max_evaluations reached")
+                continue
             if search.max_model_calls is not None and sampler.model_calls() > search.max_model_calls:
                 sampler = _under_cap(sampler, search.max_model_calls)
-            if _key(sampler) not in search.done:
-                search.n_sampler_settings += 1
-                search.evaluate(sampler, "another start", reference=True)
+            if _key(sampler) in search.done:
+                search.log(f"  {_describe(sampler)}: run already")
+                continue
+            search.n_sampler_settings += 1
+            search.evaluate(sampler, "another start", reference=True)
+            run.append(sampler)
     finally:
         search.race_margin = race_margin
+    return run
 
 
-def _start(sampler: SamplerConfig, trained: int) -> SamplerConfig:
-    """A further start of the search: its first pass (the search moves that only).
-    Raises ValueError for a sampler setting or a start step t0 the denoiser did not train on."""
-    if not isinstance(sampler, SamplerConfig):
-        raise ValueError(f"a start of the search must be a SamplerConfig, got {type(sampler).__name__}.")
-    if sampler.t0 >= trained:
-        raise ValueError(f"a start of the search has t0 = {sampler.t0}, but the denoiser trained on t < {trained} only.")
-    return sampler.replace(repaint_t0=0)
+def trained_max_timestep(detector) -> int:
+    """The denoiser trained on t < this (1000 unless `cgdiff train --max-timestep` set it)."""
+    return int(((detector.info.get("training") or {}).get("config") or {}).get("max_timestep", 1000))
+
+
+def check_starts(detector, starts: Sequence[SamplerConfig], names: Optional[Sequence[str]] = None) -> list[SamplerConfig]:
+    """`tune`'s further starts as it runs them: their first pass (the search moves that only).
+    Raises ValueError for one that is not a SamplerConfig or starts at a t0 the denoiser did not
+    train on, naming it by `names` (e.g. the checkpoints they come from) where given."""
+    if isinstance(starts, SamplerConfig) or not isinstance(starts, (list, tuple)):
+        raise ValueError(f"starts must be a list of SamplerConfig, got {type(starts).__name__}.")
+    trained = trained_max_timestep(detector)
+    out = []
+    for i, sampler in enumerate(starts):
+        name = f"'{names[i]}'" if names else f"number {i + 1}"
+        if not isinstance(sampler, SamplerConfig):
+            raise ValueError(f"start {name} of the search must be a SamplerConfig, got {type(sampler).__name__}.")
+        if sampler.t0 >= trained:
+            raise ValueError(f"start {name} of the search has t0 = {sampler.t0}, but this denoiser trained on "
+                             f"t < {trained} only.")
+        out.append(sampler.replace(repaint_t0=0))
+    return out
 
 
 def _under_cap(sampler: SamplerConfig, max_model_calls: int) -> SamplerConfig:
@@ -1074,10 +1098,12 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
         bound = f"(the lower end of its {100 * (1 - 2 * REMOVAL_BOUND_QUANTILE):.0f} % bootstrap interval)"
         rules += (f"chosen among the settings with validation removal {bound} >= {search.min_removal:g}; " if met else
                   f"no setting reached {search.min_removal:g} in validation removal {bound}, so chosen by AUPRO alone; ")
+    starts = search.starts
     summary = rules + (
         f"validation AUPRO {c['aupro']:.4f} with {_settings_text(result.chosen)} ({c['model_calls']} model calls), "
         f"against {s['aupro']:.4f} with the previous settings ({s['model_calls']} model calls); "
-        f"{search.n_sampler_settings + 1} sampler settings tried ({n_complete} in full) in "
+        + (f"the search moved from the best of those and {len(starts)} further start(s); " if starts else "")
+        + f"{search.n_sampler_settings + 1} sampler settings tried ({n_complete} in full) in "
         f"{result.seconds:.0f} s; {vset.note()}."
     )
     from . import __version__
@@ -1106,6 +1132,7 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
             **({"max_model_calls": search.max_model_calls, "over_the_cap": search.over_cap}
                if search.max_model_calls is not None else {}),
             "device": str(search.detector.device),
+            **({"starts": [sampler.to_dict() for sampler in starts]} if starts else {}),
         },
         "table": [{k: v for k, v in r.items() if k != "sampler"} | {"eta": r["sampler"]["eta"],
                                                                       "seed": r["sampler"]["seed"]}

@@ -196,23 +196,31 @@ def test_a_cap_on_model_calls_leaves_the_dearer_settings_out(tiny_detector, grav
 
 def test_further_starts_are_evaluated_in_full_and_the_search_moves_from_the_best(tiny_detector, gravel):
     """`starts` (`tune --start-from`): each further start is run in full after the stored
-    settings, its second pass dropped, and the coarse sweep moves from the best of them all."""
+    settings (never raced), its second pass dropped, and the coarse sweep moves from the best of
+    them all; one over the cap is brought under it, one already run is not run again."""
     stored = tiny_detector.sampler
     other = stored.replace(repaint_t0=300)  # K = 3: here it validates better than the stored K = 2, w = 2
     grids = {"w": {"coarse": (0.0,), "fine": (0.0, 0.5)}}
     tiny_detector.sampler = stored.replace(steps=2, w=2.0)
     try:
-        result = tune(tiny_detector, gravel, budget_s=600, seed=5, refine_rounds=0, starts=[other], apply=False,
-                      **{**SMALL, "grids": grids})
+        # race_margin -1 would drop every searched setting on half the images: not a start.
+        result = tune(tiny_detector, gravel, budget_s=600, seed=5, refine_rounds=0, starts=[other, stored],
+                      race_margin=-1.0, apply=False, **{**SMALL, "grids": grids})
     finally:
         tiny_detector.sampler = stored
     started = [r for r in result.table if r["stage"] == "another start"]
     assert started and all(r["complete"] and r["steps"] == 3 and not r["repaint_t0"] for r in started)
-    assert result.record["search"]["starts"] == [stored.to_dict()]
+    assert result.record["search"]["starts"] == [stored.to_dict()]  # run once, though given twice
+    assert "1 further start(s)" in result.record["summary"]
     firsts = [r for r in result.table if r["stage"] in ("start", "another start")]
     assert firsts[select(firsts)]["stage"] == "another start"
     swept = [r for r in result.table if r["stage"] == "coarse"]
     assert swept and all(r["w"] == 0.0 and r["steps"] == 3 for r in swept)  # around it, not the stored K = 2
+    assert not any(r["complete"] for r in swept)  # raced, as searched settings are
+    per_run = stored.model_calls()
+    capped = tune(tiny_detector, gravel, budget_s=600, seed=5, max_evaluations=1, starts=[stored.replace(samples=4)],
+                  max_model_calls=2 * per_run, apply=False, **SMALL)
+    assert {r["samples"] for r in capped.table if r["stage"] == "another start"} == {2}
     # A start counts among max_evaluations; one the denoiser never trained for, or not a sampler setting, is refused.
     none = tune(tiny_detector, gravel, budget_s=600, seed=5, max_evaluations=0, starts=[other.replace(steps=2)],
                 apply=False, **SMALL)
@@ -220,13 +228,14 @@ def test_further_starts_are_evaluated_in_full_and_the_search_moves_from_the_best
     info = dict(tiny_detector.info)
     tiny_detector.info["training"] = {"config": {"max_timestep": 500}}
     try:
-        with pytest.raises(ValueError, match="t0 = 600"):
+        with pytest.raises(ValueError, match="start number 1 of the search has t0 = 600"):
             tune(tiny_detector, gravel, budget_s=600, starts=[other.replace(t0=600)], apply=False, **SMALL)
     finally:
         tiny_detector.info.clear()
         tiny_detector.info.update(info)
-    with pytest.raises(ValueError, match="SamplerConfig"):
-        tune(tiny_detector, gravel, budget_s=600, starts=[{"w": 3.0}], apply=False, **SMALL)
+    for bad in ([{"w": 3.0}], other):
+        with pytest.raises(ValueError, match="SamplerConfig"):
+            tune(tiny_detector, gravel, budget_s=600, starts=bad, apply=False, **SMALL)
 
 
 def test_start_from_reads_the_sampler_settings_of_another_checkpoint(gravel, tmp_path, capsys):
@@ -250,8 +259,23 @@ def test_start_from_reads_the_sampler_settings_of_another_checkpoint(gravel, tmp
     record = json.loads((tmp_path / "tuning.json").read_text())
     assert record["search"]["starts"][0]["w"] == 1.5
     assert {r["w"] for r in record["table"] if r["stage"] == "another start"} == {1.5}
-    assert record["search"]["sampler_settings"] == 2  # the start counts among --max-evaluations
+    # The start counts among --max-evaluations 1: nothing else is searched.
+    assert {r["stage"] for r in record["table"]} == {"start", "another start"}
     assert (ckpt / "cgdiff.json").read_text() == before
+    # A start this denoiser never trained for is refused before --out is touched.
+    limited, kept = tmp_path / "limited", tmp_path / "kept"
+    shutil.copytree(ckpt, limited)
+    config = json.loads((limited / "cgdiff.json").read_text())
+    config["training"]["config"]["max_timestep"] = 200
+    config["sampler"]["t0"] = 150
+    (limited / "cgdiff.json").write_text(json.dumps(config))
+    shutil.copytree(other, kept)  # an earlier tuned copy, say
+    (kept / "mine.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["tune", "--checkpoint", str(limited), "--data", str(gravel), "--start-from", str(other),
+                 "--out", str(kept), "--overwrite"]) != 0
+    assert f"start '--start-from {other}' of the search has t0 = 250" in capsys.readouterr().err
+    assert (kept / "mine.txt").read_text() == "keep" and json.loads((kept / "cgdiff.json").read_text())["sampler"]["w"] == 1.5
 
 
 def test_below_the_removal_floor_the_best_setting_is_tried_with_the_second_pass(tiny_detector, gravel):
