@@ -10,12 +10,17 @@ would use, `cgdiff.detector._mask_threshold`), then the second pass from each t2
 - "rec1-start": `repaint` of the first reconstruction instead of y;
 - "mask not grown or blurred": cgdiff's y-start with the mask's ramp alone (0.6 to 0.9 times the
   threshold), without growing it by 2 px and blurring it by 2 px;
-- "mask ramp 0.8-1.0": cgdiff's y-start with the ramp moved up (grown and blurred as in cgdiff).
+- "mask ramp 0.8-1.0": cgdiff's y-start with the ramp moved up (grown and blurred as in cgdiff);
+- "fill-start": cgdiff's y-start, but noised from y with the masked pixels first filled from the
+  surroundings (a normalised Gaussian convolution of y weighted by 1 - m, sigma `--fill-sigma`
+  px; y itself kept outside the mask), so that the dark low frequencies of a hole are not what
+  the second pass starts from.
 Each is scored with the detector's stored scorer settings. The metrics need no threshold, so no
 recalibration is made; removal is measured on the reconstruction as put together.
 
 Usage:
     python benchmarks/second_pass_variants.py --textures data/textures --names grass gravel --t2 400 800
+    python benchmarks/second_pass_variants.py --names grass gravel --t2 400 600 --variants y-start fill-start
 """
 
 from __future__ import annotations
@@ -29,7 +34,21 @@ import torch
 from cgdiff.data import load_dataset
 from cgdiff.detector import Detector, _mask_threshold
 from cgdiff.evaluation import _removal, reconstruct_dataset, score_reconstructions
-from cgdiff.sampler import repaint, suspect_mask
+from cgdiff.sampler import gaussian_blur, repaint, suspect_mask
+
+VARIANTS = ("y-start", "y-start, rec1 outside", "rec1-start", "mask not grown or blurred", "mask ramp 0.8-1.0",
+            "fill-start")
+
+
+def filled(y: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """y (B x 3 x H x W) with the pixels of `mask` (B x 1 x H x W in [0, 1]) replaced by a
+    normalised Gaussian convolution of the pixels outside it (Knutsson and Westin, 1993):
+    blur(y (1 - m)) / blur(1 - m), the image's mean outside the mask where that weight vanishes."""
+    keep = 1 - mask
+    num, den = gaussian_blur(y * keep, sigma), gaussian_blur(keep, sigma)
+    mean = (y * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp_min(1e-6)
+    fill = torch.where(den > 1e-3, num / den.clamp_min(1e-3), mean)
+    return mask * fill + keep * y
 
 
 def main() -> None:
@@ -37,6 +56,8 @@ def main() -> None:
     parser.add_argument("--textures", type=Path, default=Path("data/textures"))
     parser.add_argument("--names", nargs="+", default=["grass", "gravel"])
     parser.add_argument("--t2", type=int, nargs="+", default=[400, 800])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--fill-sigma", type=float, default=8.0, help="px at the working size, for fill-start")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/table.md")
     args = parser.parse_args()
     lines = ["| texture | second pass | image AUROC | pixel AUROC | AUPRO | removal | fidelity |", "|---" * 7 + "|"]
@@ -59,17 +80,21 @@ def main() -> None:
         for t2 in args.t2:
             config = detector.sampler.replace(repaint_t0=t2)
 
-            def second(start, m=mask):
-                return torch.cat([repaint(detector._eps, start[i:i + 8], m[i:i + 8], detector.alphas_cumprod, config)
+            def second(y, m=mask, start=None):
+                return torch.cat([repaint(detector._eps, y[i:i + 8], m[i:i + 8], detector.alphas_cumprod, config,
+                                          start=None if start is None else start[i:i + 8])
                                   for i in range(0, len(first), 8)])
 
-            from_y = second(first.inputs)
-            for tag, rec in ((f"t2={t2}, y-start", from_y),
-                             (f"t2={t2}, y-start, rec1 outside", mask * from_y + (1 - mask) * first.reconstructions),
-                             (f"t2={t2}, rec1-start", second(first.reconstructions)),
-                             (f"t2={t2}, mask not grown or blurred",
-                              second(first.inputs, suspect_mask(relative, grow=0, sigma=0))),
-                             (f"t2={t2}, mask ramp 0.8-1.0", second(first.inputs, suspect_mask(relative, low=0.8, high=1.0)))):
+            made = {
+                "y-start": lambda: second(first.inputs),
+                "y-start, rec1 outside": lambda: mask * second(first.inputs) + (1 - mask) * first.reconstructions,
+                "rec1-start": lambda: second(first.reconstructions),
+                "mask not grown or blurred": lambda: second(first.inputs, suspect_mask(relative, grow=0, sigma=0)),
+                "mask ramp 0.8-1.0": lambda: second(first.inputs, suspect_mask(relative, low=0.8, high=1.0)),
+                "fill-start": lambda: second(first.inputs, start=filled(first.inputs, mask, args.fill_sigma)),
+            }
+            for variant in args.variants:
+                tag, rec = f"t2={t2}, {variant}", made[variant]()
                 recs = dataclasses.replace(first, reconstructions=rec, _distances={})
                 recs.removal = _removal(detector, dataset, samples, recs.inputs, rec)
                 row(name, tag, detector, recs)

@@ -322,14 +322,16 @@ def repaint(
     alphas_cumprod: torch.Tensor,
     config: SamplerConfig,
     progress: Optional[Callable[[int, int], None]] = None,
+    start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The second pass (see the module docstring): y (B x 3 x H x W in [-1, 1]) with the pixels
     of `mask` (B x 1 x H x W in [0, 1], see `suspect_mask`) painted over by a K2-step DDIM run
     (eta 0, no conditioning or blur guidance) from t2 = config.repaint_t0, the input noised to
     each step kept outside; B x 3 x H x W in [-1, 1], equal to y where the mask is 0. Seeded by
-    config.seed (the same start noise as the first pass's first run). `progress(done, K2)` after
-    every step. Raises ValueError when the second pass
-    is off (repaint_t0 = 0)."""
+    config.seed (the same start noise as the first pass's first run). `start` (like y; default y)
+    is the image noised to t2 to begin the run, e.g. y with the masked pixels filled in first.
+    `progress(done, K2)` after every step. Raises ValueError when the second pass
+    is off (repaint_t0 = 0) or `start` is not shaped as y."""
     config.validate()
     if config.repaint_t0 <= 0:
         raise ValueError("the second pass is off (repaint_t0 = 0).")
@@ -339,7 +341,9 @@ def repaint(
     z = _per_image_noise(y.shape, generators, y.device, y.dtype)
     schedule = timesteps(config.repaint_t0, config.repaint_steps, abar.shape[0])
     a2 = abar[schedule[0]].item()
-    x = math.sqrt(a2) * y + math.sqrt(1 - a2) * z
+    if start is not None and start.shape != y.shape:
+        raise ValueError(f"the second pass's start must be shaped as the input {tuple(y.shape)}, got {tuple(start.shape)}.")
+    x = math.sqrt(a2) * (y if start is None else start.to(y)) + math.sqrt(1 - a2) * z
     for i, t in enumerate(schedule):
         a_t = abar[t].item()
         a_n = abar[schedule[i + 1]].item() if i + 1 < len(schedule) else 1.0

@@ -270,6 +270,14 @@ def test_the_second_pass_paints_the_mask_over_and_keeps_the_rest_exactly():
     torch.testing.assert_close(repaint(smooth_eps_model(), y, torch.zeros_like(mask), ABAR, cfg), y, atol=0, rtol=0)
     with pytest.raises(ValueError, match="off"):
         repaint(smooth_eps_model(), y, mask, ABAR, SamplerConfig())
+    # Another start: the masked pixels begin from it, the input is still kept outside.
+    model = smooth_eps_model()
+    torch.testing.assert_close(repaint(model, y, mask, ABAR, cfg, start=y), repaint(model, y, mask, ABAR, cfg))
+    other = repaint(model, y, mask, ABAR, cfg, start=clean)
+    torch.testing.assert_close(other[..., mask[0, 0] == 0], y[..., mask[0, 0] == 0], atol=0, rtol=0)
+    assert not torch.allclose(other, repaint(model, y, mask, ABAR, cfg))
+    with pytest.raises(ValueError, match="shaped as the input"):
+        repaint(model, y, mask, ABAR, cfg, start=clean[..., :8])
 
 
 def test_the_suspect_mask_ramps_with_the_map_and_covers_the_rim():
