@@ -27,11 +27,12 @@ if [ "$steps" != 5000 ]; then
     [ -d $ckpt ] || cp -r $base $ckpt  # the 5000-step run tuned in place, so train again from its state
     OMP_NUM_THREADS=1 cgdiff train --data data/textures/grass --out $ckpt --resume --max-steps $steps --holdout 8 --no-progress
   fi
-  # A tuned checkpoint would start the search elsewhere, so it is not tuned again.
-  python -c "import json, sys; sys.exit('tuning' in json.load(open('$ckpt/cgdiff.json')))" \
-    || { echo "$ckpt is tuned already: train it again (remove it) to rerun the tuning" >&2; exit 1; }
 fi
 [ "$1" = "--train-only" ] && exit 0
+# The recorded runs tuned in place from the training settings; a tuned checkpoint would start the
+# search elsewhere, so it is not tuned again.
+python -c "import json, sys; sys.exit('tuning' in json.load(open('$ckpt/cgdiff.json')))" \
+  || { echo "$ckpt is tuned already: train it again (remove it) to rerun the tuning" >&2; exit 1; }
 cgdiff tune --checkpoint $ckpt --data data/textures/grass --minutes 8 --min-removal 0 --no-progress > $out/${tag}_tune.txt 2>&1
 cgdiff evaluate --checkpoint $ckpt --data data/textures/grass --json $out/${tag}_test.json --overwrite --no-progress > /dev/null 2>&1
 cgdiff detect --checkpoint $ckpt checkpoints/grass/examples --no-progress > $out/${tag}_examples.txt 2>&1
