@@ -348,10 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="try at most N sampler settings besides the stored one, --start-from's included "
                    "(default: as the budget allows)")
     p.add_argument("--start-from", nargs="+", default=(), metavar="CHECKPOINT",
-                   help="also evaluate the sampler settings stored in these local checkpoint folders or bundled "
-                   "names (e.g. another detector of the same texture; their first pass), in full and beyond "
-                   "--minutes as the stored ones, and search from the best of all the starts (default: from the "
-                   "stored settings alone)")
+                   help="also run the sampler settings stored in these local checkpoint folders or bundled "
+                   "names (e.g. another detector of the same texture; their first pass) and search from the best "
+                   "of all the starts. Like the stored settings they run on every validation image, even past "
+                   "--minutes (default: from the stored settings alone)")
     p.add_argument("--map-sigmas", type=_number(float, 0), nargs="+", default=(), metavar="X",
                    help="also search the anomaly map's smoothing sigma over these values (px at the working size; "
                    "e.g. 1 2 4 8). Default: the stored sigma stays. On synthetic-defect textures the search paid; "
@@ -1030,9 +1030,11 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
                 max_evaluations: Optional[int] = None, batch_size: int = 4, quiet: bool = False,
                 min_removal: float = 0.0, threshold: str = "validation-f1",
                 map_sigmas: Sequence[float] = (), max_model_calls: Optional[int] = None,
-                starts: Sequence = ()) -> dict[str, Any]:
+                starts: Sequence = (), copy_from: Optional[Path] = None) -> dict[str, Any]:
     """Tune `detector` on `data`, print the choice and the speed/quality front, and (unless
-    `folder` is None) save it into `folder` with the front plot. Returns the tuning record."""
+    `folder` is None) save it into `folder` with the front plot, first replacing `folder` by a
+    copy of the checkpoint `copy_from` where given (only once the tuning has succeeded, so that
+    a failed run leaves it as it was). Returns the tuning record."""
     from .tune import FRONT_PLOT_NAME, front_table, plot_front, tune
 
     _info(f"tuning for up to {budget_s / 60:.1f} min (test images are never read) ...")
@@ -1047,6 +1049,8 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
     print("speed/quality front (fastest first; each point's flags select it for evaluate/detect):")
     print("\n".join(front_table(record)))
     if folder is not None:
+        if copy_from is not None:
+            _copy_checkpoint(copy_from, folder)
         record["front_plot"] = FRONT_PLOT_NAME
         detector.info.pop("source", None)
         detector.save_pretrained(folder, overwrite=True)
@@ -1096,12 +1100,11 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     starts = [_stored_sampler(name) for name in args.start_from]
     detector = _load_detector(args)
     starts = check_starts(detector, starts, [f"--start-from {name}" for name in args.start_from])
-    _copy_checkpoint(source, folder)  # after every check: nothing in --out is replaced by a run that fails
     record = _run_tuning(detector, args.data, folder, args.minutes * 60, _command_line(argv), seed=args.seed,
                          n_normal=args.normal, n_anomalous=args.anomalous, tie_tolerance=args.tie_tolerance,
                          max_evaluations=args.max_evaluations, batch_size=args.batch_size, quiet=args.no_progress,
                          min_removal=args.min_removal, threshold=args.threshold, map_sigmas=args.map_sigmas,
-                         max_model_calls=args.max_model_calls, starts=starts)
+                         max_model_calls=args.max_model_calls, starts=starts, copy_from=source)
     if json_path is not None:
         _write_json(json_path, record)
         _info(f"wrote {json_path}")

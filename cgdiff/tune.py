@@ -803,7 +803,8 @@ def tune(
     """Choose `detector`'s sampler and scorer settings on a synthetic-defect validation set
     made from the normal training images of `root` (see the module docstring).
 
-    budget_s: seconds for the search (the stored settings and `starts` are always evaluated in full first;
+    budget_s: seconds for the search (the stored settings and `starts` are evaluated in full first, whatever
+        the budget;
         a setting that would not fit is skipped, one that overruns is stopped). Recalibration
         afterwards is not counted.
     grids: {setting: {"coarse": values, "fine": values}} for some of t0, steps, w,
@@ -819,8 +820,9 @@ def tune(
     max_evaluations: at most this many sampler settings besides the stored one (the
         second-pass stage's and `starts` included).
     starts: more sampler settings to search from, e.g. those of another detector of the same
-        texture. Each is evaluated in full after the stored one (without its second pass: the
-        search moves the first pass; brought under `max_model_calls` as the stored one is), and
+        texture. Each is evaluated in full after the stored one, never raced and past the budget
+        if need be (without its second pass: the search moves the first pass; brought under
+        `max_model_calls` as the stored one is), while `max_evaluations` allows, and
         the one-setting-at-a-time search moves from the best of them all. Without them it moves
         from the stored settings alone and can miss a better region: a setting dropped on half
         the images near the start is never met again with the other settings it would need.
@@ -845,8 +847,9 @@ def tune(
     max_model_calls: leave out settings that cost more denoiser evaluations per image (K, 2K
         with blur guidance, times N, plus K2 with a second pass), e.g. to keep an app's latency; the stored settings are
         still measured as the reference, and chosen only when no cheaper setting completed;
-        when they (or `starts`) are over the cap, they are also run brought under it (fewer
-        averaged runs first, then fewer steps), for the search to move from.
+        when they are over the cap, they are also run brought under it (fewer averaged runs
+        first, then fewer steps), for the search to move from; a start over the cap is run only
+        so brought under it.
     clock: the time source for the budget (tests pass a fake one)."""
     log = log or (lambda message: None)
     if budget_s is None or not budget_s > 0:
@@ -1004,12 +1007,12 @@ def check_starts(detector, starts: Sequence[SamplerConfig], names: Optional[Sequ
     """`tune`'s further starts as it runs them: their first pass (the search moves that only).
     Raises ValueError for one that is not a SamplerConfig or starts at a t0 the denoiser did not
     train on, naming it by `names` (e.g. the checkpoints they come from) where given."""
-    if isinstance(starts, SamplerConfig) or not isinstance(starts, (list, tuple)):
-        raise ValueError(f"starts must be a list of SamplerConfig, got {type(starts).__name__}.")
+    if starts is None or isinstance(starts, (SamplerConfig, dict, str)):
+        raise ValueError(f"starts must be a sequence of SamplerConfig, got {type(starts).__name__}.")
     trained = trained_max_timestep(detector)
     out = []
     for i, sampler in enumerate(starts):
-        name = f"'{names[i]}'" if names else f"number {i + 1}"
+        name = f"'{names[i]}'" if names and i < len(names) else f"number {i + 1}"
         if not isinstance(sampler, SamplerConfig):
             raise ValueError(f"start {name} of the search must be a SamplerConfig, got {type(sampler).__name__}.")
         if sampler.t0 >= trained:
@@ -1102,7 +1105,7 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
     summary = rules + (
         f"validation AUPRO {c['aupro']:.4f} with {_settings_text(result.chosen)} ({c['model_calls']} model calls), "
         f"against {s['aupro']:.4f} with the previous settings ({s['model_calls']} model calls); "
-        + (f"the search moved from the best of those and {len(starts)} further start(s); " if starts else "")
+        + (f"besides the previous settings, {len(starts)} further start(s) run in full; " if starts else "")
         + f"{search.n_sampler_settings + 1} sampler settings tried ({n_complete} in full) in "
         f"{result.seconds:.0f} s; {vset.note()}."
     )
@@ -1123,7 +1126,7 @@ def _record(result: TuneResult, search: _Search, tie_tolerance: float, race_marg
             "strategy": "stored settings (and any further starts), then from the best a coarse "
                         "one-setting-at-a-time sweep (w, s, t0, K, sigma, N) and "
                         "refinement on finer grids (then, when no setting reaches min_removal, the best by "
-                        "AUPRO with the second pass); settings raced on half the images; pixel/feature balance "
+                        "AUPRO with the second pass); searched settings raced on half the images; pixel/feature balance "
                         f"(and map sigmas {', '.join(f'{x:g}' for x in search.map_sigmas)}) searched on every "
                         "reconstruction",
             "budget_seconds": result.budget_s, "seconds": round(result.seconds, 1), "stopped": result.stopped,

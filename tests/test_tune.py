@@ -211,7 +211,7 @@ def test_further_starts_are_evaluated_in_full_and_the_search_moves_from_the_best
     started = [r for r in result.table if r["stage"] == "another start"]
     assert started and all(r["complete"] and r["steps"] == 3 and not r["repaint_t0"] for r in started)
     assert result.record["search"]["starts"] == [stored.to_dict()]  # run once, though given twice
-    assert "1 further start(s)" in result.record["summary"]
+    assert "1 further start(s) run in full" in result.record["summary"]
     firsts = [r for r in result.table if r["stage"] in ("start", "another start")]
     assert firsts[select(firsts)]["stage"] == "another start"
     swept = [r for r in result.table if r["stage"] == "coarse"]
@@ -233,7 +233,7 @@ def test_further_starts_are_evaluated_in_full_and_the_search_moves_from_the_best
     finally:
         tiny_detector.info.clear()
         tiny_detector.info.update(info)
-    for bad in ([{"w": 3.0}], other):
+    for bad in ([{"w": 3.0}], other, None):
         with pytest.raises(ValueError, match="SamplerConfig"):
             tune(tiny_detector, gravel, budget_s=600, starts=bad, apply=False, **SMALL)
 
@@ -275,6 +275,11 @@ def test_start_from_reads_the_sampler_settings_of_another_checkpoint(gravel, tmp
     assert main(["tune", "--checkpoint", str(limited), "--data", str(gravel), "--start-from", str(other),
                  "--out", str(kept), "--overwrite"]) != 0
     assert f"start '--start-from {other}' of the search has t0 = 250" in capsys.readouterr().err
+    assert (kept / "mine.txt").read_text() == "keep" and json.loads((kept / "cgdiff.json").read_text())["sampler"]["w"] == 1.5
+    # Nor is --out replaced when the tuning itself fails (here on its own argument check).
+    assert main(["tune", "--checkpoint", str(ckpt), "--data", str(gravel), "--min-removal", "2",
+                 "--out", str(kept), "--overwrite"]) != 0
+    assert "min_removal" in capsys.readouterr().err
     assert (kept / "mine.txt").read_text() == "keep" and json.loads((kept / "cgdiff.json").read_text())["sampler"]["w"] == 1.5
 
 
