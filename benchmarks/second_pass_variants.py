@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--fill-sigma", type=float, default=8.0, help="px at the working size, for fill-start")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/table.md")
     args = parser.parse_args()
+    if not args.fill_sigma > 0:
+        parser.error(f"--fill-sigma must be > 0 px, got {args.fill_sigma}")
     lines = ["| texture | second pass | image AUROC | pixel AUROC | AUPRO | removal | fidelity |", "|---" * 7 + "|"]
     print("\n".join(lines), flush=True)
 
@@ -85,9 +87,16 @@ def main() -> None:
                                           start=None if start is None else start[i:i + 8])
                                   for i in range(0, len(first), 8)])
 
+            from_y = {}
+
+            def y_start():
+                if "rec" not in from_y:
+                    from_y["rec"] = second(first.inputs)
+                return from_y["rec"]
+
             made = {
-                "y-start": lambda: second(first.inputs),
-                "y-start, rec1 outside": lambda: mask * second(first.inputs) + (1 - mask) * first.reconstructions,
+                "y-start": y_start,
+                "y-start, rec1 outside": lambda: mask * y_start() + (1 - mask) * first.reconstructions,
                 "rec1-start": lambda: second(first.reconstructions),
                 "mask not grown or blurred": lambda: second(first.inputs, suspect_mask(relative, grow=0, sigma=0)),
                 "mask ramp 0.8-1.0": lambda: second(first.inputs, suspect_mask(relative, low=0.8, high=1.0)),
