@@ -537,14 +537,14 @@ def _check_overrides(overrides: dict[str, Any]) -> None:
     ScorerConfig(**{k: v for k, v in overrides.items() if k not in sampler_keys})
 
 
-def _local_checkpoint(name: str) -> Path:
-    """The folder of a local checkpoint (a path or a bundled registry name)."""
+def _local_checkpoint(name: str, needs: str) -> Path:
+    """The folder of a local checkpoint (a path or a bundled registry name). Raises ValueError
+    "`needs` needs a local checkpoint folder; 'name' is not one." when there is none."""
     from .registry import resolve
 
     folder = Path(name) if Path(name).exists() else Path(resolve(name))
     if not folder.is_dir():
-        raise ValueError(f"--record writes into the checkpoint, so it needs a local checkpoint folder; "
-                         f"'{name}' is not one.")
+        raise ValueError(f"{needs} needs a local checkpoint folder; '{name}' is not one.")
     return folder
 
 
@@ -740,7 +740,8 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"--record stores metrics of the checkpoint's own settings; drop the overrides "
             f"({', '.join('--' + k.replace('_', '-') for k in sorted(overrides))}) or drop --record."
         )
-    record_folder = _local_checkpoint(args.checkpoint) if args.record else None
+    needs = "--record (it writes into the checkpoint)"
+    record_folder = _local_checkpoint(args.checkpoint, needs) if args.record else None
     _check_overrides(overrides)
     json_path = _check_new_file(args.json, args.overwrite, "--json")
     maps_dir = _check_new_folder(args.save_maps, args.overwrite, "--save-maps")
@@ -1063,12 +1064,7 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
 def _target_folder(args: argparse.Namespace, verb: str) -> tuple[Path, Optional[Path]]:
     """(source checkpoint folder, folder to write: None for --dry-run) for tune / calibrate,
     checked before any work so that nothing saved is replaced by accident."""
-    from .registry import resolve
-
-    source = Path(args.checkpoint) if Path(args.checkpoint).exists() else Path(resolve(args.checkpoint))
-    if not source.is_dir():
-        raise ValueError(f"{verb} needs a local checkpoint folder (it writes into it, or into a copy with --out); "
-                         f"'{args.checkpoint}' is not one.")
+    source = _local_checkpoint(args.checkpoint, f"{verb} (it writes into it, or into a copy with --out)")
     folder = None if getattr(args, "dry_run", False) else (Path(args.out) if args.out else source)
     if folder is not None and folder.resolve() != source.resolve():
         a, b = folder.resolve(), source.resolve()
@@ -1115,12 +1111,9 @@ def _stored_sampler(name: str):
     """The sampler settings stored in checkpoint `name` (a folder or a known name), for
     `tune --start-from`. Raises ValueError naming the checkpoint when it has none readable."""
     from .detector import CheckpointError, read_config
-    from .registry import resolve
     from .sampler import SamplerConfig
 
-    folder = Path(name) if Path(name).exists() else Path(resolve(name))
-    if not folder.is_dir():
-        raise ValueError(f"--start-from: '{name}' is not a local checkpoint folder.")
+    folder = _local_checkpoint(name, "--start-from")
     try:
         return SamplerConfig(**read_config(folder)["sampler"])
     except (CheckpointError, TypeError, ValueError) as e:
@@ -1159,11 +1152,8 @@ def cmd_push(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .detector import read_config
     from .card import render_model_card
     from .hub import check_checkpoint_files, looks_like_repo_id, push_folder
-    from .registry import resolve
 
-    folder = Path(args.checkpoint) if Path(args.checkpoint).exists() else Path(resolve(args.checkpoint))
-    if not folder.is_dir():
-        raise ValueError(f"'{args.checkpoint}' is not a local checkpoint folder.")
+    folder = _local_checkpoint(args.checkpoint, "push")
     if not looks_like_repo_id(args.repo_id):
         raise ValueError(f"'{args.repo_id}' is not a Hub repo id (OWNER/NAME).")
     check_checkpoint_files(folder)
