@@ -131,10 +131,13 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
                 lines.append(f"| {key} | {metrics[key]:.4g} |")
         # The verdict rates only while they belong to the stored threshold.
         at = (metrics.get("at_threshold") or {}) if metrics.get("threshold") == calibration.get("threshold") else {}
-        for key, label in (("true_positive_rate", "anomalous images flagged at the threshold"),
-                           ("false_positive_rate", "normal images flagged at the threshold")):
+        for key, label, n in (("true_positive_rate", "anomalous images flagged at the threshold", "n_anomalous"),
+                              ("false_positive_rate", "normal images flagged at the threshold", "n_normal")):
             if isinstance(at.get(key), (int, float)):
-                lines.append(f"| {label} | {at[key]:.3g} |")
+                count = metrics.get(n)
+                share = f"{at[key]:.0%}".replace("%", " %")
+                lines.append(f"| {label} | {round(at[key] * count)} of {count} ({share}) |" if isinstance(count, int)
+                             else f"| {label} | {share} |")
         if metrics.get("command"):
             lines += ["", "Reproduce with:", "", "```bash", str(metrics["command"]), "```"]
     lines += ["", "## Limits", "",
@@ -167,6 +170,9 @@ def threshold_rule_text(calibration: dict[str, Any]) -> str:
 def model_card_section(tuning: dict[str, Any]) -> list[str]:
     """Markdown lines for the model card's 'Label-free tuning' section."""
     lines = [tuning.get("summary", "")]
+    starts_from = (tuning.get("search") or {}).get("starts_from")
+    if starts_from:
+        lines += ["", f"Further starts of the search: the sampler settings of {', '.join(starts_from)}."]
     chosen, previous = tuning.get("chosen") or {}, tuning.get("previous") or {}
     if chosen and previous:
         lines += ["", "| setting | before | chosen |", "|---|---|---|"]

@@ -349,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: as the budget allows)")
     p.add_argument("--start-from", nargs="+", default=(), metavar="CHECKPOINT",
                    help="also run the sampler settings stored in these local checkpoint folders or bundled "
-                   "names (e.g. another detector of the same texture; their first pass) and search from the best "
-                   "of all the starts. Like the stored settings they run on every validation image, even past "
+                   "names (e.g. another detector of the same texture; without a second pass) and search from "
+                   "the best of all the starts, by the rule of the choice (within --min-removal while any start "
+                   "reaches it). Like the stored settings they run on every validation image, even past "
                    "--minutes (default: from the stored settings alone)")
     p.add_argument("--map-sigmas", type=_number(float, 0), nargs="+", default=(), metavar="X",
                    help="also search the anomaly map's smoothing sigma over these values (px at the working size; "
@@ -539,12 +540,13 @@ def _check_overrides(overrides: dict[str, Any]) -> None:
 
 def _local_checkpoint(name: str, needs: str) -> Path:
     """The folder of a local checkpoint (a path or a bundled registry name). Raises ValueError
-    "`needs` needs a local checkpoint folder; 'name' is not one." when there is none."""
+    ("`needs` needs a local checkpoint folder ...") naming `name` when there is none."""
     from .registry import resolve
 
     folder = Path(name) if Path(name).exists() else Path(resolve(name))
     if not folder.is_dir():
-        raise ValueError(f"{needs} needs a local checkpoint folder; '{name}' is not one.")
+        raise ValueError(f"{needs} needs a local checkpoint folder or the name of a bundled one; "
+                         f"'{name}' is neither.")
     return folder
 
 
@@ -770,7 +772,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _info(f"wrote heat maps and overlays to {maps_dir}")
     if args.record:
         keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "removal", "fidelity",
-                "n_images", "mask_size", "seconds_per_image", "unet_path", "pixel_metrics_note", "pixel_excluded",
+                "n_images", "n_normal", "n_anomalous", "mask_size", "seconds_per_image", "unet_path", "pixel_metrics_note", "pixel_excluded",
                 "threshold", "at_threshold", "command")
         detector.info["metrics"] = {
             **{k: result[k] for k in keys},
@@ -1031,11 +1033,13 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
                 max_evaluations: Optional[int] = None, batch_size: int = 4, quiet: bool = False,
                 min_removal: float = 0.0, threshold: str = "validation-f1",
                 map_sigmas: Sequence[float] = (), max_model_calls: Optional[int] = None,
-                starts: Sequence = (), copy_from: Optional[Path] = None) -> dict[str, Any]:
+                starts: Sequence = (), starts_from: Sequence[str] = (),
+                copy_from: Optional[Path] = None) -> dict[str, Any]:
     """Tune `detector` on `data`, print the choice and the speed/quality front, and (unless
     `folder` is None) save it into `folder` with the front plot, first replacing `folder` by a
     copy of the checkpoint `copy_from` where given (only once the tuning has succeeded, so that
-    a failed run leaves it as it was). Returns the tuning record."""
+    a failed run leaves it as it was). `starts_from` names where `starts` come from, for the
+    record. Returns the tuning record."""
     from .tune import FRONT_PLOT_NAME, front_table, plot_front, tune
 
     _info(f"tuning for up to {budget_s / 60:.1f} min (test images are never read) ...")
@@ -1046,6 +1050,8 @@ def _run_tuning(detector, data: str, folder: Optional[Path], budget_s: float, co
                   log=None if quiet else _info)
     record = detector.info["tuning"] if folder is not None else result.record
     record["command"] = command
+    if starts_from:
+        record["search"]["starts_from"] = list(starts_from)
     print(record["summary"])
     print("speed/quality front (fastest first; each point's flags select it for evaluate/detect):")
     print("\n".join(front_table(record)))
@@ -1096,11 +1102,14 @@ def cmd_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     starts = [_stored_sampler(name) for name in args.start_from]
     detector = _load_detector(args)
     starts = check_starts(detector, starts, [f"--start-from {name}" for name in args.start_from])
+    if starts:
+        _info(f"further start(s) of the search: the sampler settings of {', '.join(args.start_from)}")
     record = _run_tuning(detector, args.data, folder, args.minutes * 60, _command_line(argv), seed=args.seed,
                          n_normal=args.normal, n_anomalous=args.anomalous, tie_tolerance=args.tie_tolerance,
                          max_evaluations=args.max_evaluations, batch_size=args.batch_size, quiet=args.no_progress,
                          min_removal=args.min_removal, threshold=args.threshold, map_sigmas=args.map_sigmas,
-                         max_model_calls=args.max_model_calls, starts=starts, copy_from=source)
+                         max_model_calls=args.max_model_calls, starts=starts, starts_from=args.start_from,
+                         copy_from=source)
     if json_path is not None:
         _write_json(json_path, record)
         _info(f"wrote {json_path}")
@@ -1114,6 +1123,9 @@ def _stored_sampler(name: str):
     from .sampler import SamplerConfig
 
     folder = _local_checkpoint(name, "--start-from")
+    if not (folder / "cgdiff.json").is_file():
+        raise ValueError(f"--start-from: '{name}' is not a cgdiff checkpoint (no cgdiff.json in it); it takes a "
+                         "checkpoint folder such as checkpoints/gravel, or a bundled name.")
     try:
         return SamplerConfig(**read_config(folder)["sampler"])
     except (CheckpointError, TypeError, ValueError) as e:

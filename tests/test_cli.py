@@ -165,7 +165,8 @@ def test_resume_keeps_the_stored_settings_and_record_fills_the_model_card(traine
     # The verdict rates at the stored threshold go with the metrics into the card.
     rates = metrics["at_threshold"]
     assert metrics["threshold"] > 0 and 0 <= rates["false_positive_rate"] <= 1
-    assert f"| normal images flagged at the threshold | {rates['false_positive_rate']:.3g} |" in card
+    flagged = round(rates["false_positive_rate"] * metrics["n_normal"])
+    assert f"| normal images flagged at the threshold | {flagged} of {metrics['n_normal']} (" in card
 
 
 def test_help_of_every_command_is_complete(capsys):

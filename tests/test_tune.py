@@ -248,16 +248,21 @@ def test_start_from_reads_the_sampler_settings_of_another_checkpoint(gravel, tmp
     empty.mkdir()
     before = (ckpt / "cgdiff.json").read_text()
     capsys.readouterr()
-    for bad in (empty, tmp_path / "missing"):
+    for bad, says in ((empty, "is not a cgdiff checkpoint (no cgdiff.json in it)"),
+                      (tmp_path / "missing", "needs a local checkpoint folder or the name of a bundled one")):
         assert main(["tune", "--checkpoint", str(ckpt), "--data", str(gravel), "--start-from", str(bad),
                      "--dry-run"]) != 0
-        assert "--start-from" in capsys.readouterr().err
+        assert says in capsys.readouterr().err
     code = main(["tune", "--checkpoint", str(ckpt), "--data", str(gravel), "--normal", "2", "--anomalous", "2",
                  "--max-evaluations", "1", "--min-removal", "0", "--start-from", str(other), "--dry-run",
                  "--json", str(tmp_path / "tuning.json"), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "tuning.json").read_text())
-    assert record["search"]["starts"][0]["w"] == 1.5
+    assert record["search"]["starts"][0]["w"] == 1.5 and record["search"]["starts_from"] == [str(other)]
+    from cgdiff.card import model_card_section
+
+    card = "\n".join(model_card_section(record))
+    assert f"Further starts of the search: the sampler settings of {other}." in card
     assert {r["w"] for r in record["table"] if r["stage"] == "another start"} == {1.5}
     # The start counts among --max-evaluations 1: nothing else is searched.
     assert {r["stage"] for r in record["table"]} == {"start", "another start"}
