@@ -1268,7 +1268,8 @@ def recalibrate(detector, root: str | Path, threshold: str = VALIDATION_F1, seed
 
 def plot_front(result: TuneResult | dict[str, Any], path: str | Path) -> Path:
     """The speed/quality picture: seconds per image against validation AUPRO for every
-    complete setting, the Pareto front joined, the previous and the chosen setting marked."""
+    complete setting, the Pareto front joined, the previous and the chosen setting and any
+    further starts marked (the legend outside the axes, so that it hides no point)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1277,21 +1278,32 @@ def plot_front(result: TuneResult | dict[str, Any], path: str | Path) -> Path:
     record = result.record if isinstance(result, TuneResult) else result
     table = record["table"]
     complete = [r for r in table if r.get("complete")]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=110)
     ax.scatter([r["seconds_per_image"] for r in complete], [r["aupro"] for r in complete], s=12, c="0.7",
                label="settings tried")
+    starts = [r for r in complete if r.get("stage") == "another start"]
+    if starts:
+        ax.scatter([r["seconds_per_image"] for r in starts], [r["aupro"] for r in starts], marker="D", s=30,
+                   facecolors="none", edgecolors="tab:orange", label="further starts (--start-from)", zorder=3)
     front = [table[i] for i in record["front"]]
     ax.plot([r["seconds_per_image"] for r in front], [r["aupro"] for r in front], "-o", c="tab:blue", ms=5,
             label="speed/quality front")
-    for r in front:
-        ax.annotate(f"K={r['steps']} s={r['guidance_scale']:g} w={r['w']:g}", (r["seconds_per_image"], r["aupro"]),
-                    textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:blue")
+    # Front points numbered (alternately below and above), their settings listed beside the axes:
+    # close points would overlap as labels.
+    for i, r in enumerate(front):
+        ax.annotate(str(i + 1), (r["seconds_per_image"], r["aupro"]), textcoords="offset points",
+                    xytext=(3, -10 if i % 2 == 0 else 4), fontsize=7, color="tab:blue")
+    listed = "\n".join(f"{i + 1}: K={r['steps']} s={r['guidance_scale']:g} w={r['w']:g} N={r.get('samples', 1)}"
+                        + (f" t2={r['repaint_t0']}" if r.get("repaint_t0") else "") for i, r in enumerate(front))
+    ax.text(1.02, 0.5, "front:\n" + listed, transform=ax.transAxes, fontsize=7, color="tab:blue", va="top")
     prev, chosen = table[record["previous_row"]], table[record["chosen_row"]]
     if prev.get("aupro") is not None:
         ax.scatter([prev["seconds_per_image"]], [prev["aupro"]], marker="s", s=60, facecolors="none",
                    edgecolors="tab:red", label="previous settings", zorder=3)
-    ax.scatter([chosen["seconds_per_image"]], [chosen["aupro"]], marker="*", s=160, c="tab:green",
-               label="chosen", zorder=4)
+    floor = (record.get("search") or {}).get("min_removal") or 0
+    met = floor > 0 and _removal_for_floor(chosen) >= floor
+    ax.scatter([chosen["seconds_per_image"]], [chosen["aupro"]], marker="*", s=160, c="tab:green", zorder=4,
+               label=f"chosen (among removal >= {floor:g})" if met else "chosen")
     vs = record["validation_set"]
     kind = "in-sample normals" if vs["in_sample"] else vs["source"]
     ax.set_xlabel(f"seconds per image ({record['search']['device']})")
@@ -1299,7 +1311,7 @@ def plot_front(result: TuneResult | dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"Label-free tuning: {vs['n_normal']} normal + {vs['n_anomalous']} synthetic-defect images "
                  f"({kind})", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
