@@ -135,7 +135,7 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
                               ("false_positive_rate", "normal images flagged at the threshold", "n_normal")):
             if isinstance(at.get(key), (int, float)):
                 count = metrics.get(n)
-                share = f"{at[key]:.0%}".replace("%", " %")
+                share = f"{100 * at[key]:.0f} %"
                 lines.append(f"| {label} | {round(at[key] * count)} of {count} ({share}) |" if isinstance(count, int)
                              else f"| {label} | {share} |")
         if metrics.get("command"):
