@@ -129,6 +129,14 @@ finite = _number(float, None, "number")
 positive_float = _number(float, 0, "positive number", above=True)
 
 
+def _share(text: str) -> float:
+    """An argparse type: a share in [0, 1)."""
+    value = _number(float, 0)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
+    return value
+
+
 def _add_setting_flags(group, defaults: Optional[dict] = None, seed: bool = True) -> None:
     """Sampler / scorer flags. With `defaults`, help shows them; else 'the checkpoint's value'."""
     flags = SAMPLER_FLAGS + ([SEED_FLAG] if seed else []) + SCORER_FLAGS
@@ -197,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "pure-noise ablation)")
     p.add_argument("--snr-gamma", type=_number(float, 0), default=t.snr_gamma, metavar="X",
                    help="min-SNR-gamma loss weighting (Hang et al. 2023, e.g. 5); 0: plain MSE")
+    p.add_argument("--noise-to-norm", type=_share, default=t.noise_to_norm, metavar="P",
+                   help="noise-to-norm training (as in DiffusionAD): corrupt this share of the crops (a "
+                   "Perlin-shaped patch of the texture from elsewhere, off colour) and train towards the clean "
+                   "crop, so the denoiser learns to take defects out; 0: normal crops only (the paper's recipe)")
     p.add_argument("--lr-schedule", default=t.lr_schedule, choices=LR_SCHEDULES,
                    help="learning rate over the run: constant, or cosine (half a cosine from --lr down to 0 "
                    "at --max-steps; a run stopped earlier by --max-minutes ends above 0, and a --resume with "
@@ -632,7 +644,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         learning_rate=args.lr, max_steps=max_steps, max_minutes=args.max_minutes,
         mixed_precision=args.mixed_precision, save_every=save_every, seed=args.seed,
         flips=not args.no_flips, rotations=args.rotations, max_timestep=args.max_timestep, snr_gamma=args.snr_gamma,
-        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, noise_to_norm=args.noise_to_norm,
     )
     # Checked before the data is read and anything is written: on --resume the run's shape with
     # the new budget (train() merges them the same way).
@@ -725,7 +737,8 @@ def _warn_fixed_on_resume(args: argparse.Namespace, saved: dict) -> None:
              "--preset": ("unet_preset", args.preset), "--batch-size": ("batch_size", args.batch_size),
              "--lr": ("learning_rate", args.lr), "--seed": ("seed", args.seed),
              "--max-timestep": ("max_timestep", args.max_timestep), "--snr-gamma": ("snr_gamma", args.snr_gamma),
-             "--lr-schedule": ("lr_schedule", args.lr_schedule), "--warmup-steps": ("warmup_steps", args.warmup_steps)}
+             "--lr-schedule": ("lr_schedule", args.lr_schedule), "--warmup-steps": ("warmup_steps", args.warmup_steps),
+             "--noise-to-norm": ("noise_to_norm", args.noise_to_norm)}
     defaults = TrainConfig()
     for flag, (key, value) in pairs.items():
         kept = saved.get(key, getattr(defaults, key))  # states saved before an option existed have its default

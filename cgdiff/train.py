@@ -3,6 +3,10 @@
     eps-prediction:  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,  t ~ U{0..T-1},
                      loss = MSE(eps_theta(x_t, t), eps)
 
+Optionally (`noise_to_norm` > 0, off by default) a share of the crops is corrupted before noising
+and the target is the noise that leads back to the clean crop ("noise-to-norm", as in DiffusionAD,
+Zhang et al. 2023): the denoiser is taught to take out what is not normal, not only to denoise.
+
 AdamW, gradient clipping, an EMA of the weights (sampling uses the EMA), random crops and
 flips of the normal images (90-degree rotations only on request: grid and wood are not
 isotropic), bf16 autocast on a GPU. The same code runs on a CPU, one GPU, or several
@@ -78,6 +82,9 @@ class TrainConfig:
     # (half a cosine from the peak to 0 over max_steps), after warmup_steps of linear warm-up.
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    # Noise-to-norm: the share of crops (in [0, 1)) given a `corrupt_crop` defect before noising,
+    # trained towards their clean crop; 0: off (the paper's recipe, normal crops only).
+    noise_to_norm: float = 0.0
 
     def validate(self) -> "TrainConfig":
         if self.unet_preset not in UNET_PRESETS:
@@ -102,6 +109,8 @@ class TrainConfig:
             raise TrainingError(f"max_timestep must be a whole number in [1, 1000], got {self.max_timestep!r}.")
         if not (math.isfinite(self.snr_gamma) and self.snr_gamma >= 0):
             raise TrainingError(f"snr_gamma must be a finite number >= 0, got {self.snr_gamma!r}.")
+        if not (isinstance(self.noise_to_norm, (int, float)) and 0 <= self.noise_to_norm < 1):
+            raise TrainingError(f"noise_to_norm must be a share in [0, 1), got {self.noise_to_norm!r}.")
         if self.lr_schedule not in LR_SCHEDULES:
             raise TrainingError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}.")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.max_steps:
@@ -147,16 +156,50 @@ class TrainStatus:
         return reconstruct(lambda x, t: unet(x, t).sample, y, alphas, sampler or SamplerConfig()).cpu()
 
 
+def corrupt_crop(crop: torch.Tensor, images: torch.Tensor, rng: np.random.Generator,
+                 rows: Optional[int] = None) -> torch.Tensor:
+    """A noise-to-norm training input: `crop` (3 x H x W float in [-1, 1]) with a Perlin-shaped
+    region (3-25 % of it) replaced by another crop of `images` (N x 3 x S x S uint8, inside their
+    first `rows` rows; None: all), turned, flipped and re-coloured (gain 0.5-1.5 per channel, a
+    shift of 0.15-0.5 of the [-1, 1] range up or down, plus up to 0.15 per channel), at opacity
+    0.6-1. Pixels outside the region are unchanged. Returns the corrupted crop, same shape.
+
+    The fill is the normal texture from elsewhere, out of place and off colour: a generator of
+    its own, not `cgdiff.data.SyntheticDefects`, which makes the offline textures' test defects
+    (the same family, DRAEM-style, so results on those are optimistic; real defects, as in the
+    MVTec AD leather subset, are the fair test)."""
+    from .data import perlin_noise
+
+    _, h, w = crop.shape
+    rows = images.shape[-2] if rows is None else int(rows)
+    scale = int(2 ** rng.integers(1, 4))  # 2..8 lattice cells across the crop
+    noise = perlin_noise((h, w), (scale, scale), rng)
+    mask = torch.from_numpy(noise > np.quantile(noise, 1 - rng.uniform(0.03, 0.25)))
+    src = images[rng.integers(len(images))]
+    top, left = rng.integers(0, [rows - h + 1, src.shape[-1] - w + 1])
+    fill = src[:, top : top + h, left : left + w].float() / 127.5 - 1.0
+    fill = torch.rot90(fill, int(rng.integers(4)), dims=(-2, -1))
+    if rng.random() < 0.5:
+        fill = fill.flip(-1)
+    gain = torch.from_numpy(rng.uniform(0.5, 1.5, size=(3, 1, 1))).float()
+    shift = rng.choice([-1.0, 1.0]) * rng.uniform(0.15, 0.5) + rng.uniform(-0.15, 0.15, size=(3, 1, 1))
+    fill = (fill * gain + torch.from_numpy(shift).float()).clamp(-1, 1)
+    alpha = float(rng.uniform(0.6, 1.0))
+    return torch.where(mask, (1 - alpha) * crop + alpha * fill, crop)
+
+
 class RandomCrops(Dataset):
     """Random crops (and flips / rotations) of a small set of images held in memory.
 
     Item i of epoch e is drawn from an RNG seeded by (seed, e, i): the data order is fixed by
     the seed, whatever the number of processes, and resuming mid-epoch replays it exactly.
     `rows`: crops stay inside the first `rows` rows of every image (a held-out stripe below
-    them is never seen); None: the whole image."""
+    them is never seen); None: the whole image. `noise_to_norm` > 0: every item is a pair
+    (2 x 3 x H x W: the clean crop, then the training input), the input corrupted by
+    `corrupt_crop` with that probability and the clean crop otherwise; 0: the crop alone."""
 
     def __init__(self, images: torch.Tensor, crop_size: int, length: int, seed: int, flips: bool, rotations: bool,
-                 rows: Optional[int] = None):
+                 rows: Optional[int] = None, noise_to_norm: float = 0.0):
         self.images = images  # N x 3 x S x S uint8
         self.rows = images.shape[-2] if rows is None else int(rows)
         if not crop_size <= self.rows <= images.shape[-2]:
@@ -166,6 +209,7 @@ class RandomCrops(Dataset):
         self.seed = seed
         self.flips = flips
         self.rotations = rotations
+        self.noise_to_norm = float(noise_to_norm)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -184,7 +228,30 @@ class RandomCrops(Dataset):
                 crop = crop.flip(-2)
         if self.rotations:
             crop = torch.rot90(crop, int(rng.integers(4)), dims=(-2, -1))
-        return crop.float() / 127.5 - 1.0
+        crop = crop.float() / 127.5 - 1.0
+        if not self.noise_to_norm:
+            return crop
+        corrupted = rng.random() < self.noise_to_norm
+        return torch.stack([crop, corrupt_crop(crop, self.images, rng, self.rows) if corrupted else crop])
+
+
+def noise_to_norm_target(noise: torch.Tensor, inputs: torch.Tensor, clean: torch.Tensor, abar: torch.Tensor,
+                         snr_gamma: float = 0.0, corrupted_gamma: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise target and per-sample loss weight for x_t = sqrt(abar) inputs + sqrt(1 - abar) noise.
+
+    noise, inputs, clean: B x 3 x H x W (inputs == clean for a normal crop); abar: B x 1 x 1 x 1,
+    alphas_cumprod at each sample's t. Target: the noise whose DDPM x0-estimate is the clean crop,
+    eps* = noise + sqrt(SNR) (inputs - clean) with SNR = abar / (1 - abar), i.e. `noise` itself for
+    a normal crop. Weight (B): min(SNR, gamma) / SNR (min-SNR weighting, Hang et al., ICCV 2023)
+    with gamma = `snr_gamma` for a normal crop (0: weight 1), and the smaller of `snr_gamma` (if
+    set) and `corrupted_gamma` for a corrupted one, whose target grows as sqrt(SNR) at small t:
+    its loss is then min(SNR, gamma) |x0-estimate - clean|^2, bounded."""
+    snr = (abar / (1 - abar)).flatten()
+    target = noise + snr.sqrt().view(-1, 1, 1, 1) * (inputs - clean)
+    weight = snr.clamp(max=snr_gamma) / snr if snr_gamma > 0 else torch.ones_like(snr)
+    gamma = min(snr_gamma, corrupted_gamma) if snr_gamma > 0 else corrupted_gamma
+    corrupted = (inputs != clean).flatten(1).any(dim=1)
+    return target, torch.where(corrupted, snr.clamp(max=gamma) / snr, weight)
 
 
 def recover_output(out: Path) -> None:
@@ -372,7 +439,8 @@ def train(
     pixels = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     steps_per_epoch = 1000
     dataset = RandomCrops(pixels, config.crop_size, steps_per_epoch * config.batch_size * accelerator.num_processes,
-                          config.seed, config.flips, config.rotations, rows=config.image_size - int(holdout_rows))
+                          config.seed, config.flips, config.rotations, rows=config.image_size - int(holdout_rows),
+                          noise_to_norm=config.noise_to_norm)
     # Its own generator: creating the loader's iterator (again, on resume) must not draw from
     # the global RNG that the noise and timesteps come from.
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=True,
@@ -433,19 +501,18 @@ def train(
             done_in_epoch = step % steps_per_epoch
             batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
             for x0 in batches:
+                inputs = x0
+                if x0.ndim == 5:  # noise-to-norm pairs: (clean, input)
+                    x0, inputs = x0[:, 0], x0[:, 1]
                 noise = torch.randn_like(x0)
                 t = torch.randint(0, min(config.max_timestep, scheduler.config.num_train_timesteps), (x0.shape[0],),
                                   device=x0.device)
                 abar = alphas_cumprod[t].view(-1, 1, 1, 1)
-                x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+                x_t = abar.sqrt() * inputs + (1 - abar).sqrt() * noise
+                target, weight = noise_to_norm_target(noise, inputs, x0, abar, config.snr_gamma)
                 with accelerator.autocast():
                     pred = unet(x_t, t).sample
-                if config.snr_gamma > 0:
-                    snr = (abar / (1 - abar)).flatten()
-                    weight = snr.clamp(max=config.snr_gamma) / snr
-                    loss = (weight * F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-                else:
-                    loss = F.mse_loss(pred.float(), noise)
+                loss = (weight * F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"the loss became {loss.item()} at step {step}; lower --learning-rate or use fp32 "

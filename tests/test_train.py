@@ -186,3 +186,48 @@ def test_training_can_keep_to_the_noise_levels_the_sampler_uses_and_weight_by_mi
     for bad in (dict(max_timestep=0), dict(max_timestep=1001), dict(snr_gamma=-1.0), dict(snr_gamma=float("nan"))):
         with pytest.raises(TrainingError, match="max_timestep|snr_gamma"):
             config(**bad).validate()
+
+
+def test_noise_to_norm_corrupts_a_region_and_trains_towards_the_clean_crop(images, tmp_path):
+    from cgdiff.train import RandomCrops, corrupt_crop, noise_to_norm_target
+
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)[:, :, :32, :32].contiguous()
+    crop = pixels[0, :, :16, :16].float() / 127.5 - 1
+    changed = []
+    for seed in range(20):
+        out = corrupt_crop(crop, pixels, np.random.default_rng(seed))
+        assert out.shape == crop.shape and out.min() >= -1 and out.max() <= 1
+        changed.append((out != crop).any(dim=0).float().mean().item())
+    # a region of 3-25 % of the crop, of its own size per seed
+    assert all(0.02 < c < 0.3 for c in changed) and len(set(changed)) > 5
+
+    # Pairs from the dataset: (clean, input), the input corrupted about as often as asked.
+    ds = RandomCrops(pixels, 16, 200, seed=1, flips=True, rotations=False, noise_to_norm=0.5)
+    pairs = torch.stack([ds[i] for i in range(200)])
+    assert pairs.shape == (200, 2, 3, 16, 16)
+    corrupted = (pairs[:, 0] != pairs[:, 1]).flatten(1).any(dim=1).float().mean().item()
+    assert 0.35 < corrupted < 0.65
+    assert RandomCrops(pixels, 16, 4, seed=1, flips=True, rotations=False)[0].shape == (3, 16, 16)
+
+    # The target's x0-estimate is the clean crop; a normal crop keeps the plain noise target.
+    clean, inputs = pairs[:4, 0], pairs[:4, 1]
+    inputs[0] = clean[0]
+    noise = torch.randn_like(clean)
+    abar = torch.tensor([0.3, 0.6, 0.9, 0.999]).view(-1, 1, 1, 1)
+    target, weight = noise_to_norm_target(noise, inputs, clean, abar)
+    x_t = abar.sqrt() * inputs + (1 - abar).sqrt() * noise
+    torch.testing.assert_close((x_t - (1 - abar).sqrt() * target) / abar.sqrt(), clean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(target[0], noise[0])
+    snr = (abar / (1 - abar)).flatten()
+    is_corrupted = (inputs != clean).flatten(1).any(dim=1)
+    expected = torch.where(is_corrupted, snr.clamp(max=5) / snr, torch.ones(4))
+    torch.testing.assert_close(weight, expected)
+
+    # Training with it runs, records the share and refuses a share out of range.
+    train(images, tmp_path / "n2n", config(max_steps=3, noise_to_norm=0.5), progress_bar=False)
+    saved = json.loads((tmp_path / "n2n" / "cgdiff.json").read_text())["training"]["config"]
+    assert saved["noise_to_norm"] == 0.5
+    assert "noise-to-norm: 0.5 of the training crops" in (tmp_path / "n2n" / "README.md").read_text()
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(TrainingError, match="noise_to_norm"):
+            config(noise_to_norm=bad).validate()
