@@ -202,6 +202,7 @@ def test_help_of_every_command_is_complete(capsys):
         (["train", "--data", "{data}", "--out", "{ckpt}"], "--resume"),
         (["train", "--data", "{data}", "--out", "{tmp}/new", "--image-size", "36"], "multiple of 8"),
         (["train", "--data", "{data}", "--out", "{tmp}/new", "--lr", "-1"], "must be > 0"),
+        (["train", "--data", "{data}", "--out", "{tmp}/new", "--noise-to-norm", "1"], "must be below 1"),
         (["build-textures", "--out", "{data}/..", "--textures", "gravel"], "already exists"),
         (["evaluate", "--data", "{data}"], "required: --checkpoint"),
         (["explode"], "invalid choice"),
