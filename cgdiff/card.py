@@ -100,7 +100,8 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
                 lines.append(f"- {key}: {value}")
     share = (training.get("config") or {}).get("noise_to_norm")
     if share:
-        lines.append(f"- noise-to-norm: {share:g} of the training crops corrupted and trained towards the clean crop")
+        lines.append(f"- noise-to-norm: {share:g} of the training crops corrupted and trained towards the clean crop "
+                     "(min-SNR-5 weighted)")
     holdout = training.get("holdout") or {}
     if holdout.get("images"):
         lines.append(f"- held out of training, for tuning and the threshold: {', '.join(holdout['images'])}")

@@ -83,7 +83,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     # Noise-to-norm: the share of crops (in [0, 1)) given a `corrupt_crop` defect before noising,
-    # trained towards their clean crop; 0: off (the paper's recipe, normal crops only).
+    # trained towards their clean crop; 0: off (normal crops only: the DDPM objective).
     noise_to_norm: float = 0.0
 
     def validate(self) -> "TrainConfig":
@@ -158,11 +158,13 @@ class TrainStatus:
 
 def corrupt_crop(crop: torch.Tensor, images: torch.Tensor, rng: np.random.Generator,
                  rows: Optional[int] = None) -> torch.Tensor:
-    """A noise-to-norm training input: `crop` (3 x H x W float in [-1, 1]) with a Perlin-shaped
-    region (3-25 % of it) replaced by another crop of `images` (N x 3 x S x S uint8, inside their
-    first `rows` rows; None: all), turned, flipped and re-coloured (gain 0.5-1.5 per channel, a
-    shift of 0.15-0.5 of the [-1, 1] range up or down, plus up to 0.15 per channel), at opacity
-    0.6-1. Pixels outside the region are unchanged. Returns the corrupted crop, same shape.
+    """A noise-to-norm training input: `crop` (3 x H x H float in [-1, 1], square) with a
+    Perlin-shaped region (3-25 % of it) replaced by another crop of `images` (N x 3 x S x S uint8,
+    taken inside their first `rows` rows, H <= rows <= S; None: all S), turned, flipped and
+    re-coloured (gain 0.5-1.5 per channel, then a shift of 0.15-0.5 up or down plus up to 0.15
+    per channel, in the [-1, 1] pixel units), at opacity 0.6-1, clipped to [-1, 1]. Pixels
+    outside the region are unchanged. Returns the corrupted crop, same shape; draws from `rng`
+    only. `RandomCrops` checks `rows` (TrainingError); here a `rows` < H fails in numpy.
 
     The fill is the normal texture from elsewhere, out of place and off colour: a generator of
     its own, not `cgdiff.data.SyntheticDefects`, which makes the offline textures' test defects
@@ -240,7 +242,7 @@ def noise_to_norm_target(noise: torch.Tensor, inputs: torch.Tensor, clean: torch
     """The noise target and per-sample loss weight for x_t = sqrt(abar) inputs + sqrt(1 - abar) noise.
 
     noise, inputs, clean: B x 3 x H x W (inputs == clean for a normal crop); abar: B x 1 x 1 x 1,
-    alphas_cumprod at each sample's t. Target: the noise whose DDPM x0-estimate is the clean crop,
+    alphas_cumprod at each sample's t, in (0, 1) (1 would divide by zero). Target: the noise whose DDPM x0-estimate is the clean crop,
     eps* = noise + sqrt(SNR) (inputs - clean) with SNR = abar / (1 - abar), i.e. `noise` itself for
     a normal crop. Weight (B): min(SNR, gamma) / SNR (min-SNR weighting, Hang et al., ICCV 2023)
     with gamma = `snr_gamma` for a normal crop (0: weight 1), and the smaller of `snr_gamma` (if
@@ -512,7 +514,10 @@ def train(
                 target, weight = noise_to_norm_target(noise, inputs, x0, abar, config.snr_gamma)
                 with accelerator.autocast():
                     pred = unet(x_t, t).sample
-                loss = (weight * F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))).mean()
+                if inputs is x0 and config.snr_gamma == 0:  # the plain DDPM objective
+                    loss = F.mse_loss(pred.float(), target)
+                else:
+                    loss = (weight * F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"the loss became {loss.item()} at step {step}; lower --learning-rate or use fp32 "

@@ -208,6 +208,13 @@ def test_noise_to_norm_corrupts_a_region_and_trains_towards_the_clean_crop(image
     corrupted = (pairs[:, 0] != pairs[:, 1]).flatten(1).any(dim=1).float().mean().item()
     assert 0.35 < corrupted < 0.65
     assert RandomCrops(pixels, 16, 4, seed=1, flips=True, rotations=False)[0].shape == (3, 16, 16)
+    assert torch.equal(ds[7], ds[7])  # an item is its seed's, however often it is drawn
+    # The fill never comes from a held-out stripe: mark the stripe with NaN and look for it.
+    marked = pixels.float()
+    marked[:, :, 24:] = float("nan")
+    fills = lambda rows: [corrupt_crop(crop, marked, np.random.default_rng(s), rows) for s in range(60)]  # noqa: E731
+    assert not any(out.isnan().any() for out in fills(24))
+    assert any(out.isnan().any() for out in fills(None))  # the whole height: the stripe is drawn
 
     # The target's x0-estimate is the clean crop; a normal crop keeps the plain noise target.
     clean, inputs = pairs[:4, 0], pairs[:4, 1]
