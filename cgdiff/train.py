@@ -242,9 +242,9 @@ def noise_to_norm_target(noise: torch.Tensor, inputs: torch.Tensor, clean: torch
     """The noise target and per-sample loss weight for x_t = sqrt(abar) inputs + sqrt(1 - abar) noise.
 
     noise, inputs, clean: B x 3 x H x W (inputs == clean for a normal crop); abar: B x 1 x 1 x 1,
-    alphas_cumprod at each sample's t, in (0, 1) (1 would divide by zero). Target: the noise whose DDPM x0-estimate is the clean crop,
-    eps* = noise + sqrt(SNR) (inputs - clean) with SNR = abar / (1 - abar), i.e. `noise` itself for
-    a normal crop. Weight (B): min(SNR, gamma) / SNR (min-SNR weighting, Hang et al., ICCV 2023)
+    alphas_cumprod at each sample's t, in (0, 1) (1 would divide by zero). Target: the noise whose
+    DDPM x0-estimate is the clean crop, eps* = noise + sqrt(SNR) (inputs - clean) with
+    SNR = abar / (1 - abar), i.e. `noise` itself for a normal crop. Weight (B): min(SNR, gamma) / SNR (min-SNR weighting, Hang et al., ICCV 2023)
     with gamma = `snr_gamma` for a normal crop (0: weight 1), and the smaller of `snr_gamma` (if
     set) and `corrupted_gamma` for a corrupted one, whose target grows as sqrt(SNR) at small t:
     its loss is then min(SNR, gamma) |x0-estimate - clean|^2, bounded."""
@@ -511,12 +511,12 @@ def train(
                                   device=x0.device)
                 abar = alphas_cumprod[t].view(-1, 1, 1, 1)
                 x_t = abar.sqrt() * inputs + (1 - abar).sqrt() * noise
-                target, weight = noise_to_norm_target(noise, inputs, x0, abar, config.snr_gamma)
                 with accelerator.autocast():
                     pred = unet(x_t, t).sample
                 if inputs is x0 and config.snr_gamma == 0:  # the plain DDPM objective
-                    loss = F.mse_loss(pred.float(), target)
+                    loss = F.mse_loss(pred.float(), noise)
                 else:
+                    target, weight = noise_to_norm_target(noise, inputs, x0, abar, config.snr_gamma)
                     loss = (weight * F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(
