@@ -14,13 +14,20 @@ would use, `cgdiff.detector._mask_threshold`), then the second pass from each t2
 - "fill-start": cgdiff's y-start, but noised from y with the masked pixels first filled from the
   surroundings (a normalised Gaussian convolution of y weighted by 1 - m, sigma `--fill-sigma`
   px; y itself kept outside the mask), so that the dark low frequencies of a hole are not what
-  the second pass starts from.
+  the second pass starts from;
+- "y-start, mean of N" and "fill-start, mean of N": the same two runs made from N start noises
+  (seeds seed to seed + N - 1, N = `--fills`) and averaged, as `samples` = N averages the first
+  pass: new grain that differs from run to run averages towards the local mean, which the
+  removal measure charges less than a single sample of grain ("How much removal a
+  reconstruction can reach" in BENCHMARKS.md). N times the second pass's U-Net calls.
 Each is scored with the detector's stored scorer settings. The metrics need no threshold, so no
 recalibration is made; removal is measured on the reconstruction as put together.
 
 Usage:
     python benchmarks/second_pass_variants.py --textures data/textures --names grass gravel --t2 400 800
     python benchmarks/second_pass_variants.py --names grass gravel --t2 400 600 --variants y-start fill-start
+    python benchmarks/second_pass_variants.py --names brick grass gravel --t2 400 600 --fills 4 \
+        --variants y-start "y-start, mean of N" fill-start "fill-start, mean of N"
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from cgdiff.evaluation import _removal, reconstruct_dataset, score_reconstructio
 from cgdiff.sampler import gaussian_blur, repaint, suspect_mask
 
 VARIANTS = ("y-start", "y-start, rec1 outside", "rec1-start", "mask not grown or blurred", "mask ramp 0.8-1.0",
-            "fill-start")
+            "fill-start", "y-start, mean of N", "fill-start, mean of N")
 
 
 def filled(y: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -59,10 +66,13 @@ def main() -> None:
     parser.add_argument("--t2", type=int, nargs="+", default=[400, 800])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--fill-sigma", type=float, default=8.0, help="px at the working size, for fill-start")
+    parser.add_argument("--fills", type=int, default=4, help="N, the runs averaged by the 'mean of N' variants")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/table.md")
     args = parser.parse_args()
     if not args.fill_sigma > 0:
         parser.error(f"--fill-sigma must be > 0 px, got {args.fill_sigma}")
+    if args.fills < 1:
+        parser.error(f"--fills must be at least 1, got {args.fills}")
     lines = ["| texture | second pass | image AUROC | pixel AUROC | AUPRO | removal | fidelity |", "|---" * 7 + "|"]
     print("\n".join(lines), flush=True)
 
@@ -83,10 +93,14 @@ def main() -> None:
         for t2 in args.t2:
             config = detector.sampler.replace(repaint_t0=t2)
 
-            def second(y, m=mask, start=None):
-                return torch.cat([repaint(detector._eps, y[i:i + 8], m[i:i + 8], detector.alphas_cumprod, config,
+            def second(y, m=mask, start=None, seed=0):
+                run = config.replace(seed=config.seed + seed)
+                return torch.cat([repaint(detector._eps, y[i:i + 8], m[i:i + 8], detector.alphas_cumprod, run,
                                           start=None if start is None else start[i:i + 8])
                                   for i in range(0, len(first), 8)])
+
+            def mean_of_fills(start=None):
+                return torch.stack([second(first.inputs, start=start, seed=k) for k in range(args.fills)]).mean(0)
 
             y_start = functools.cache(lambda: second(first.inputs))  # shared by two variants
 
@@ -97,9 +111,11 @@ def main() -> None:
                 "mask not grown or blurred": lambda: second(first.inputs, suspect_mask(relative, grow=0, sigma=0)),
                 "mask ramp 0.8-1.0": lambda: second(first.inputs, suspect_mask(relative, low=0.8, high=1.0)),
                 "fill-start": lambda: second(first.inputs, start=filled(first.inputs, mask, args.fill_sigma)),
+                "y-start, mean of N": lambda: mean_of_fills(),
+                "fill-start, mean of N": lambda: mean_of_fills(filled(first.inputs, mask, args.fill_sigma)),
             }
             for variant in args.variants:
-                tag, rec = f"t2={t2}, {variant}", made[variant]()
+                tag, rec = f"t2={t2}, {variant.replace(' N', f' {args.fills}')}", made[variant]()
                 recs = dataclasses.replace(first, reconstructions=rec, _distances={})
                 recs.removal = _removal(detector, dataset, samples, recs.inputs, rec)
                 row(name, tag, detector, recs)
