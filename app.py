@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 from cgdiff import __version__, teaching
-from cgdiff.card import calibration_normals
+from cgdiff.card import calibration_normals, removal_text
 from cgdiff.detector import Detection, Detector, _num_steps
 from cgdiff.hub import CheckpointError
 from cgdiff.images import ImageError, load_image
@@ -248,6 +248,9 @@ def model_info(name: str, detector: Detector) -> str:
              if isinstance(metrics.get(k), (int, float))]
     if shown:
         lines.append("Measured: " + ", ".join(shown) + ".")
+    removal = removal_text(metrics)
+    if removal:
+        lines.append(esc(removal))
     return "  \n".join(lines)
 
 

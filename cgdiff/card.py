@@ -26,6 +26,23 @@ def calibration_normals(config: dict[str, Any]) -> Optional[str]:
             or (config.get("training") or {}).get("calibration_normals") or None)
 
 
+def removal_text(metrics: dict[str, Any]) -> Optional[str]:
+    """In words, how much of a defect the recorded evaluation's reconstructions take out, from
+    `metrics["removal"]` (`cgdiff evaluate` where clean originals exist: 1 - sum over the defect
+    pixels of |reconstruction - clean| / |input - clean|; 1: gone, 0: kept as it was, below 0:
+    changed away from the clean image); None when the evaluation did not measure it. Below 0.5
+    it says plainly that the reconstruction keeps most of each defect."""
+    removal = metrics.get("removal")
+    if not isinstance(removal, (int, float)) or isinstance(removal, bool):
+        return None
+    share = "none" if removal < 0.005 else f"{100 * removal:.0f} %"
+    text = f"its reconstruction takes out {share} of the evaluated defects (removal {removal:.2f}; 1: gone, 0: kept)"
+    if removal < 0.5:
+        return ("At the stored settings " + text + ". It keeps most of each defect: the map finds defects through "
+                "the differences that remain, so do not expect the reconstruction to show the defect gone.")
+    return "At the stored settings " + text + "."
+
+
 def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector") -> str:
     """A Hub model card (YAML front matter + prose) from a checkpoint's cgdiff.json."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -149,6 +166,9 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
               "threshold was set on the images named above (normal ones, and synthetic defects where the rule",
               "says so), not on real defects: check it on your own normal and defective samples before relying",
               "on the verdict (`cgdiff calibrate` sets it again).", ""]
+    removal = removal_text(metrics or {})
+    if removal:
+        lines += [removal, ""]
     return ModelCard("\n".join(lines)).content
 
 

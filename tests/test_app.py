@@ -812,3 +812,22 @@ def test_model_info_names_the_threshold_rule(app_module, tiny_detector):
             "defects." in app_module.model_info("x", tiny_detector))
     tiny_detector.info["calibration_normals"] = "3 training-folder images (in-sample)"  # a later `cgdiff calibrate`
     assert "between 3 training-folder images (in-sample) and" in app_module.model_info("x", tiny_detector)
+
+
+def test_model_info_and_card_say_how_much_of_a_defect_the_reconstruction_takes_out(app_module, tiny_detector):
+    """A recorded removal below 0.5 is said plainly in the app and the model card: the
+    reconstruction keeps the defect; above it, how much it takes out; nothing when unmeasured."""
+    from cgdiff.card import render_model_card
+
+    assert "reconstruction" not in app_module.model_info("x", tiny_detector)
+    tiny_detector.info["metrics"] = {"image_auroc": 0.95, "removal": 0.0173}
+    info = app_module.model_info("x", tiny_detector)
+    assert "takes out 2 % of the evaluated defects (removal 0.02" in info and "keeps most of each defect" in info
+    card = render_model_card({**tiny_detector.info, "calibration": tiny_detector.calibration.to_dict()})
+    limits = card.split("## Limits", 1)[1]
+    assert "keeps most of each defect" in limits
+    tiny_detector.info["metrics"] = {"removal": 0.738}
+    info = app_module.model_info("x", tiny_detector)
+    assert "takes out 74 % of the evaluated defects" in info and "keeps most" not in info
+    tiny_detector.info["metrics"] = {"removal": -0.03}
+    assert "takes out none of the evaluated defects (removal -0.03" in app_module.model_info("x", tiny_detector)
