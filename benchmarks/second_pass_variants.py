@@ -20,7 +20,8 @@ would use, `cgdiff.detector._mask_threshold`), then the second pass from each t2
   pass: new grain that differs from run to run averages towards the local mean, which the
   removal measure charges less than a single sample of grain ("How much removal a
   reconstruction can reach" in BENCHMARKS.md). N times the second pass's U-Net calls.
-Each is scored with the detector's stored scorer settings. The metrics need no threshold, so no
+Each is scored with the detector's stored scorer settings (and with `--also-pixel`, again with
+the pixel distance alone, as `cgdiff bench`'s "pixel" method does). The metrics need no threshold, so no
 recalibration is made; removal is measured on the reconstruction as put together.
 
 Usage:
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from cgdiff.bench import ablation_overrides
 from cgdiff.data import load_dataset
 from cgdiff.detector import Detector, _mask_threshold
 from cgdiff.evaluation import _removal, reconstruct_dataset, score_reconstructions
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--fill-sigma", type=float, default=8.0, help="px at the working size, for fill-start")
     parser.add_argument("--fills", type=int, default=4, help="N, the runs averaged by the 'mean of N' variants")
+    parser.add_argument("--also-pixel", action="store_true", help="also score every row with the pixel distance alone")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/table.md")
     args = parser.parse_args()
     if not args.fill_sigma > 0:
@@ -77,10 +80,13 @@ def main() -> None:
     print("\n".join(lines), flush=True)
 
     def row(name, tag, detector, recs):
-        m = score_reconstructions(detector, recs).metrics
-        lines.append(f"| {name} | {tag} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | {m['aupro']:.3f} "
-                     f"| {m['removal']:.3f} | {m['fidelity']:.4f} |")
-        print(lines[-1], flush=True)
+        scorers = [("", None)] + ([(", pixel distance only", ablation_overrides(detector)["pixel"])]
+                                  if args.also_pixel else [])
+        for suffix, scorer in scorers:
+            m = score_reconstructions(detector, recs, scorer).metrics
+            lines.append(f"| {name} | {tag}{suffix} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | "
+                         f"{m['aupro']:.3f} | {m['removal']:.3f} | {m['fidelity']:.4f} |")
+            print(lines[-1], flush=True)
 
     for name in args.names:
         dataset = load_dataset(args.textures / name)
