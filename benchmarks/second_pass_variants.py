@@ -21,7 +21,9 @@ would use, `cgdiff.detector._mask_threshold`), then the second pass from each t2
   removal measure charges less than a single sample of grain ("How much removal a
   reconstruction can reach" in BENCHMARKS.md). N times the second pass's U-Net calls.
 Each is scored with the detector's stored scorer settings (and with `--also-pixel`, again with
-the pixel distance alone, as `cgdiff bench`'s "pixel" method does). The metrics need no threshold, so no
+the pixel distance alone, as `cgdiff bench`'s "pixel" method does: the same reconstructions, so
+the second pass's mask still comes from the stored, combined first map; a detector stored with
+`--feature-weight 0` would draw it from the pixel map). The metrics need no threshold, so no
 recalibration is made; removal is measured on the reconstruction as put together.
 
 Usage:
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 from pathlib import Path
 
 import torch
@@ -105,20 +106,26 @@ def main() -> None:
                                           start=None if start is None else start[i:i + 8])
                                   for i in range(0, len(first), 8)])
 
-            def mean_of_fills(start=None):
-                return torch.stack([second(first.inputs, start=start, seed=k) for k in range(args.fills)]).mean(0)
+            runs = {}  # (start, k) -> the second pass from start noise k, shared by the variants
 
-            y_start = functools.cache(lambda: second(first.inputs))  # shared by two variants
+            def fill(start: str, k: int = 0) -> torch.Tensor:
+                if (start, k) not in runs:
+                    runs[start, k] = second(first.inputs, seed=k, start=None if start == "y" else
+                                            filled(first.inputs, mask, args.fill_sigma))
+                return runs[start, k]
+
+            def mean_of_fills(start: str) -> torch.Tensor:
+                return torch.stack([fill(start, k) for k in range(args.fills)]).mean(0)
 
             made = {
-                "y-start": y_start,
-                "y-start, rec1 outside": lambda: mask * y_start() + (1 - mask) * first.reconstructions,
+                "y-start": lambda: fill("y"),
+                "y-start, rec1 outside": lambda: mask * fill("y") + (1 - mask) * first.reconstructions,
                 "rec1-start": lambda: second(first.reconstructions),
                 "mask not grown or blurred": lambda: second(first.inputs, suspect_mask(relative, grow=0, sigma=0)),
                 "mask ramp 0.8-1.0": lambda: second(first.inputs, suspect_mask(relative, low=0.8, high=1.0)),
-                "fill-start": lambda: second(first.inputs, start=filled(first.inputs, mask, args.fill_sigma)),
-                "y-start, mean of N": lambda: mean_of_fills(),
-                "fill-start, mean of N": lambda: mean_of_fills(filled(first.inputs, mask, args.fill_sigma)),
+                "fill-start": lambda: fill("filled"),
+                "y-start, mean of N": lambda: mean_of_fills("y"),
+                "fill-start, mean of N": lambda: mean_of_fills("filled"),
             }
             for variant in args.variants:
                 tag, rec = f"t2={t2}, {variant.replace(' N', f' {args.fills}')}", made[variant]()

@@ -9,6 +9,7 @@ dicts and imports nothing else of the package.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 # The settings the tuning section compares, in the order of the tuner's search.
@@ -27,20 +28,24 @@ def calibration_normals(config: dict[str, Any]) -> Optional[str]:
 
 
 def removal_text(metrics: dict[str, Any]) -> Optional[str]:
-    """In words, how much of a defect the recorded evaluation's reconstructions take out, from
-    `metrics["removal"]` (`cgdiff evaluate` where clean originals exist: 1 - sum over the defect
-    pixels of |reconstruction - clean| / |input - clean|; 1: gone, 0: kept as it was, below 0:
-    changed away from the clean image); None when the evaluation did not measure it. Below 0.5
-    it says plainly that the reconstruction keeps most of each defect."""
+    """In words, how much of its defects the recorded evaluation's reconstructions take out, from
+    `metrics["removal"]` (`cgdiff evaluate` where clean originals exist: 1 - S_rec / S_input, with
+    S_rec and S_input the sums over the defect pixels of all evaluated images of
+    |reconstruction - clean| and |input - clean|; 1: all of it, 0: none, below 0: the
+    reconstruction moved further from the clean image); None when the evaluation did not measure
+    it. Below 0.5 (as printed, two decimals) it says plainly that the reconstruction keeps most of
+    each defect."""
     removal = metrics.get("removal")
-    if not isinstance(removal, (int, float)) or isinstance(removal, bool):
+    if not isinstance(removal, (int, float)) or isinstance(removal, bool) or not math.isfinite(removal):
         return None
-    share = "none" if removal < 0.005 else f"{100 * removal:.0f} %"
-    text = f"its reconstruction takes out {share} of the evaluated defects (removal {removal:.2f}; 1: gone, 0: kept)"
-    if removal < 0.5:
-        return ("At the stored settings " + text + ". It keeps most of each defect: the map finds defects through "
-                "the differences that remain, so do not expect the reconstruction to show the defect gone.")
-    return "At the stored settings " + text + "."
+    shown = round(removal, 2)
+    share = f"{100 * shown:.0f} %" if shown > 0 else "none"
+    text = (f"At the stored settings its reconstruction takes out {share} of the evaluated defects' difference "
+            f"from the clean image (removal {shown:.2f}; 1: all of it, 0: none).")
+    if shown < 0.5:
+        text += (" It keeps most of each defect: the map finds defects through the differences that remain, so do "
+                 "not expect the reconstruction to show the defect gone.")
+    return text
 
 
 def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector") -> str:
@@ -159,6 +164,9 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
                 share = f"{100 * at[key]:.0f} %"
                 lines.append(f"| {label} | {round(at[key] * count)} of {count} ({share}) |" if isinstance(count, int)
                              else f"| {label} | {share} |")
+        removal = removal_text(metrics)
+        if removal:
+            lines += ["", removal]
         if metrics.get("command"):
             lines += ["", "Reproduce with:", "", "```bash", str(metrics["command"]), "```"]
     lines += ["", "## Limits", "",
@@ -166,9 +174,6 @@ def render_model_card(config: dict[str, Any], repo_name: str = "cgdiff detector"
               "threshold was set on the images named above (normal ones, and synthetic defects where the rule",
               "says so), not on real defects: check it on your own normal and defective samples before relying",
               "on the verdict (`cgdiff calibrate` sets it again).", ""]
-    removal = removal_text(metrics or {})
-    if removal:
-        lines += [removal, ""]
     return ModelCard("\n".join(lines)).content
 
 

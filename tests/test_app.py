@@ -815,19 +815,26 @@ def test_model_info_names_the_threshold_rule(app_module, tiny_detector):
 
 
 def test_model_info_and_card_say_how_much_of_a_defect_the_reconstruction_takes_out(app_module, tiny_detector):
-    """A recorded removal below 0.5 is said plainly in the app and the model card: the
-    reconstruction keeps the defect; above it, how much it takes out; nothing when unmeasured."""
-    from cgdiff.card import render_model_card
+    """A recorded removal below 0.5 (as printed) is said plainly in the app and the model card:
+    the reconstruction keeps the defect; from 0.5, how much it takes out; nothing when unmeasured."""
+    from cgdiff.card import removal_text, render_model_card
 
-    assert "reconstruction" not in app_module.model_info("x", tiny_detector)
+    def card():
+        return render_model_card({**tiny_detector.info, "calibration": tiny_detector.calibration.to_dict()})
+
+    assert "takes out" not in app_module.model_info("x", tiny_detector) and "takes out" not in card()
     tiny_detector.info["metrics"] = {"image_auroc": 0.95, "removal": 0.0173}
     info = app_module.model_info("x", tiny_detector)
-    assert "takes out 2 % of the evaluated defects (removal 0.02" in info and "keeps most of each defect" in info
-    card = render_model_card({**tiny_detector.info, "calibration": tiny_detector.calibration.to_dict()})
-    limits = card.split("## Limits", 1)[1]
-    assert "keeps most of each defect" in limits
+    assert "takes out 2 % of the evaluated defects' difference from the clean image (removal 0.02" in info
+    assert "keeps most of each defect" in info
+    evaluation = card().split("## Evaluation", 1)[1].split("## Limits", 1)[0]
+    assert "takes out 2 %" in evaluation and "keeps most of each defect" in evaluation
     tiny_detector.info["metrics"] = {"removal": 0.738}
     info = app_module.model_info("x", tiny_detector)
-    assert "takes out 74 % of the evaluated defects" in info and "keeps most" not in info
-    tiny_detector.info["metrics"] = {"removal": -0.03}
-    assert "takes out none of the evaluated defects (removal -0.03" in app_module.model_info("x", tiny_detector)
+    assert "takes out 74 %" in info and "keeps most" not in info
+    assert "takes out 74 %" in card() and "keeps most" not in card()
+    # The sentence never contradicts the figure it prints, and below 0 it takes out nothing.
+    assert "takes out 50 %" in removal_text({"removal": 0.4999}) and "keeps most" not in removal_text({"removal": 0.4999})
+    assert "keeps most" in removal_text({"removal": 0.494})
+    assert "takes out none of" in removal_text({"removal": -0.03}) and "(removal -0.03" in removal_text({"removal": -0.03})
+    assert removal_text({"removal": True}) is None and removal_text({"removal": float("nan")}) is None
