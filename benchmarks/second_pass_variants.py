@@ -97,6 +97,7 @@ def main() -> None:
         relative = torch.as_tensor(score_reconstructions(detector, first).maps) / _mask_threshold(detector.calibration)
         mask = suspect_mask(relative)
         samples = list(dataset.test)
+        starts = {"y": None, "filled": filled(first.inputs, mask, args.fill_sigma)}  # what the second pass noises
         for t2 in args.t2:
             config = detector.sampler.replace(repaint_t0=t2)
 
@@ -110,8 +111,7 @@ def main() -> None:
 
             def fill(start: str, k: int = 0) -> torch.Tensor:
                 if (start, k) not in runs:
-                    runs[start, k] = second(first.inputs, seed=k, start=None if start == "y" else
-                                            filled(first.inputs, mask, args.fill_sigma))
+                    runs[start, k] = second(first.inputs, seed=k, start=starts[start])
                 return runs[start, k]
 
             def mean_of_fills(start: str) -> torch.Tensor:

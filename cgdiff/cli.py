@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-to-norm", type=_share, default=t.noise_to_norm, metavar="P",
                    help="noise-to-norm training (as in DiffusionAD): corrupt this share of the crops (a "
                    "Perlin-shaped patch of the texture from elsewhere, off colour) and train towards the clean "
-                   "crop, so the denoiser learns to take defects out; their loss min-SNR-5 weighted; 0: normal crops only, the "
-                   "DDPM objective of the conditioned-guided paper)")
+                   "crop, so the denoiser learns to take defects out; their loss min-SNR-5 weighted; 0: normal "
+                   "crops only, the DDPM objective of the conditioned-guided paper")
     p.add_argument("--lr-schedule", default=t.lr_schedule, choices=LR_SCHEDULES,
                    help="learning rate over the run: constant, or cosine (half a cosine from --lr down to 0 "
                    "at --max-steps; a run stopped earlier by --max-minutes ends above 0, and a --resume with "

@@ -244,10 +244,11 @@ def noise_to_norm_target(noise: torch.Tensor, inputs: torch.Tensor, clean: torch
     noise, inputs, clean: B x 3 x H x W (inputs == clean for a normal crop); abar: B x 1 x 1 x 1,
     alphas_cumprod at each sample's t, in (0, 1) (1 would divide by zero). Target: the noise whose
     DDPM x0-estimate is the clean crop, eps* = noise + sqrt(SNR) (inputs - clean) with
-    SNR = abar / (1 - abar), i.e. `noise` itself for a normal crop. Weight (B): min(SNR, gamma) / SNR (min-SNR weighting, Hang et al., ICCV 2023)
-    with gamma = `snr_gamma` for a normal crop (0: weight 1), and the smaller of `snr_gamma` (if
-    set) and `corrupted_gamma` for a corrupted one, whose target grows as sqrt(SNR) at small t:
-    its loss is then min(SNR, gamma) |x0-estimate - clean|^2, bounded."""
+    SNR = abar / (1 - abar), i.e. `noise` itself for a normal crop. Weight (B): min(SNR, gamma) / SNR
+    (min-SNR weighting, Hang et al., ICCV 2023) with gamma = `snr_gamma` for a normal crop (0: weight
+    1), and the smaller of `snr_gamma` (if set) and `corrupted_gamma` for a corrupted one, whose
+    target grows as sqrt(SNR) at small t: its loss is then min(SNR, gamma) |x0-estimate - clean|^2,
+    bounded."""
     snr = (abar / (1 - abar)).flatten()
     target = noise + snr.sqrt().view(-1, 1, 1, 1) * (inputs - clean)
     weight = snr.clamp(max=snr_gamma) / snr if snr_gamma > 0 else torch.ones_like(snr)
