@@ -19,7 +19,15 @@ would use, `cgdiff.detector._mask_threshold`), then the second pass from each t2
   (seeds seed to seed + N - 1, N = `--fills`) and averaged, as `samples` = N averages the first
   pass: new grain that differs from run to run averages towards the local mean, which the
   removal measure charges less than a single sample of grain ("How much removal a
-  reconstruction can reach" in BENCHMARKS.md). N times the second pass's U-Net calls.
+  reconstruction can reach" in BENCHMARKS.md). N times the second pass's U-Net calls;
+- "fill alone (no denoiser)": the filled y of "fill-start" itself as the reconstruction, the
+  reference any second pass should beat: a smooth fill from the surroundings, no new grain;
+- "clean inside the mask (oracle)": m * clean + (1 - m) * y, with each defect tile's clean
+  original (y itself for the normal tiles): the most removal any second pass with this mask
+  can reach, as what the mask leaves out stays in the reconstruction.
+`--k2` sets the second pass's steps K2 (default: the detector's stored `repaint_steps`); K2 = 1
+is the denoiser's one-step estimate of the clean image from t2 (its posterior mean, smoother
+than a K2-step sample, at one U-Net call).
 Each is scored with the detector's stored scorer settings (and with `--also-pixel`, again with
 the pixel distance alone, as `cgdiff bench`'s "pixel" method does: the same reconstructions, so
 the second pass's mask still comes from the stored, combined first map; a detector stored with
@@ -48,7 +56,10 @@ from cgdiff.evaluation import _removal, reconstruct_dataset, score_reconstructio
 from cgdiff.sampler import gaussian_blur, repaint, suspect_mask
 
 VARIANTS = ("y-start", "y-start, rec1 outside", "rec1-start", "mask not grown or blurred", "mask ramp 0.8-1.0",
-            "fill-start", "y-start, mean of N", "fill-start, mean of N")
+            "fill-start", "y-start, mean of N", "fill-start, mean of N", "fill alone (no denoiser)",
+            "clean inside the mask (oracle)")
+
+NO_SECOND_PASS = ("fill alone (no denoiser)", "clean inside the mask (oracle)")  # references, no t2
 
 
 def filled(y: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -70,6 +81,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--fill-sigma", type=float, default=8.0, help="px at the working size, for fill-start")
     parser.add_argument("--fills", type=int, default=4, help="N, the runs averaged by the 'mean of N' variants")
+    parser.add_argument("--k2", type=int, default=None, help="the second pass's steps K2 (default: the stored ones)")
     parser.add_argument("--also-pixel", action="store_true", help="also score every row with the pixel distance alone")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/table.md")
     args = parser.parse_args()
@@ -77,6 +89,8 @@ def main() -> None:
         parser.error(f"--fill-sigma must be > 0 px, got {args.fill_sigma}")
     if args.fills < 1:
         parser.error(f"--fills must be at least 1, got {args.fills}")
+    if args.k2 is not None and args.k2 < 1:
+        parser.error(f"--k2 must be at least 1, got {args.k2}")
     lines = ["| texture | second pass | image AUROC | pixel AUROC | AUPRO | removal | fidelity |", "|---" * 7 + "|"]
     print("\n".join(lines), flush=True)
 
@@ -97,9 +111,11 @@ def main() -> None:
         relative = torch.as_tensor(score_reconstructions(detector, first).maps) / _mask_threshold(detector.calibration)
         mask = suspect_mask(relative)
         samples = list(dataset.test)
+        cleans = torch.stack([detector.prepare([s.clean_path]).float().cpu()[0] if s.clean_path else first.inputs[i]
+                              for i, s in enumerate(samples)])
         starts = {"y": None, "filled": filled(first.inputs, mask, args.fill_sigma)}  # what the second pass noises
         for t2 in args.t2:
-            config = detector.sampler.replace(repaint_t0=t2)
+            config = detector.sampler.replace(repaint_t0=t2, repaint_steps=args.k2 or detector.sampler.repaint_steps)
 
             def second(y, m=mask, start=None, seed=0):
                 run = config.replace(seed=config.seed + seed)
@@ -126,9 +142,18 @@ def main() -> None:
                 "fill-start": lambda: fill("filled"),
                 "y-start, mean of N": lambda: mean_of_fills("y"),
                 "fill-start, mean of N": lambda: mean_of_fills("filled"),
+                "fill alone (no denoiser)": lambda: starts["filled"],
+                "clean inside the mask (oracle)": lambda: mask * cleans + (1 - mask) * first.inputs,
             }
             for variant in args.variants:
-                tag, rec = f"t2={t2}, {variant.replace(' N', f' {args.fills}')}", made[variant]()
+                if variant in NO_SECOND_PASS:
+                    if t2 != args.t2[0]:
+                        continue  # the same at every t2
+                    tag = variant
+                else:
+                    k2 = f", K2={config.repaint_steps}" if args.k2 else ""
+                    tag = f"t2={t2}{k2}, {variant.replace(' N', f' {args.fills}')}"
+                rec = made[variant]()
                 recs = dataclasses.replace(first, reconstructions=rec, _distances={})
                 recs.removal = _removal(detector, dataset, samples, recs.inputs, rec)
                 row(name, tag, detector, recs)
