@@ -20,6 +20,10 @@ would use, `cgdiff.detector._mask_threshold`), then the second pass from each t2
   pass: new grain that differs from run to run averages towards the local mean, which the
   removal measure charges less than a single sample of grain ("How much removal a
   reconstruction can reach" in BENCHMARKS.md). N times the second pass's U-Net calls;
+- "y-start, resampled": cgdiff's y-start with RePaint's resampling (Lugmayr et al., CVPR 2022,
+  Algorithm 1, jump length one DDIM step): every step but the last is run `--resample` = r times,
+  the result noised back to the step's level between runs, so that the fill can settle with
+  the pixels kept around it; r times the second pass's U-Net calls (less the last step's);
 - "fill alone (no denoiser)": the filled y of "fill-start" itself as the reconstruction, the
   reference any second pass should beat: a smooth fill from the surroundings, no new grain;
 - "clean inside the mask (oracle)": m * clean + (1 - m) * y, with each defect tile's clean
@@ -57,7 +61,7 @@ from cgdiff.sampler import gaussian_blur, repaint, suspect_mask
 
 VARIANTS = ("y-start", "y-start, rec1 outside", "rec1-start", "mask not grown or blurred", "mask ramp 0.8-1.0",
             "fill-start", "y-start, mean of N", "fill-start, mean of N", "fill alone (no denoiser)",
-            "clean inside the mask (oracle)")
+            "clean inside the mask (oracle)", "y-start, resampled")
 
 NO_SECOND_PASS = ("fill alone (no denoiser)", "clean inside the mask (oracle)")  # references, no t2
 
@@ -73,6 +77,36 @@ def filled(y: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
     return mask * fill + keep * y
 
 
+@torch.no_grad()
+def repaint_resampled(eps_model, y, mask, alphas_cumprod, config, r: int, seed: int = 0) -> torch.Tensor:
+    """`cgdiff.sampler.repaint` (y-start) with RePaint's resampling: each step t -> n but the
+    last is repeated r times, x_n noised back to t (x_t = sqrt(abar_t / abar_n) x_n +
+    sqrt(1 - abar_t / abar_n) z') between the repeats; the pixels outside the mask are the input
+    noised to each level, as in `repaint`. B x 3 x H x W in [-1, 1]."""
+    from cgdiff.sampler import timesteps
+
+    abar = alphas_cumprod.to(dtype=torch.float64)
+    g = torch.Generator().manual_seed(1_000_003 * (config.seed + 1) + seed)
+    z = torch.randn(y.shape, generator=g)
+    schedule = timesteps(config.repaint_t0, config.repaint_steps, abar.shape[0])
+    a2 = abar[schedule[0]].item()
+    x = a2 ** 0.5 * y + (1 - a2) ** 0.5 * z
+    for i, t in enumerate(schedule):
+        a_t = abar[t].item()
+        last = i + 1 == len(schedule)
+        a_n = 1.0 if last else abar[schedule[i + 1]].item()
+        for u in range(1 if last else r):
+            e = eps_model(x, torch.full((y.shape[0],), t, dtype=torch.long))
+            x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+            x_n = a_n ** 0.5 * x0 + (1 - a_n) ** 0.5 * e
+            x_n = mask * x_n + (1 - mask) * (a_n ** 0.5 * y + (1 - a_n) ** 0.5 * z)
+            if u + 1 < (1 if last else r):  # back to t for the next repeat
+                x = (a_t / a_n) ** 0.5 * x_n + (1 - a_t / a_n) ** 0.5 * torch.randn(y.shape, generator=g)
+            else:
+                x = x_n
+    return x.clamp(-1, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--textures", type=Path, default=Path("data/textures"))
@@ -82,6 +116,7 @@ def main() -> None:
     parser.add_argument("--fill-sigma", type=float, default=8.0, help="px at the working size, for fill-start")
     parser.add_argument("--fills", type=int, default=4, help="N, the runs averaged by the 'mean of N' variants")
     parser.add_argument("--k2", type=int, default=None, help="the second pass's steps K2 (default: the stored ones)")
+    parser.add_argument("--resample", type=int, default=4, help="r, the repeats per step of 'y-start, resampled'")
     parser.add_argument("--also-pixel", action="store_true", help="also score every row with the pixel distance alone")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/table.md")
     args = parser.parse_args()
@@ -89,6 +124,8 @@ def main() -> None:
         parser.error(f"--fill-sigma must be > 0 px, got {args.fill_sigma}")
     if args.fills < 1:
         parser.error(f"--fills must be at least 1, got {args.fills}")
+    if args.resample < 1:
+        parser.error(f"--resample must be at least 1, got {args.resample}")
     if args.k2 is not None and args.k2 < 1:
         parser.error(f"--k2 must be at least 1, got {args.k2}")
     lines = ["| texture | second pass | image AUROC | pixel AUROC | AUPRO | removal | fidelity |", "|---" * 7 + "|"]
@@ -143,6 +180,9 @@ def main() -> None:
                 "y-start, mean of N": lambda: mean_of_fills("y"),
                 "fill-start, mean of N": lambda: mean_of_fills("filled"),
                 "fill alone (no denoiser)": lambda: starts["filled"],
+                "y-start, resampled": lambda: torch.cat([
+                    repaint_resampled(detector._eps, first.inputs[i:i + 8], mask[i:i + 8], detector.alphas_cumprod,
+                                      config, args.resample) for i in range(0, len(first), 8)]),
                 "clean inside the mask (oracle)": lambda: mask * cleans + (1 - mask) * first.inputs,
             }
             for variant in args.variants:
@@ -152,7 +192,8 @@ def main() -> None:
                     tag = variant
                 else:
                     k2 = f", K2={config.repaint_steps}" if args.k2 else ""
-                    tag = f"t2={t2}{k2}, {variant.replace(' N', f' {args.fills}')}"
+                    name_r = variant.replace(" N", f" {args.fills}").replace("resampled", f"resampled r={args.resample}")
+                    tag = f"t2={t2}{k2}, {name_r}"
                 rec = made[variant]()
                 recs = dataclasses.replace(first, reconstructions=rec, _distances={})
                 recs.removal = _removal(detector, dataset, samples, recs.inputs, rec)
