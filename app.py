@@ -56,7 +56,8 @@ from cgdiff.images import ImageError, load_image
 from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoints, registry_problems
 from cgdiff.runtime import CHOICES as RUNTIME_CHOICES
 from cgdiff.runtime import keep_freed_memory, path_options
-from cgdiff.sampler import SamplerConfig
+from cgdiff.model import NUM_TRAIN_TIMESTEPS
+from cgdiff.sampler import SamplerConfig, timesteps
 from cgdiff.scorer import VALIDATION_F1, BackboneUnavailable
 from cgdiff.viz import compare_masks, heatmap, mask_image, overlay
 
@@ -348,6 +349,26 @@ def overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, 
     return out
 
 
+CONTROL_KEYS = ("t0", "steps", "w", "guidance_scale", "blur_sigma", "eta", "pixel_weight", "seed")
+
+
+def own_settings(model: str, page_defaults: Optional[dict[str, Any]], *values: Any) -> tuple[Any, ...]:
+    """The controls' values (t0, K, w, s, blur sigma, eta, v, seed) as meant for `model`. When
+    they are all exactly the stored settings of another model, the one the controls were last
+    loaded for (`page_defaults["model"]`), they were not set for this one: all become None ("the
+    checkpoint's value"). That is what an API call that leaves the controls out sends (the
+    page's start values, the first model's settings), so it runs the chosen model at its own.
+    Otherwise the values pass unchanged, a control moved by hand included."""
+    if not page_defaults or (page_defaults.get("model") or "") == (model or "").strip():
+        return values
+    try:
+        untouched = all(value is not None and math.isclose(float(value), float(page_defaults[key]), rel_tol=1e-6)
+                        for key, value in zip(CONTROL_KEYS, values))
+    except (KeyError, TypeError, ValueError):
+        untouched = False
+    return (None,) * len(values) if untouched else values
+
+
 def calibration_note(defaults: dict[str, Any], overrides: dict[str, Any]) -> str:
     """A short note when sampler or balance settings differ from those the threshold was
     calibrated at; empty otherwise."""
@@ -387,9 +408,9 @@ def verdict_html(kind: str, detail: str = "", model: str = "") -> str:
     )
 
 
-def describe_result(result: Detection, threshold_scale: float, seconds_total: float, steps: int,
-                    evaluations: int, second_pass: Optional[tuple[int, int]] = None) -> str:
-    """The verdict's lines; `second_pass`: (steps of the first pass, t2) when the settings have one."""
+def describe_result(result: Detection, threshold_scale: float, seconds_total: float, sampler: SamplerConfig) -> str:
+    """The verdict's lines: score against threshold, the predicted area, and the time with the
+    denoising steps the settings `sampler` take (K per run, N runs, K2 of a second pass)."""
     relation = ">" if result.is_anomalous else "&le;"
     fraction = float(result.mask.mean())
     parts = [
@@ -400,10 +421,12 @@ def describe_result(result: Detection, threshold_scale: float, seconds_total: fl
     ]
     if result.is_anomalous:
         parts.append(f"Predicted defect area: {100 * fraction:.1f}% of the image.")
-    split = (f"{second_pass[0]}, then {steps - second_pass[0]} in the second pass from t2 = {second_pass[1]}; "
-             if second_pass else "")
-    parts.append(f"Time: {result.seconds:.2f} s for {steps} denoising steps ({split}{evaluations} U-Net evaluations) "
-                 f"and scoring ({seconds_total:.2f} s in all).")
+    k = len(timesteps(sampler.t0, sampler.steps, NUM_TRAIN_TIMESTEPS))
+    split = [f"K = {k}" + (f" in each of N = {sampler.samples} averaged runs" if sampler.samples > 1 else "")]
+    if sampler.repaint_t0:
+        split.append(f"then K2 = {sampler.repaint_model_calls()} in the second pass from t2 = {sampler.repaint_t0}")
+    parts.append(f"Time: {result.seconds:.2f} s for {_num_steps(sampler)} denoising steps ({', '.join(split)}; "
+                 f"{sampler.model_calls()} U-Net evaluations) and scoring ({seconds_total:.2f} s in all).")
     return "<br>".join(parts)
 
 
@@ -558,12 +581,16 @@ def truth_outputs(image: Any, result: Detection) -> list[Any]:
 
 
 def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
-            progress=gr.Progress()):
+            page_defaults=None, progress=gr.Progress()):
     """Inspect one image; returns the verdict, five pictures, the details, the colour bar and the
-    ground truth of a bundled example (its row, clean tile, true mask, hit/miss picture, caption)."""
+    ground truth of a bundled example (its row, clean tile, true mask, hit/miss picture, caption).
+    Controls left at another model's stored settings (an API call that leaves them out) mean
+    this model's own (`own_settings`)."""
     started = time.perf_counter()
     model = (model or "").strip()
     blank = [None] * 5
+    t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed = own_settings(
+        model, page_defaults, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
     try:
         picture = read_upload(image)
         detector = MODELS.get(model)
@@ -580,9 +607,9 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     seconds_total = time.perf_counter() - started
     SECONDS_PER_EVALUATION[model] = result.seconds / max(1, sampler.model_calls())
     note = calibration_note(model_defaults(model, detector), overrides)
-    second = (_num_steps(sampler.replace(repaint_t0=0)), sampler.repaint_t0) if sampler.repaint_t0 else None
-    detail = describe_result(result, scale, seconds_total, _num_steps(sampler), sampler.model_calls(), second)
-    settings = {**overrides, **({"repaint_t0": sampler.repaint_t0, "repaint_steps": sampler.repaint_steps} if second else {})}
+    detail = describe_result(result, scale, seconds_total, sampler)
+    settings = {**overrides, **({"repaint_t0": sampler.repaint_t0, "repaint_steps": sampler.repaint_steps}
+                                if sampler.repaint_t0 else {})}
     details = result_details(model, result, settings, scale, seconds_total, note)
     familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
     details["unfamiliar"] = familiar.unfamiliar
@@ -653,10 +680,12 @@ def teaching_cost(model: str, t0, steps, w, guidance_scale, blur_sigma, eta, pix
 
 
 def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
-          progress=gr.Progress()):
+          page_defaults=None, progress=gr.Progress()):
     """The step-by-step view: the trajectory (three strips) and the four variants (title,
     reconstruction, heat map and one line each), with a status line."""
     model = (model or "").strip()
+    t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed = own_settings(
+        model, page_defaults, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
     try:
         picture = read_upload(image)
         detector = MODELS.get(model)
@@ -708,8 +737,11 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
 
 
 def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
-                  progress=gr.Progress()):
+                  page_defaults=None, progress=gr.Progress()):
     """Inspect several images: a table of scores and verdicts, the overlays, and a zip of all maps."""
+    model = (model or "").strip()
+    t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed = own_settings(
+        model, page_defaults, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
     headers = BATCH_HEADERS
     paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
     if not paths:
@@ -998,11 +1030,11 @@ def build_demo() -> gr.Blocks:
                           truth_md]
         inspect_event = run.click(clear_result, model, result_outputs, queue=False, show_progress="hidden",
                                   api_visibility="private").then(
-            inspect, [image, model, *controls], result_outputs, api_name="inspect", concurrency_id="inference",
+            inspect, [image, model, *controls, defaults_state], result_outputs, api_name="inspect", concurrency_id="inference",
             show_progress_on=[verdict])
         teach_outputs = [teach_status, noisy, estimates, blurred, *variant_outputs]
         teach_event = run_teach.click(
-            teach, [image, model, *controls], teach_outputs, api_name="teach", concurrency_id="inference",
+            teach, [image, model, *controls, defaults_state], teach_outputs, api_name="teach", concurrency_id="inference",
             show_progress_on=[teach_status])
         model_event = model.change(select_model, [model, current, defaults_state],
                                    [model, *controls, note_md, info_md, status_md, current, defaults_state],
@@ -1026,7 +1058,7 @@ def build_demo() -> gr.Blocks:
                 return items[evt.index][0], name
             example_gallery.select(pick, None, [image, model], queue=False, show_progress="hidden",
                                    api_visibility="private")
-        run_batch.click(inspect_batch, [files, model, *controls], [table, gallery, archive, batch_status],
+        run_batch.click(inspect_batch, [files, model, *controls, defaults_state], [table, gallery, archive, batch_status],
                         api_name="batch", concurrency_id="inference", show_progress_on=[batch_status])
         # API only: one image with the model's stored settings (no control values needed).
         api_button = gr.Button(visible=False)

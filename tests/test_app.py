@@ -171,6 +171,33 @@ def test_controls_change_the_result_and_the_note_says_when_off_calibration(clien
     assert "calibrated" in app_module.note_for(defaults, controls[0] + 100, *controls[1:7])
 
 
+def test_an_api_call_without_controls_runs_the_chosen_model_at_its_own_settings(client, app_module):
+    """Leaving the controls out sends the page's start values (the first model's settings):
+    another model must then run at its own stored settings, as /detect does."""
+    from gradio_client import handle_file
+
+    if len(BUNDLED) < 2:
+        pytest.skip("needs two bundled models")
+    first, other = BUNDLED[0], BUNDLED[-1]
+    assert _controls(app_module, first.name) != _controls(app_module, other.name)
+    image = _examples(other, "defect")[0]
+    client.reset_session()  # the page's start state: the controls hold the first model's settings
+    out = client.predict(handle_file(str(image)), other.name, api_name="/inspect")
+    stored = client.predict(handle_file(str(image)), other.name, api_name="/detect")
+    assert out[6]["note"] == "" and out[6]["score"] == pytest.approx(stored["score"], rel=1e-5)
+    assert out[6]["verdict"] == stored["verdict"]
+    sampler = app_module.MODELS.get(other.name).sampler  # the time line names K and N apart
+    assert f"K = {sampler.steps}" in out[0] and (sampler.samples == 1 or f"N = {sampler.samples}" in out[0])
+    # A control moved by hand is a choice: every value then counts as given.
+    page = app_module.model_defaults(first.name, app_module.MODELS.get(first.name))
+    values = _controls(app_module, first.name)
+    untouched = values[:7] + values[8:]
+    assert app_module.own_settings(other.name, page, *untouched) == (None,) * 8
+    moved = [untouched[0] + 1, *untouched[1:]]
+    assert app_module.own_settings(other.name, page, *moved) == tuple(moved)
+    assert app_module.own_settings(first.name, page, *untouched) == tuple(untouched)
+
+
 def test_progress_follows_the_denoising_steps(client, app_module):
     from gradio_client import handle_file
 
