@@ -29,6 +29,7 @@ from .hub import (
     CheckpointError,
     atomic_replace_dir,
     check_checkpoint_files,
+    looks_like_repo_id,
     push_folder,
     resolve_checkpoint,
     temp_dir_beside,
@@ -422,11 +423,17 @@ class Detector:
     ) -> "Detector":
         """Load a checkpoint folder, a Hub repo id, or a registry name ("brick"). Weights load
         from safetensors only."""
-        from .registry import resolve
+        from .registry import known_checkpoints, resolve
 
         if not Path(name_or_path).exists():
             name_or_path = resolve(str(name_or_path))
-        folder = resolve_checkpoint(name_or_path, revision=revision, **hub_options)
+        try:
+            folder = resolve_checkpoint(name_or_path, revision=revision, **hub_options)
+        except CheckpointError as e:
+            names = [entry.name for entry in known_checkpoints()]
+            if not names or Path(name_or_path).exists() or looks_like_repo_id(str(name_or_path)):
+                raise
+            raise CheckpointError(f"{e} Registry names: {', '.join(names)}.") from None
         check_checkpoint_files(folder)
         config = read_config(folder)
         unet_config = _read_json(folder / "unet" / "config.json")

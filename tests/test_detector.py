@@ -278,6 +278,9 @@ def test_hub_ids_fail_fast_and_clearly_when_offline(monkeypatch, tmp_path):
     assert time.time() - start < 10
     with pytest.raises(CheckpointError, match="neither an existing checkpoint folder nor"):
         Detector.from_pretrained("./no/such/folder/at/all")
+    # A mistyped registry name gets the names there are.
+    with pytest.raises(CheckpointError, match="neither an existing.*Registry names: brick, grass, gravel"):
+        Detector.from_pretrained("brik")
 
 
 def test_backbone_adaptation_lowers_its_loss_and_survives_save_and_load(tmp_path):
