@@ -26,7 +26,9 @@ from the `cgdiff` package.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import csv
+import functools
 import html
 import io
 import json
@@ -38,6 +40,7 @@ import threading
 import time
 import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +156,24 @@ def esc(text: Any) -> str:
 # ------------------------------------------------------------------------------- models
 
 
+# Every torch call of the app runs on this one thread. Each thread that runs torch gets its own
+# OpenMP team, and on a small CPU the teams of earlier threads slow the next one: grass took
+# 2.8 to 3.5 s per image on one thread, 4.6 s on Gradio's changing worker threads
+# (BENCHMARKS.md, "One inference thread").
+INFERENCE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgdiff-inference")
+
+
+def on_inference_thread(fn):
+    """`fn` run on the app's one inference thread (directly when called there), with the
+    caller's context variables (Gradio's progress and warnings); the caller waits for it."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if threading.current_thread().name.startswith("cgdiff-inference"):
+            return fn(*args, **kwargs)
+        return INFERENCE.submit(contextvars.copy_context().run, fn, *args, **kwargs).result()
+    return run
+
+
 class ModelCache:
     """Detectors by name, each loaded once and kept (the least recently used go beyond
     `max_models`). One load runs at a time, so a burst of model switches cannot fill the
@@ -180,6 +201,10 @@ class ModelCache:
         detector = self._cached(key)
         if detector is not None:
             return detector
+        return self._load(key)
+
+    @on_inference_thread
+    def _load(self, key: str) -> Detector:
         with self._load_lock:
             detector = self._cached(key)  # loaded while this request waited
             if detector is not None:
@@ -195,6 +220,7 @@ class ModelCache:
                     self._models.popitem(last=False)
         return detector
 
+    @on_inference_thread
     def set_runtime(self, runtime: str) -> None:
         """Run the U-Net of every detector, loaded and to come, on `runtime` (see cgdiff.runtime)."""
         with self._load_lock:
@@ -580,6 +606,7 @@ def truth_outputs(image: Any, result: Detection) -> list[Any]:
             compare_masks(result.mask, true_mask, frame=2), caption]
 
 
+@on_inference_thread
 def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
             page_defaults=None, progress=gr.Progress()):
     """Inspect one image; returns the verdict, five pictures, the details, the colour bar and the
@@ -679,6 +706,7 @@ def teaching_cost(model: str, t0, steps, w, guidance_scale, blur_sigma, eta, pix
     return line
 
 
+@on_inference_thread
 def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
           page_defaults=None, progress=gr.Progress()):
     """The step-by-step view: the trajectory (three strips) and the four variants (title,
@@ -736,6 +764,7 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
     return out
 
 
+@on_inference_thread
 def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed,
                   page_defaults=None, progress=gr.Progress()):
     """Inspect several images: a table of scores and verdicts, the overlays, and a zip of all maps."""
@@ -809,6 +838,7 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
     return [rows, gallery, str(archive), status]
 
 
+@on_inference_thread
 def detect_api(image, model):
     """API: inspect one image with the model's stored settings and calibrated threshold.
     `model`: a bundled name, Hub repo id or folder (empty: the default model)."""

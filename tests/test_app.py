@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -196,6 +197,27 @@ def test_an_api_call_without_controls_runs_the_chosen_model_at_its_own_settings(
     moved = [untouched[0] + 1, *untouched[1:]]
     assert app_module.own_settings(other.name, page, *moved) == tuple(moved)
     assert app_module.own_settings(first.name, page, *untouched) == tuple(untouched)
+
+
+def test_every_inference_runs_on_the_one_inference_thread(client, app_module, monkeypatch):
+    """Requests arrive on Gradio's changing worker threads; torch work must not (each thread
+    that runs torch gets its own OpenMP team, and the idle ones slow the next on a small CPU)."""
+    from gradio_client import handle_file
+
+    threads = []
+    detect = app_module.Detector.detect
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return detect(self, *args, **kwargs)
+
+    monkeypatch.setattr(app_module.Detector, "detect", recording)
+    entry = BUNDLED[0]
+    image = handle_file(str(_examples(entry, "normal")[0]))
+    for _ in range(2):
+        client.predict(image, entry.name, api_name="/detect")
+        _inspect(client, _examples(entry, "normal")[0], entry.name, _controls(app_module, entry.name), steps=FAST)
+    assert len(threads) == 4 and all(name.startswith("cgdiff-inference") for name in threads), threads
 
 
 def test_progress_follows_the_denoising_steps(client, app_module):
