@@ -156,7 +156,7 @@ def esc(text: Any) -> str:
 # ------------------------------------------------------------------------------- models
 
 
-# Every torch call of the app runs on this one thread. Each thread that runs torch gets its own
+# Every torch call of the app runs on this one thread (on `--concurrency` N threads where N > 1). Each thread that runs torch gets its own
 # OpenMP team, and on a small CPU the teams of earlier threads slow the next one: grass took
 # 2.8 to 3.5 s per image on one thread, 4.6 s on Gradio's changing worker threads
 # (BENCHMARKS.md, "One inference thread").
@@ -1105,8 +1105,11 @@ demo = build_demo()
 def launch(config: Optional[AppConfig] = None, **kwargs: Any):
     """Serve `demo` with the queue, concurrency and upload limits of `config` (default: the
     environment). Extra keyword arguments go to `demo.launch`."""
+    global INFERENCE
     config = config or CONFIG
     keep_freed_memory()
+    if config.concurrency > 1:  # that many inference threads, each with its own OpenMP team
+        INFERENCE = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="cgdiff-inference")
     MODELS.set_runtime(config.runtime)
     demo.queue(default_concurrency_limit=max(1, config.concurrency), max_size=config.queue_size or None)
     options: dict[str, Any] = dict(
