@@ -40,8 +40,8 @@ import threading
 import time
 import uuid
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -156,10 +156,10 @@ def esc(text: Any) -> str:
 # ------------------------------------------------------------------------------- models
 
 
-# Every torch call of the app runs on this one thread (on `--concurrency` N threads where N > 1). Each thread that runs torch gets its own
-# OpenMP team, and on a small CPU the teams of earlier threads slow the next one: grass took
-# 2.8 to 3.5 s per image on one thread, 4.6 s on Gradio's changing worker threads
-# (BENCHMARKS.md, "One inference thread").
+# Every torch call of the app runs on this one thread (`--concurrency` N > 1: N threads). Each
+# thread that runs torch gets its own OpenMP team, and on a small CPU the teams of earlier
+# threads slow the next call: over HTTP grass took 3.6 to 3.8 s per image on one thread, 6.8 to
+# 7.1 s on Gradio's changing worker threads (BENCHMARKS.md, "One inference thread").
 INFERENCE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgdiff-inference")
 
 
@@ -434,7 +434,8 @@ def verdict_html(kind: str, detail: str = "", model: str = "") -> str:
     )
 
 
-def describe_result(result: Detection, threshold_scale: float, seconds_total: float, sampler: SamplerConfig) -> str:
+def describe_result(result: Detection, threshold_scale: float, seconds_total: float,
+                    sampler: SamplerConfig) -> str:
     """The verdict's lines: score against threshold, the predicted area, and the time with the
     denoising steps the settings `sampler` take (K per run, N runs, K2 of a second pass)."""
     relation = ">" if result.is_anomalous else "&le;"
@@ -1060,12 +1061,12 @@ def build_demo() -> gr.Blocks:
                           truth_md]
         inspect_event = run.click(clear_result, model, result_outputs, queue=False, show_progress="hidden",
                                   api_visibility="private").then(
-            inspect, [image, model, *controls, defaults_state], result_outputs, api_name="inspect", concurrency_id="inference",
-            show_progress_on=[verdict])
+            inspect, [image, model, *controls, defaults_state], result_outputs, api_name="inspect",
+            concurrency_id="inference", show_progress_on=[verdict])
         teach_outputs = [teach_status, noisy, estimates, blurred, *variant_outputs]
         teach_event = run_teach.click(
-            teach, [image, model, *controls, defaults_state], teach_outputs, api_name="teach", concurrency_id="inference",
-            show_progress_on=[teach_status])
+            teach, [image, model, *controls, defaults_state], teach_outputs, api_name="teach",
+            concurrency_id="inference", show_progress_on=[teach_status])
         model_event = model.change(select_model, [model, current, defaults_state],
                                    [model, *controls, note_md, info_md, status_md, current, defaults_state],
                                    api_name="select_model", concurrency_limit=None, concurrency_id="models")
@@ -1088,7 +1089,8 @@ def build_demo() -> gr.Blocks:
                 return items[evt.index][0], name
             example_gallery.select(pick, None, [image, model], queue=False, show_progress="hidden",
                                    api_visibility="private")
-        run_batch.click(inspect_batch, [files, model, *controls, defaults_state], [table, gallery, archive, batch_status],
+        run_batch.click(inspect_batch, [files, model, *controls, defaults_state],
+                        [table, gallery, archive, batch_status],
                         api_name="batch", concurrency_id="inference", show_progress_on=[batch_status])
         # API only: one image with the model's stored settings (no control values needed).
         api_button = gr.Button(visible=False)
