@@ -57,7 +57,7 @@ from cgdiff.bench import ablation_overrides
 from cgdiff.data import load_dataset
 from cgdiff.detector import Detector, _mask_threshold
 from cgdiff.evaluation import _removal, reconstruct_dataset, score_reconstructions
-from cgdiff.sampler import gaussian_blur, repaint, suspect_mask
+from cgdiff.sampler import gaussian_blur, repaint, suspect_mask, timesteps
 
 VARIANTS = ("y-start", "y-start, rec1 outside", "rec1-start", "mask not grown or blurred", "mask ramp 0.8-1.0",
             "fill-start", "y-start, mean of N", "fill-start, mean of N", "fill alone (no denoiser)",
@@ -84,8 +84,6 @@ def repaint_resampled(eps_model, y, mask, alphas_cumprod, config, r: int) -> tor
     sqrt(1 - abar_t / abar_n) z') between the repeats; the pixels outside the mask are the input
     noised to each level, as in `repaint`. Seeded by config.seed (one generator per call, so a
     batch's noise depends on the batch: a benchmark's shortcut). B x 3 x H x W in [-1, 1]."""
-    from cgdiff.sampler import timesteps
-
     abar = alphas_cumprod.to(dtype=torch.float64)
     g = torch.Generator().manual_seed(config.seed)
     z = torch.randn(y.shape, generator=g)
@@ -96,12 +94,13 @@ def repaint_resampled(eps_model, y, mask, alphas_cumprod, config, r: int) -> tor
         a_t = abar[t].item()
         last = i + 1 == len(schedule)
         a_n = 1.0 if last else abar[schedule[i + 1]].item()
-        for u in range(1 if last else r):
+        repeats = 1 if last else r
+        for u in range(repeats):
             e = eps_model(x, torch.full((y.shape[0],), t, dtype=torch.long))
             x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
             x_n = a_n ** 0.5 * x0 + (1 - a_n) ** 0.5 * e
             x_n = mask * x_n + (1 - mask) * (a_n ** 0.5 * y + (1 - a_n) ** 0.5 * z)
-            if u + 1 < (1 if last else r):  # back to t for the next repeat
+            if u + 1 < repeats:  # back to t for the next repeat
                 x = (a_t / a_n) ** 0.5 * x_n + (1 - a_t / a_n) ** 0.5 * torch.randn(y.shape, generator=g)
             else:
                 x = x_n

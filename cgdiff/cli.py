@@ -866,7 +866,8 @@ def _readable_images(paths: Sequence[Path], skip: bool) -> tuple[list[Path], lis
             bad.append((p, str(e)))
     if not bad:
         return list(paths), []
-    listed = "; ".join(message.rstrip(". ") for _, message in bad[:20]) + (f"; and {len(bad) - 20} more" if len(bad) > 20 else "")
+    listed = "; ".join(message.rstrip(". ") for _, message in bad[:20])
+    listed += f"; and {len(bad) - 20} more" if len(bad) > 20 else ""
     if not skip:
         raise DatasetError(f"{len(bad)} of {len(paths)} image(s) unreadable: {listed} "
                            "(--skip-unreadable leaves them out)")
