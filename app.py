@@ -447,7 +447,10 @@ def describe_result(result: Detection, threshold_scale: float, seconds_total: fl
         + ").",
     ]
     if result.is_anomalous:
-        parts.append(f"Predicted defect area: {100 * fraction:.1f}% of the image.")
+        pixels = int(result.mask.sum())  # at least one: the score is the map's largest value
+        area = (f"{100 * fraction:.1f}% of the image" if fraction >= 0.001 else
+                f"{pixels} pixel{'s' if pixels != 1 else ''}, {100 * fraction:.2f}% of the image")
+        parts.append(f"Predicted defect area: {area}.")
     k = len(timesteps(sampler.t0, sampler.steps, NUM_TRAIN_TIMESTEPS))
     split = [f"K = {k}" + (f" in each of N = {sampler.samples} averaged runs" if sampler.samples > 1 else "")]
     if sampler.repaint_t0:

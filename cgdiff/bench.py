@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .data import AnomalyDataset, DatasetError, detect_layout, load_dataset
+from .runtime import native_bf16
 from .sampler import SamplerConfig
 
 __all__ = [
@@ -96,6 +97,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "native_bf16": native_bf16() if device.type == "cpu" else None,  # AVX512-BF16 or AMX
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
@@ -796,7 +798,7 @@ def cpu_fast_path_benchmark(
             try:
                 rows += _variant_rows(variant, options, cases, reference, repeats, variant == variants[0][0])
                 for size in unet_sizes:  # after the warm-ups above: the export or compilation is done
-                    cases[0][1].use_fast_path(**options)
+                    _use_variant(variant, options, cases[0][1])
                     unet_rows.append({"variant": variant, **unet_call_time(cases[0][1], size)})
                 if paper is not None:
                     row = _paper_row(variant, options, paper, paper_image)

@@ -1255,7 +1255,9 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         sections.append("## Speed\n\n" + bench.render_speed(speed))
     results["machine"] = m = machine
     header = (f"`{results['command']}` on {m['date']}: {m['cpu']} ({m['cpu_cores']} cores, torch threads "
-              f"{m['torch_threads']}, load average {m['load_average']}), {m['gpu'] or 'no GPU'}, torch {m['torch']}, "
+              f"{m['torch_threads']}, load average {m['load_average']}"
+              + {True: ", native bf16", False: ", no native bf16"}.get(m.get("native_bf16"), "")
+              + f"), {m['gpu'] or 'no GPU'}, torch {m['torch']}, "
               f"cgdiff {m['cgdiff']}")
     text = header + "\n\n" + "\n\n".join(sections)
     print(text)

@@ -158,6 +158,15 @@ class Detector:
             raise ValueError("runtime= runs the U-Net outside PyTorch: it excludes autocast, channels_last and compile.")
         if autocast_dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("fp16 autocast is not for the CPU; use torch.bfloat16 there.")
+        if (autocast_dtype == torch.bfloat16 and self.device.type == "cpu") or runtime == "openvino-bf16":
+            from .runtime import native_bf16
+
+            if native_bf16() is False:
+                import warnings
+
+                warnings.warn("this CPU has neither AVX512-BF16 nor AMX, so bf16 is emulated and runs slower "
+                              "than fp32 (2 to 3 times the time per image on such a Xeon); the CPU default "
+                              "(--runtime auto) is faster here.", RuntimeWarning, stacklevel=2)
         if runtime is not None:
             loaded = _load_runtime(self.unet, runtime)  # None (with a warning) when it cannot be had
             self.autocast_dtype, self.channels_last = None, False

@@ -76,6 +76,20 @@ def path_options(choice: str, device: torch.device | str = "cpu") -> dict:
     return {"runtime": choice}
 
 
+def native_bf16() -> Optional[bool]:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as torch's own CPU checks
+    report it; None where this torch cannot tell. Elsewhere oneDNN emulates bf16, and a bf16 U-Net
+    call ran about 3x slower than fp32 channels-last (a Xeon with AVX512 but without AVX512-BF16,
+    BENCHMARKS.md "Speed")."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not all(callable(check) for check in checks):
+        return None
+    try:
+        return any(bool(check()) for check in checks)
+    except Exception:  # noqa: BLE001 - a private check that fails says nothing either way
+        return None
+
+
 def describe_path(fast_path: dict) -> str:
     """'PyTorch fp32 (reference)', 'PyTorch fp32, channels_last', 'onnxruntime', ... from
     `Detector.fast_path()`."""

@@ -220,6 +220,25 @@ def test_every_inference_runs_on_the_one_inference_thread(client, app_module, mo
     assert len(threads) == 4 and all(name.startswith("cgdiff-inference") for name in threads), threads
 
 
+def test_the_verdict_names_the_area_in_pixels_when_it_rounds_to_nothing(app_module):
+    from cgdiff.detector import Detection
+    from cgdiff.sampler import SamplerConfig
+
+    def result(marked: int) -> Detection:
+        anomaly_map = np.zeros((128, 128), np.float32)
+        anomaly_map.flat[:marked] = 2.0
+        image = np.zeros((128, 128, 3), np.uint8)
+        return Detection(image, image, anomaly_map, float(anomaly_map.max()), 1.0, 0.5)
+
+    sampler = SamplerConfig(steps=10, samples=4)
+    assert "Predicted defect area: 3 pixels, 0.02% of the image." in app_module.describe_result(result(3), 1, 1, sampler)
+    assert "1 pixel," in app_module.describe_result(result(1), 1, 1, sampler)
+    assert "Predicted defect area: 25.0% of the image." in app_module.describe_result(result(4096), 1, 1, sampler)
+    normal = app_module.describe_result(result(0), 1, 1, sampler)
+    assert "Predicted defect area" not in normal and "&le; threshold" in normal
+    assert "K = 10 in each of N = 4 averaged runs" in normal
+
+
 def test_progress_follows_the_denoising_steps(client, app_module):
     from gradio_client import handle_file
 

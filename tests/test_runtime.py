@@ -121,6 +121,32 @@ def test_a_missing_runtime_or_failed_export_warns_and_keeps_the_reference(tiny_d
     assert not list(cache.rglob("*.onnx"))  # nothing half-written left to load later
 
 
+def test_bf16_on_a_cpu_that_only_emulates_it_warns_and_still_runs(tiny_detector, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="neither AVX512-BF16 nor AMX.*--runtime auto"):
+        tiny_detector.use_fast_path(**runtime.path_options("bf16"))
+    assert tiny_detector.fast_path()["autocast_dtype"] == "bfloat16"  # a warning, not a refusal
+    monkeypatch.setattr(runtime, "available", lambda name: False)  # the warning comes before any export
+    with pytest.warns(RuntimeWarning) as caught:
+        tiny_detector.use_fast_path(runtime="openvino-bf16")
+    assert [str(w.message)[:40] for w in caught] == ["this CPU has neither AVX512-BF16 nor AMX",
+                                                      "the 'openvino-bf16' runtime is not insta"]
+    for native in (True, None):  # a CPU with it, or a torch that cannot tell: nothing to say
+        monkeypatch.setattr(runtime, "native_bf16", lambda: native)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tiny_detector.use_fast_path(**runtime.path_options("bf16"))
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_detector.use_fast_path(**runtime.path_options("auto"))  # fp32: nothing emulated
+    tiny_detector.use_fast_path()
+    assert runtime.native_bf16() in (True, False, None)
+    assert bench.machine_info()["native_bf16"] in (True, False, None)
+
+
 def test_bad_runtime_requests_are_refused_by_name(tiny_detector):
     with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
         tiny_detector.use_fast_path(runtime="tensorrt")
