@@ -46,7 +46,9 @@ CHOICES = ("auto", "reference", "channels_last", "bf16") + RUNTIMES
 # The CPU default of `detect`, `evaluate` and the app: channels-last PyTorch (fp32, no export, no
 # extra package). `cgdiff bench --speed` (`cgdiff.bench.choose_cpu_default`) picks the fastest
 # variant whose verdicts equal the reference's on every bundled example and test tile and whose
-# scores stay within 1 % of the threshold. With the bundled detectors averaging N = 4 runs it
+# scores stay within 1 % of the threshold. Which one depends on the CPU. On a Xeon without
+# AVX512-BF16 every bf16 way took 2-3x as long as fp32 (see `native_bf16`). On one with it, with
+# the bundled detectors averaging N = 4 runs, the rule
 # picked OpenVINO bf16 (1.4-1.9x end to end, BENCHMARKS.md), which is not the default because it
 # needs the optional packages of `cgdiff[fast]` and an ONNX export per checkpoint on first use
 # (about 20 s each), which the rule does not weigh; PyTorch bf16 ("bf16") moved brick's scores
