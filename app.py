@@ -341,10 +341,17 @@ def upload_image(**kwargs: Any) -> gr.Image:
         try:
             return decode(payload)  # a data URL (some pastes): Gradio decodes it
         except Exception as e:  # noqa: BLE001 - a data URL that does not decode
-            raise gr.Error(f"The pasted image could not be read ({type(e).__name__}).") from None
+            raise refused(f"The pasted image could not be read ({type(e).__name__}).") from None
 
     component.preprocess = preprocess
     return component
+
+
+def refused(message: str) -> gr.Error:
+    """The error for a request the app refuses (bad input, an unknown model): the caller sees the
+    message, and the server log gets one line instead of Gradio's traceback."""
+    print(f"app.py: refused a request: {message}", file=sys.stderr)
+    return gr.Error(message, print_exception=False)
 
 
 def read_upload(path: Any, what: str = "the image") -> Image.Image:
@@ -851,7 +858,7 @@ def detect_api(image, model):
         detector = MODELS.get(name)
         result = detector.detect(read_upload(image))[0]
     except LOAD_ERRORS as e:
-        raise gr.Error(str(e)) from None
+        raise refused(str(e)) from None
     return result_details(name, result, {}, 1.0, result.seconds, "")
 
 

@@ -357,6 +357,19 @@ def test_bad_uploads_get_a_readable_message_and_the_app_keeps_serving(client, ap
     assert after["verdict"] in ("normal", "anomalous")
 
 
+def test_a_refused_api_call_tells_the_caller_and_logs_one_line_not_a_traceback(client, bad_files, capfd):
+    from gradio_client import handle_file
+
+    capfd.readouterr()
+    with pytest.raises(Exception, match="not an image file"):
+        client.predict(handle_file(str(bad_files["not_an_image"])), BUNDLED[0].name, api_name="/detect")
+    with pytest.raises(Exception, match="neither an existing checkpoint folder"):
+        client.predict(handle_file(str(_examples(BUNDLED[0], "normal")[0])), "not a model", api_name="/detect")
+    log = capfd.readouterr().err
+    assert log.count("app.py: refused a request: ") == 2, log
+    assert "Traceback" not in log, log
+
+
 def test_uploads_over_the_size_limit_are_refused(client, server, tmp_path):
     import httpx
     from gradio_client import handle_file
