@@ -1151,7 +1151,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     config = AppConfig(host=args.host, port=args.port, concurrency=args.concurrency, queue_size=args.queue_size,
                        max_upload=args.max_upload, max_batch=args.max_batch, max_models=env.max_models,
                        cache_minutes=env.cache_minutes, runtime=args.runtime).validate()
-    launch(config, share=args.share or None)
+    # Gradio's own start-up lines would tell the user to "set share=True in launch()"; this app's
+    # switch for that is --share.
+    _, local_url, share_url = launch(config, share=args.share or None, quiet=True, prevent_thread_lock=True)
+    print(f"cgdiff app running on {local_url}"
+          + (f" and on the public link {share_url}" if share_url else " (app.py --share adds a public link)"),
+          flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -98,11 +98,22 @@ def server(checkpoints, tmp_path_factory):
 
 
 def unexpected_errors(log: Path) -> list[str]:
-    """The server log's tracebacks other than Gradio's record of the gr.Error messages the app
-    gives for bad input (it logs those with their traceback)."""
+    """The server log's tracebacks other than Gradio's record of the input errors it finds
+    itself (a slider value out of range), which it logs with their traceback. (The app's own
+    refusals of bad input log one line each, without one.)"""
     blocks = log.read_text().split("Traceback (most recent call last):")[1:]
     last_lines = [next((ln for ln in reversed(b.strip().splitlines()) if not ln.startswith(" ")), "") for b in blocks]
     return [ln for ln in last_lines if not ln.startswith("gradio.exceptions.Error:")]
+
+
+def test_the_start_up_lines_name_the_address_and_the_apps_own_share_switch(server):
+    url, _, log = server
+    deadline = time.monotonic() + 60  # the line follows the server's start, which the fixture waits for
+    while "cgdiff app running on" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = log.read_text()
+    assert f"cgdiff app running on {url}" in text and "app.py --share adds a public link" in text, text
+    assert "share=True" not in text, text
 
 
 def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
