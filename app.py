@@ -499,7 +499,9 @@ def colorbar_html(threshold: float) -> str:
 
 
 def result_details(name: str, result: Detection, overrides: dict[str, Any], threshold_scale: float,
-                   seconds_total: float, note: str) -> dict[str, Any]:
+                   seconds_total: float, note: str, familiar: teaching.Familiarity) -> dict[str, Any]:
+    """The result as the API returns it; `unfamiliar`: the image is unlike the model's normal
+    images (`cgdiff.teaching.familiarity`), so its verdict says little about defects."""
     return {
         "model": name,
         "verdict": result.verdict,
@@ -512,7 +514,16 @@ def result_details(name: str, result: Detection, overrides: dict[str, Any], thre
         "seconds_total": round(seconds_total, 3),
         "settings": overrides,
         "note": note,
+        "unfamiliar": familiar.unfamiliar,
+        "map_fraction_above_normal_level": round(familiar.fraction, 4),
     }
+
+
+def unfamiliar_message(detector: Detector) -> str:
+    """The batch's message for an image unlike the model's normal images."""
+    texture = teaching.known_texture(detector.info)
+    return (f"unlike the {texture + ' ' if texture else ''}images this model knows: "
+            "the score says little about defects")
 
 
 def prune_outputs() -> None:
@@ -648,10 +659,8 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     detail = describe_result(result, scale, seconds_total, sampler)
     settings = {**overrides, **({"repaint_t0": sampler.repaint_t0, "repaint_steps": sampler.repaint_steps}
                                 if sampler.repaint_t0 else {})}
-    details = result_details(model, result, settings, scale, seconds_total, note)
     familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
-    details["unfamiliar"] = familiar.unfamiliar
-    details["map_fraction_above_normal_level"] = round(familiar.fraction, 4)
+    details = result_details(model, result, settings, scale, seconds_total, note, familiar)
     kind = result.verdict
     if familiar.unfamiliar:
         kind = "unfamiliar"
@@ -823,8 +832,10 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for (i, name, _), result in zip(good, results):
             fraction = 100 * float(result.mask.mean())
+            unfamiliar = teaching.familiarity(result.anomaly_map, detector.calibration).unfamiliar
             rows[i] = [name, result.verdict, round(result.score, 5), round(result.threshold, 5),
-                       round(result.relative_score, 3), round(fraction, 2), round(result.seconds, 2), ""]
+                       round(result.relative_score, 3), round(fraction, 2), round(result.seconds, 2),
+                       unfamiliar_message(detector) if unfamiliar else ""]
             stem = f"{i:03d}_{Path(name).stem}"
             images = pictures(result)
             for kind, array in zip(("input", "reconstruction", "heatmap", "overlay", "mask"), images):
@@ -836,16 +847,26 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
         for row in rows:
             writer.writerow(row)
         zf.writestr("scores.csv", table.getvalue())
+        sampler, scorer = detector.settings(**overrides)
+        used = {**sampler.to_dict(), **scorer.to_dict()}
+        stored = {**detector.sampler.to_dict(), **detector.scorer.config.to_dict()}
+        changed = sorted(k for k in used if used[k] != stored.get(k))
         zf.writestr("README.txt", (
-            f"cgdiff {__version__}, model '{model}', settings {overrides or 'as stored in the checkpoint'}, "
+            f"cgdiff {__version__}, model '{model}', settings "
+            + (f"changed here: {', '.join(changed)}" if changed else "as stored in the checkpoint")
+            + f"; sampler {sampler.to_dict()}, scorer {scorer.to_dict()}; "
             f"threshold {scale:g} x calibrated.\nPer image: input, reconstruction, heat map (fixed scale, "
             "mid-scale = threshold), overlay, predicted mask (PNG) and the raw anomaly map (float32 .npy).\n"))
     n_bad = sum(1 for r in rows if r[1] == "error")
     n_anomalous = sum(1 for r in results if r.is_anomalous)
     status = f"{len(results)} images inspected: {n_anomalous} anomalous, {len(results) - n_anomalous} normal."
+    n_unfamiliar = sum(1 for r in rows if r[1] not in ("", "error") and r[7])
+    if n_unfamiliar:
+        status += (f" {n_unfamiliar} of them {'is' if n_unfamiliar == 1 else 'are'} unlike the images this model "
+                   "knows, so their verdicts say little about defects (see the message column).")
     if n_bad:
-        status += f" {n_bad} file(s) could not be read: " + "; ".join(
-            f"**{esc(r[0])}**: {esc(r[7])}" for r in rows if r[1] == "error")
+        status += f" {n_bad} file(s) could not be read: " + " ".join(
+            f"**{esc(r[0])}**: {esc(r[7].rstrip('.'))}." for r in rows if r[1] == "error")
     return [rows, gallery, str(archive), status]
 
 
@@ -859,7 +880,8 @@ def detect_api(image, model):
         result = detector.detect(read_upload(image))[0]
     except LOAD_ERRORS as e:
         raise refused(str(e)) from None
-    return result_details(name, result, {}, 1.0, result.seconds, "")
+    return result_details(name, result, {}, 1.0, result.seconds, "",
+                          teaching.familiarity(result.anomaly_map, detector.calibration))
 
 
 # ------------------------------------------------------------------------------- layout

@@ -898,6 +898,8 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     overrides = _overrides(args)
     _check_overrides(overrides)
+    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold > 0):
+        raise ValueError(f"--threshold must be a number above 0, got {args.threshold}.")
     paths, skipped = _readable_images(_expand_images(args.images), args.skip_unreadable)  # before the long part
     json_path = _check_new_file(args.json, args.overwrite, "--json")
     out = Path(args.out) if args.out else None
@@ -919,6 +921,7 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from tqdm.auto import tqdm
 
     from .detector import _num_steps
+    from .teaching import familiarity, known_texture
 
     steps = _num_steps(detector.settings(**overrides)[0])
     n_chunks = math.ceil(len(paths) / args.batch_size)
@@ -950,6 +953,7 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         written.append(str(target))
                 rows.append({"image": str(path), "score": r.score, "threshold": r.threshold,
                              "relative_score": r.relative_score, "verdict": r.verdict,
+                             "unfamiliar": familiarity(r.anomaly_map, detector.calibration).unfamiliar,
                              "defect_fraction": float(r.mask.mean()), "seconds": r.seconds, "files": written})
     finally:
         bar.close()
@@ -958,9 +962,15 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"{'image':<{width}}  {'score':>9}  {'threshold':>9}  {'score/thr':>9}  verdict")
     for row in rows:
         print(f"{row['image']:<{width}}  {row['score']:>9.4g}  {row['threshold']:>9.4g}  "
-              f"{row['relative_score']:>9.3f}  {row['verdict']}")
+              f"{row['relative_score']:>9.3f}  {row['verdict']}" + (" (unfamiliar)" if row["unfamiliar"] else ""))
     n_bad = sum(row["verdict"] == "anomalous" for row in rows)
     _info(f"{n_bad} of {len(rows)} image(s) anomalous" + (f"; pictures in {out}" if out is not None else ""))
+    n_unfamiliar = sum(row["unfamiliar"] for row in rows)
+    if n_unfamiliar:
+        texture = known_texture(detector.info)
+        _info(f"note: {n_unfamiliar} image(s) marked (unfamiliar) are unlike the {texture + ' ' if texture else ''}"
+              "images this model knows (most of the anomaly map above the level normal images reach only at "
+              "their highest point), so their verdicts say little about defects.")
     if json_path is not None:
         sampler, scorer = detector.settings(**overrides)
         _write_json(json_path, {

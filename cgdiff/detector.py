@@ -439,10 +439,15 @@ class Detector:
         try:
             folder = resolve_checkpoint(name_or_path, revision=revision, **hub_options)
         except CheckpointError as e:
-            names = [entry.name for entry in known_checkpoints()]
-            if not names or Path(name_or_path).exists() or looks_like_repo_id(str(name_or_path)):
+            if Path(name_or_path).exists():
                 raise
-            raise CheckpointError(f"{e} Registry names: {', '.join(names)}.") from None
+            extra = []
+            if looks_like_repo_id(str(name_or_path)):  # or a folder path mistyped, or relative to elsewhere
+                extra.append(f"No folder '{name_or_path}' exists under {Path.cwd()} either.")
+            names = [entry.name for entry in known_checkpoints()]
+            if names:
+                extra.append(f"Registry names: {', '.join(names)}.")
+            raise CheckpointError(" ".join([str(e), *extra])) from None
         check_checkpoint_files(folder)
         config = read_config(folder)
         unet_config = _read_json(folder / "unet" / "config.json")

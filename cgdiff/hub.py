@@ -92,7 +92,7 @@ def resolve_checkpoint(
         why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else "the Hub could not be reached"
         raise CheckpointError(
             f"cannot download '{name}': {why} and it is not in the local cache. Pass the path of a "
-            "local checkpoint folder instead (for example checkpoints/brick), or retry with network."
+            "local checkpoint folder or a bundled model's name instead, or retry with network."
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"cannot download '{name}' from the Hub: {type(e).__name__}: {e}") from None

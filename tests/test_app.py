@@ -409,6 +409,28 @@ def test_batch_gives_a_table_and_a_zip_of_maps(client, app_module, bad_files):
         assert float(amap.max()) == pytest.approx(rows[0][2], rel=1e-3, abs=1e-5)  # the table rounds to 5 places
 
 
+def test_images_unlike_the_models_say_so_in_the_batch_and_the_api(client, app_module, tmp_path, bad_files):
+    from gradio_client import handle_file
+
+    entry = BUNDLED[0]
+    noise = _png(tmp_path / "noise.png", np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    normal = _examples(entry, "normal")[0]
+    paths = [normal, noise, bad_files["not_an_image"], bad_files["tiny"]]
+    table, _, archive, status = client.predict([handle_file(str(p)) for p in paths], entry.name,
+                                               *_controls(app_module, entry.name), api_name="/batch")
+    rows = table["data"]
+    assert rows[0][7] == "", "a normal example is not called unfamiliar"
+    assert rows[1][1] in ("normal", "anomalous") and "unlike the" in rows[1][7] and "images this model knows" in rows[1][7]
+    assert "1 of them is unlike the images this model knows" in status, status
+    assert ".;" not in status and "could not be read" in status, status
+    with zipfile.ZipFile(archive) as zf:
+        readme = zf.read("README.txt").decode()
+    assert "settings as stored in the checkpoint" in readme and "sampler {'t0': " in readme, readme
+    for path, unfamiliar in ((normal, False), (noise, True)):
+        out = client.predict(handle_file(str(path)), entry.name, api_name="/detect")
+        assert out["unfamiliar"] is unfamiliar and 0 <= out["map_fraction_above_normal_level"] <= 1, out
+
+
 def test_batch_size_is_limited(client, app_module):
     from gradio_client import handle_file
 

@@ -97,20 +97,25 @@ def test_detect_writes_pictures_and_prints_a_verdict_per_image(trained, tmp_path
     lines = out.strip().splitlines()
     assert lines[0].split()[:2] == ["image", "score"] and len(lines) == 3
     for line in lines[1:]:
-        assert line.split()[-1] in ("normal", "anomalous")
+        assert line.removesuffix(" (unfamiliar)").split()[-1] in ("normal", "anomalous")
     names = sorted(p.name for p in out_dir.iterdir())
     assert names == sorted(f"{stem}_{kind}.png" for stem in ("good_000", "hole_000")
                            for kind in ("heatmap", "overlay", "reconstruction", "mask"))
     assert Image.open(out_dir / "hole_000_overlay.png").size == (32, 32)
     rows = json.loads(out_json.read_text())["results"]
     assert [r["image"] for r in rows] == [str(p) for p in images]
+    assert all(isinstance(r["unfamiliar"], bool) for r in rows)
+    assert ("(unfamiliar)" in out) == any(r["unfamiliar"] for r in rows) == ("images this model knows" in err)
 
     # No silent overwrite; a folder stands for its images; an explicit threshold decides the verdict.
     code, out, err = run(["detect", "--checkpoint", ckpt, *images, "--out", out_dir, "--no-progress"], capsys)
     assert code == 2 and "already exists" in err and "--overwrite" in err
-    code, out, err = run(["detect", "--checkpoint", ckpt, data / "test" / "good", "--threshold", "0",
+    code, out, err = run(["detect", "--checkpoint", ckpt, data / "test" / "good", "--threshold", "1e-9",
                           "--no-progress"], capsys)
     assert code == 0 and out.count("anomalous") == 3
+    for bad in ("0", "-1"):  # no ratio to the threshold means anything there
+        code, out, err = run(["detect", "--checkpoint", ckpt, images[0], "--threshold", bad, "--no-progress"], capsys)
+        assert code == 2 and f"--threshold must be a number above 0, got {float(bad)}" in err and not out
 
 
 def test_a_learning_rate_schedule_is_checked_before_any_work_and_resumes_say_what_it_does(trained, tmp_path, capsys):

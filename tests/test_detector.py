@@ -3,6 +3,7 @@
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,9 +274,12 @@ def test_hub_ids_fail_fast_and_clearly_when_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     start = time.time()
-    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE=1.*local checkpoint folder"):
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE=1.*local checkpoint folder") as caught:
         Detector.from_pretrained("someone/no-such-detector")
     assert time.time() - start < 10
+    # A relative folder path from another working folder looks like a repo id: the message says both.
+    assert f"No folder 'someone/no-such-detector' exists under {Path.cwd()} either" in str(caught.value)
+    assert "Registry names: brick, grass, gravel." in str(caught.value)
     with pytest.raises(CheckpointError, match="neither an existing checkpoint folder nor"):
         Detector.from_pretrained("./no/such/folder/at/all")
     # A mistyped registry name gets the names there are.
