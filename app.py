@@ -662,6 +662,11 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
     details = result_details(model, result, settings, scale, seconds_total, note, familiar)
     kind = result.verdict
+    if note:  # the settings panel may be closed: the verdict itself says that it is indicative
+        changed = note.split("you changed ", 1)[1].split(".", 1)[0]
+        verb = "differ" if "," in changed else "differs"
+        detail = (f"<i>Indicative only: {esc(changed)} {verb} from the settings the threshold was calibrated "
+                  "at (see Method settings).</i><br>" + detail)
     if familiar.unfamiliar:
         kind = "unfamiliar"
         texture = teaching.known_texture(detector.info)

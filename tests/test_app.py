@@ -146,8 +146,10 @@ def test_controls_change_the_result_and_the_note_says_when_off_calibration(clien
     # A defect example: with brick's second pass a normal tile's map is all but zero.
     defect = _examples(entry, "defect")[0]
     controls = _controls(app_module, entry.name)
-    _, _, first = _inspect(client, defect, entry.name, controls, steps=FAST)
+    verdict, _, first = _inspect(client, defect, entry.name, controls, steps=FAST)
     assert first["settings"]["steps"] == FAST and "calibrated" in first["note"]
+    # The verdict itself says so, for the settings panel may be closed.
+    assert "Indicative only: K differs from the settings the threshold was calibrated at" in verdict
     _, _, no_w = _inspect(client, defect, entry.name, controls, steps=FAST, w=0.0)
     assert no_w["score"] != pytest.approx(first["score"], rel=1e-4)
     _, _, v0 = _inspect(client, defect, entry.name, controls, steps=FAST, pixel_weight=0.0)
@@ -164,8 +166,9 @@ def test_controls_change_the_result_and_the_note_says_when_off_calibration(clien
         assert strict["verdict"] == "anomalous" and "ANOMALOUS" in verdict
         assert np.asarray(Image.open(pictures[4])).max() == 255
     # At the model's own settings there is no note.
-    _, _, at_defaults = _inspect(client, normal, entry.name, controls)
+    verdict, _, at_defaults = _inspect(client, normal, entry.name, controls)
     assert at_defaults["note"] == "" and at_defaults["settings"]["steps"] == controls[1]
+    assert "Indicative only" not in verdict
     # The note also appears in the settings panel as the sliders move (no request needed).
     defaults = app_module.model_defaults(entry.name, app_module.MODELS.get(entry.name))
     assert app_module.note_for(defaults, *controls[:7]) == ""
