@@ -162,7 +162,8 @@ def ablation_cost(detector: Detector, **overrides: Any) -> dict[str, int]:
 _WHY = {
     "pure_noise": "starts from pure noise instead of the noised input, so only the conditioning ties the "
                   "reconstruction to this image (a small denoiser usually fails to rebuild the texture from there)",
-    "no_conditioning": "drops the pull toward the input at every step, so the reconstruction drifts from the input",
+    "no_conditioning": "drops the pull toward the input at every step, which lets the reconstruction drift from "
+                       "the input",
     "no_guidance": "drops the push away from the blurred estimate",
     "with_guidance": "adds the push away from the blurred estimate (this model's settings leave it off)",
 }
@@ -181,8 +182,11 @@ def describe_change(key: str, variant: Detection, full: Detection, second_pass: 
         return (f"The detector's settings{then}: the reconstruction differs from the input by {_difference(full):.3f} on "
                 f"average; score {full.relative_score:.2f}x the threshold, {100 * full.mask.mean():.0f}% of the map "
                 "above it.")
+    ours, theirs = _difference(variant), _difference(full)
+    compared = ("about the same as" if abs(ours - theirs) <= 0.1 * max(theirs, 1e-12) else
+                "more than" if ours > theirs else "less than")
     return (f"{_WHY[key][0].upper()}{_WHY[key][1:]}: the reconstruction differs from the input by "
-            f"{_difference(variant):.3f} on average (full method {_difference(full):.3f}); score "
+            f"{ours:.3f} on average, {compared} the full method's {theirs:.3f}; score "
             f"{variant.relative_score:.2f}x the threshold (full {full.relative_score:.2f}x), "
             f"{100 * variant.mask.mean():.0f}% of the map above it (full {100 * full.mask.mean():.0f}%).")
 

@@ -100,6 +100,10 @@ def test_ablations_switch_off_one_strategy_each(brick):
     assert np.abs(noise.reconstruction.astype(float) - noise.image).mean() > \
         3 * np.abs(full.reconstruction.astype(float) - full.image).mean()
     assert all(v.line for v in variants) and "full method" in variants[1].line
+    assert "more than the full method's" in variants[1].line  # the line compares what it measured
+    # Where a variant changes nothing measurable, its line says so rather than claim an effect.
+    same = teaching.describe_change("no_conditioning", full, full)
+    assert "lets the reconstruction drift" in same and "about the same as the full method's" in same
     # At the model's own settings (s = 0) the last row switches blur guidance on instead.
     stored = teaching.ablations(brick, image, full=full, steps=2, repaint_t0=0, samples=1)
     assert stored[-1].key == "with_guidance" and stored[-1].changes == {"guidance_scale": teaching.GUIDANCE_DEMO_SCALE}
