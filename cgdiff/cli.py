@@ -845,8 +845,16 @@ def _expand_images(items: Sequence[str]) -> list[Path]:
         p = Path(item)
         if p.is_dir():
             found = iter_images(p)
+            subfolders = sorted(q.name for q in p.iterdir() if q.is_dir() and not q.name.startswith("."))
+            others = sum(1 for q in p.iterdir() if q.is_file() and not q.name.startswith(".") and q not in found)
+            left = ([f"{len(subfolders)} subfolder(s) ({', '.join(subfolders[:3])}{', ...' if len(subfolders) > 3 else ''})"]
+                    if subfolders else []) + ([f"{others} file(s) of other types"] if others else [])
             if not found:
-                raise DatasetError(f"folder '{p}' holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+                raise DatasetError(f"folder '{p}' holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+                                   + (f"; not searched: {' and '.join(left)}." if left else "."))
+            if left:
+                _info(f"note: in '{p}', {' and '.join(left)} not searched (only the images directly in a folder "
+                      "are; pass subfolders as well).")
             paths.extend(found)
         else:
             paths.append(p)

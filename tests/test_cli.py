@@ -289,6 +289,22 @@ def test_evaluate_stops_on_an_empty_mask_or_leaves_it_out_and_says_so(trained, t
     assert "leaving out 1 defect image(s) with an empty mask" in out and "warning: 1 defect image(s)" in err
 
 
+def test_detect_says_which_parts_of_a_folder_it_did_not_search(trained, tmp_path, capsys):
+    import shutil
+
+    data, ckpt = trained
+    folder = tmp_path / "camera"
+    (folder / "2026-12-04").mkdir(parents=True)
+    shutil.copy(data / "test" / "good" / "000.png", folder / "a.png")
+    shutil.copy(data / "test" / "good" / "000.png", folder / "2026-12-04" / "b.png")
+    (folder / "notes.txt").write_text("shift log\n")
+    code, out, err = run(["detect", "--checkpoint", ckpt, folder, "--no-progress"], capsys)
+    assert code == 0 and "a.png" in out and "b.png" not in out
+    assert "1 subfolder(s) (2026-12-04) and 1 file(s) of other types not searched" in err, err
+    code, out, err = run(["detect", "--checkpoint", ckpt, tmp_path, "--no-progress"], capsys)
+    assert code == 2 and "holds no images" in err and "not searched: 1 subfolder(s) (camera)." in err, err
+
+
 def test_detect_names_every_bad_file_at_once_or_skips_them(trained, tmp_path, capsys):
     import shutil
 
