@@ -16,6 +16,10 @@ Every option can also be set in the environment (the command line wins):
     CGDIFF_APP_RUNTIME       (auto)              how the U-Net runs: auto (the CPU default,
                                                  channels-last PyTorch), reference (fp32 eager),
                                                  channels_last, bf16, onnxruntime, openvino, openvino-bf16
+    CGDIFF_APP_LOCAL_FOLDERS (auto)              whether the model box loads checkpoint folders from this
+                                                 machine's disk: auto (only when serving 127.0.0.1 without
+                                                 --share, outside a Hugging Face Space), yes, no; listed
+                                                 models and Hub repo ids load either way
     CGDIFF_CHECKPOINTS                           folder with registry.json (default: checkpoints/)
 
 `import app` builds the interface as `app.demo` without serving it; `app.launch()` serves it
@@ -54,7 +58,7 @@ from PIL import Image
 from cgdiff import __version__, teaching
 from cgdiff.card import calibration_normals, removal_text
 from cgdiff.detector import Detection, Detector, _num_steps
-from cgdiff.hub import CheckpointError
+from cgdiff.hub import CheckpointError, looks_like_repo_id, resolve_checkpoint
 from cgdiff.images import ImageError, load_image
 from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoints, registry_problems
 from cgdiff.runtime import CHOICES as RUNTIME_CHOICES
@@ -105,6 +109,7 @@ class AppConfig:
     max_models: int = 4
     cache_minutes: int = 60
     runtime: str = "auto"
+    local_folders: str = "auto"  # auto | yes | no: see `serves_local_folders`
 
     @classmethod
     def from_env(cls) -> "AppConfig":
@@ -118,6 +123,7 @@ class AppConfig:
             max_models=_env_int("CGDIFF_APP_MAX_MODELS", cls.max_models),
             cache_minutes=_env_int("CGDIFF_APP_CACHE_MINUTES", cls.cache_minutes),
             runtime=os.environ.get("CGDIFF_APP_RUNTIME", cls.runtime).strip() or cls.runtime,
+            local_folders=os.environ.get("CGDIFF_APP_LOCAL_FOLDERS", cls.local_folders).strip().lower() or "auto",
         ).validate()
 
     def validate(self) -> "AppConfig":
@@ -131,10 +137,22 @@ class AppConfig:
                 _refuse(f"{name} must be at least {low}, got {getattr(self, name)} (set by {where}).")
         if self.port is not None and not 0 < self.port < 65536:
             _refuse(f"port must be in 1..65535, got {self.port}.")
+        if self.local_folders not in ("auto", "yes", "no"):
+            _refuse(f"local_folders must be auto, yes or no, got {self.local_folders!r} (set by CGDIFF_APP_LOCAL_FOLDERS).")
         if self.runtime not in RUNTIME_CHOICES:
             _refuse(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {self.runtime!r} "
                     "(set by --runtime or CGDIFF_APP_RUNTIME).")
         return self
+
+
+def serves_local_folders(config: AppConfig, share: bool = False) -> bool:
+    """Whether the model box may load checkpoint folders from this machine's disk. "auto": only
+    for a server on this machine alone (127.0.0.1 or localhost, no public link, not a Hugging
+    Face Space), so that visitors of a public demo can neither load nor probe its folders."""
+    if config.local_folders != "auto":
+        return config.local_folders == "yes"
+    local_host = config.host in (None, "", "127.0.0.1", "localhost", "::1")
+    return local_host and not share and not os.environ.get("SPACE_ID")
 
 
 CONFIG = AppConfig.from_env()
@@ -186,6 +204,7 @@ class ModelCache:
         self._lock = threading.Lock()  # guards _models
         self._load_lock = threading.Lock()  # one load at a time
         self.loads = 0  # how many times a checkpoint was read (tests check models load once)
+        self.local_folders = True  # checkpoint folders from this machine's disk (`serves_local_folders`)
 
     def _cached(self, key: str) -> Optional[Detector]:
         with self._lock:
@@ -209,7 +228,7 @@ class ModelCache:
             detector = self._cached(key)  # loaded while this request waited
             if detector is not None:
                 return detector
-            detector = Detector.from_pretrained(key)
+            detector = Detector.from_pretrained(self._source(key))
             if detector.calibration is None:
                 raise CheckpointError(f"'{key}' holds an uncalibrated detector (no threshold); calibrate it first.")
             detector.use_fast_path(**path_options(self.runtime, detector.device))  # a missing runtime warns
@@ -219,6 +238,18 @@ class ModelCache:
                 while len(self._models) > self.max_models:
                     self._models.popitem(last=False)
         return detector
+
+    def _source(self, key: str) -> str:
+        """What to load for a model name: the name itself, or with local folders off, a listed
+        model's name or a Hub repo id downloaded from the Hub (never a folder on this disk; the
+        message is the same whether such a folder exists or not)."""
+        if self.local_folders or key in {entry.name for entry in known_checkpoints()}:
+            return key
+        path = Path(key).expanduser()
+        if path.is_absolute() or key.startswith((".", "~")) or not looks_like_repo_id(key) or path.exists():
+            raise CheckpointError(f"'{key}' is not a model this server offers: choose one from the list or type a "
+                                  "Hugging Face Hub repo id (owner/name). It does not load folders from its disk.")
+        return str(resolve_checkpoint(key))
 
     @on_inference_thread
     def set_runtime(self, runtime: str) -> None:
@@ -960,7 +991,8 @@ def build_demo() -> gr.Blocks:
         with gr.Row():
             model = gr.Dropdown(
                 model_choices(), value=start_name or None, allow_custom_value=True, label="Model",
-                info="A bundled model, or type a Hub repo id (owner/name) or a checkpoint folder and press Enter.",
+                info="A bundled model, or type a Hub repo id (owner/name), or a checkpoint folder when the app "
+                     "runs on your own machine, and press Enter.",
                 scale=2, elem_id="model",
             )
             with gr.Column(scale=3):
@@ -1150,6 +1182,7 @@ def launch(config: Optional[AppConfig] = None, **kwargs: Any):
     if config.concurrency > 1:  # that many inference threads, each with its own OpenMP team
         INFERENCE = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="cgdiff-inference")
     MODELS.set_runtime(config.runtime)
+    MODELS.local_folders = serves_local_folders(config, bool(kwargs.get("share")))
     demo.queue(default_concurrency_limit=max(1, config.concurrency), max_size=config.queue_size or None)
     options: dict[str, Any] = dict(
         server_name=config.host, server_port=config.port, max_file_size=config.max_upload,
@@ -1177,7 +1210,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     CONFIG.max_batch = args.max_batch
     config = AppConfig(host=args.host, port=args.port, concurrency=args.concurrency, queue_size=args.queue_size,
                        max_upload=args.max_upload, max_batch=args.max_batch, max_models=env.max_models,
-                       cache_minutes=env.cache_minutes, runtime=args.runtime).validate()
+                       cache_minutes=env.cache_minutes, runtime=args.runtime,
+                       local_folders=env.local_folders).validate()
     # Gradio's own start-up lines would tell the user to "set share=True in launch()"; this app's
     # switch for that is --share.
     _, local_url, share_url = launch(config, share=args.share or None, quiet=True, prevent_thread_lock=True)

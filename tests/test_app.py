@@ -373,6 +373,27 @@ def test_a_refused_api_call_tells_the_caller_and_logs_one_line_not_a_traceback(c
     assert "Traceback" not in log, log
 
 
+def test_a_public_server_loads_no_folders_from_its_disk_and_does_not_say_which_exist(client, app_module, monkeypatch):
+    from gradio_client import handle_file
+
+    image = handle_file(str(_examples(BUNDLED[0], "normal")[0]))
+    monkeypatch.setattr(app_module.MODELS, "local_folders", False)
+    messages = []
+    for name in (str(BUNDLED[0].path), "/etc", "/no/such/folder", "./checkpoints"):
+        with pytest.raises(Exception, match="not a model this server offers") as caught:
+            client.predict(image, name, api_name="/detect")
+        messages.append(str(caught.value).replace(name, "NAME"))
+    assert len(set(messages)) == 1, messages  # the same words whether the folder exists or not
+    assert client.predict(image, BUNDLED[0].name, api_name="/detect")["verdict"] in ("normal", "anomalous")
+    config = app_module.AppConfig
+    assert app_module.serves_local_folders(config(host="127.0.0.1"))
+    assert not app_module.serves_local_folders(config(host="127.0.0.1"), share=True)
+    assert not app_module.serves_local_folders(config(host="0.0.0.0"))
+    assert app_module.serves_local_folders(config(host="0.0.0.0", local_folders="yes"))
+    monkeypatch.setenv("SPACE_ID", "someone/cgdiff")
+    assert not app_module.serves_local_folders(config())
+
+
 def test_uploads_over_the_size_limit_are_refused(client, server, tmp_path):
     import httpx
     from gradio_client import handle_file
