@@ -433,15 +433,21 @@ def own_settings(model: str, page_defaults: Optional[dict[str, Any]], *values: A
     return (None,) * len(values) if untouched else values
 
 
+def changed_settings(defaults: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """The short names (K, w, ...) of the sampler and balance settings in `overrides` that differ
+    from those the threshold was calibrated at (`defaults`)."""
+    return [SHORT_NAMES[k] for k in CALIBRATED_KEYS if k in overrides and k in defaults
+            and not math.isclose(float(overrides[k]), float(defaults[k]), rel_tol=1e-6, abs_tol=1e-9)]
+
+
 def calibration_note(defaults: dict[str, Any], overrides: dict[str, Any]) -> str:
     """A short note when sampler or balance settings differ from those the threshold was
     calibrated at; empty otherwise."""
-    changed = [k for k in CALIBRATED_KEYS if k in overrides and k in defaults
-               and not math.isclose(float(overrides[k]), float(defaults[k]), rel_tol=1e-6, abs_tol=1e-9)]
+    changed = changed_settings(defaults, overrides)
     if not changed:
         return ""
     at = ", ".join(f"{SHORT_NAMES[k]}={defaults[k]:g}" for k in CALIBRATED_KEYS if k in defaults)
-    moved = ", ".join(SHORT_NAMES[k] for k in changed)
+    moved = ", ".join(changed)
     return (f"Note: you changed {moved}. The threshold and the pixel/feature balance were calibrated at "
             f"this model's defaults ({at}); scores may shift, so read the verdict as indicative, or press "
             "*Reset to model defaults*.")
@@ -686,18 +692,18 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
                 "", *NO_TRUTH]
     seconds_total = time.perf_counter() - started
     SECONDS_PER_EVALUATION[model] = result.seconds / max(1, sampler.model_calls())
-    note = calibration_note(model_defaults(model, detector), overrides)
+    defaults = model_defaults(model, detector)
+    note = calibration_note(defaults, overrides)
     detail = describe_result(result, scale, seconds_total, sampler)
     settings = {**overrides, **({"repaint_t0": sampler.repaint_t0, "repaint_steps": sampler.repaint_steps}
                                 if sampler.repaint_t0 else {})}
     familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
     details = result_details(model, result, settings, scale, seconds_total, note, familiar)
     kind = result.verdict
-    if note:  # the settings panel may be closed: the verdict itself says that it is indicative
-        changed = note.split("you changed ", 1)[1].split(".", 1)[0]
-        verb = "differ" if "," in changed else "differs"
-        detail = (f"<i>Indicative only: {esc(changed)} {verb} from the settings the threshold was calibrated "
-                  "at (see Method settings).</i><br>" + detail)
+    changed = changed_settings(defaults, overrides)
+    if changed:  # the settings panel, where the note is, may be closed: the verdict says it too
+        detail = (f"<i>Indicative only: {esc(', '.join(changed))} {'differ' if len(changed) > 1 else 'differs'} "
+                  "from the settings the threshold was calibrated at (see Method settings).</i><br>" + detail)
     if familiar.unfamiliar:
         kind = "unfamiliar"
         texture = teaching.known_texture(detector.info)

@@ -923,8 +923,9 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     detector = _load_detector(args)
     detector.settings(**overrides)
     if overrides and args.threshold is None:
-        _info("note: the threshold was calibrated with the checkpoint's own settings; with overrides the "
-              "verdict is only indicative (pass --threshold to set one).")
+        _info("note: the threshold was calibrated with the checkpoint's own settings; with overrides ("
+              + ", ".join(f"{k}={v}" for k, v in overrides.items())
+              + ", in place of the settings above) the verdict is only indicative (pass --threshold to set one).")
 
     from tqdm.auto import tqdm
 

@@ -79,10 +79,14 @@ def path_options(choice: str, device: torch.device | str = "cpu") -> dict:
 
 
 def native_bf16() -> Optional[bool]:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as torch's own CPU checks
-    report it; None where this torch cannot tell. Elsewhere oneDNN emulates bf16, and a bf16 U-Net
+    """Whether this x86 CPU computes bf16 natively (AVX512-BF16 or AMX), as torch's own CPU checks
+    report it; None where this torch cannot tell, and on other CPUs. Elsewhere oneDNN emulates bf16, and a bf16 U-Net
     call ran about 3x slower than fp32 channels-last (a Xeon with AVX512 but without AVX512-BF16,
     BENCHMARKS.md "Speed")."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):  # the checks below are x86 ones
+        return None
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if not all(callable(check) for check in checks):
         return None

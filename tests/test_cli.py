@@ -113,6 +113,8 @@ def test_detect_writes_pictures_and_prints_a_verdict_per_image(trained, tmp_path
     code, out, err = run(["detect", "--checkpoint", ckpt, data / "test" / "good", "--threshold", "1e-9",
                           "--no-progress"], capsys)
     assert code == 0 and out.count("anomalous") == 3
+    code, out, err = run(["detect", "--checkpoint", ckpt, images[0], "--w", "0", "--no-progress"], capsys)
+    assert code == 0 and "with overrides (w=0.0, in place of the settings above) the verdict is only indicative" in err
     for bad in ("0", "-1"):  # no ratio to the threshold means anything there
         code, out, err = run(["detect", "--checkpoint", ckpt, images[0], "--threshold", bad, "--no-progress"], capsys)
         assert code == 2 and f"--threshold must be a number above 0, got {float(bad)}" in err and not out
