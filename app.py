@@ -151,7 +151,8 @@ def serves_local_folders(config: AppConfig, share: bool = False) -> bool:
     Face Space), so that visitors of a public demo can neither load nor probe its folders."""
     if config.local_folders != "auto":
         return config.local_folders == "yes"
-    local_host = config.host in (None, "", "127.0.0.1", "localhost", "::1")
+    host = config.host or os.environ.get("GRADIO_SERVER_NAME")  # Gradio's own setting, when the app has none
+    local_host = host in (None, "", "127.0.0.1", "localhost", "::1")
     return local_host and not share and not os.environ.get("SPACE_ID")
 
 

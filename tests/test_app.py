@@ -390,6 +390,9 @@ def test_a_public_server_loads_no_folders_from_its_disk_and_does_not_say_which_e
     assert not app_module.serves_local_folders(config(host="127.0.0.1"), share=True)
     assert not app_module.serves_local_folders(config(host="0.0.0.0"))
     assert app_module.serves_local_folders(config(host="0.0.0.0", local_folders="yes"))
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    assert not app_module.serves_local_folders(config()) and app_module.serves_local_folders(config(host="127.0.0.1"))
+    monkeypatch.delenv("GRADIO_SERVER_NAME")
     monkeypatch.setenv("SPACE_ID", "someone/cgdiff")
     assert not app_module.serves_local_folders(config())
 
