@@ -557,13 +557,6 @@ def result_details(name: str, result: Detection, overrides: dict[str, Any], thre
     }
 
 
-def unfamiliar_message(detector: Detector) -> str:
-    """The batch's message for an image unlike the model's normal images."""
-    texture = teaching.known_texture(detector.info)
-    return (f"unlike the {texture + ' ' if texture else ''}images this model knows: "
-            "the score says little about defects")
-
-
 def prune_outputs() -> None:
     if not OUTPUT_DIR.is_dir():
         return
@@ -846,7 +839,7 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
         detector = MODELS.get(model)
         overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
         scale = _threshold_scale(threshold_scale)
-        detector.settings(**overrides)
+        sampler, scorer = detector.settings(**overrides)  # checks them before any work
     except LOAD_ERRORS as e:
         gr.Warning(str(e))
         return [[], [], None, esc(str(e))]
@@ -862,7 +855,7 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
             rows.append([name, "", None, None, None, None, None, ""])
         except ImageError as e:
             rows.append([name, "error", None, None, None, None, None, str(e)])
-    gallery, results = [], []
+    gallery, results, n_unfamiliar = [], [], 0
     if good:
         results = detector.detect(torch.cat([g[2] for g in good]), threshold=scale * detector.threshold,
                                   progress=_progress_callback(progress, f"Denoising {len(good)} images"), **overrides)
@@ -876,9 +869,10 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
         for (i, name, _), result in zip(good, results):
             fraction = 100 * float(result.mask.mean())
             unfamiliar = teaching.familiarity(result.anomaly_map, detector.calibration).unfamiliar
+            n_unfamiliar += unfamiliar
             rows[i] = [name, result.verdict, round(result.score, 5), round(result.threshold, 5),
                        round(result.relative_score, 3), round(fraction, 2), round(result.seconds, 2),
-                       unfamiliar_message(detector) if unfamiliar else ""]
+                       teaching.unfamiliar_text(teaching.known_texture(detector.info)) if unfamiliar else ""]
             stem = f"{i:03d}_{Path(name).stem}"
             images = pictures(result)
             for kind, array in zip(("input", "reconstruction", "heatmap", "overlay", "mask"), images):
@@ -890,7 +884,6 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
         for row in rows:
             writer.writerow(row)
         zf.writestr("scores.csv", table.getvalue())
-        sampler, scorer = detector.settings(**overrides)
         used = {**sampler.to_dict(), **scorer.to_dict()}
         stored = {**detector.sampler.to_dict(), **detector.scorer.config.to_dict()}
         changed = sorted(k for k in used if used[k] != stored.get(k))
@@ -903,7 +896,6 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
     n_bad = sum(1 for r in rows if r[1] == "error")
     n_anomalous = sum(1 for r in results if r.is_anomalous)
     status = f"{len(results)} images inspected: {n_anomalous} anomalous, {len(results) - n_anomalous} normal."
-    n_unfamiliar = sum(1 for r in rows if r[1] not in ("", "error") and r[7])
     if n_unfamiliar:
         status += (f" {n_unfamiliar} of them {'is' if n_unfamiliar == 1 else 'are'} unlike the images this model "
                    "knows, so their verdicts say little about defects (see the message column).")

@@ -845,8 +845,9 @@ def _expand_images(items: Sequence[str]) -> list[Path]:
         p = Path(item)
         if p.is_dir():
             found = iter_images(p)
-            subfolders = sorted(q.name for q in p.iterdir() if q.is_dir() and not q.name.startswith("."))
-            others = sum(1 for q in p.iterdir() if q.is_file() and not q.name.startswith(".") and q not in found)
+            entries = [q for q in p.iterdir() if not q.name.startswith(".")]
+            subfolders = sorted(q.name for q in entries if q.is_dir())
+            others = sum(1 for q in entries if q.is_file()) - len(found)
             left = ([f"{len(subfolders)} subfolder(s) ({', '.join(subfolders[:3])}{', ...' if len(subfolders) > 3 else ''})"]
                     if subfolders else []) + ([f"{others} file(s) of other types"] if others else [])
             if not found:
@@ -930,7 +931,7 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from tqdm.auto import tqdm
 
     from .detector import _num_steps
-    from .teaching import familiarity, known_texture
+    from .teaching import familiarity, known_texture, unfamiliar_text
 
     steps = _num_steps(detector.settings(**overrides)[0])
     n_chunks = math.ceil(len(paths) / args.batch_size)
@@ -976,10 +977,8 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     _info(f"{n_bad} of {len(rows)} image(s) anomalous" + (f"; pictures in {out}" if out is not None else ""))
     n_unfamiliar = sum(row["unfamiliar"] for row in rows)
     if n_unfamiliar:
-        texture = known_texture(detector.info)
-        _info(f"note: {n_unfamiliar} image(s) marked (unfamiliar) are unlike the {texture + ' ' if texture else ''}"
-              "images this model knows (most of the anomaly map above the level normal images reach only at "
-              "their highest point), so their verdicts say little about defects.")
+        _info(f"note: {n_unfamiliar} image(s) marked (unfamiliar): {unfamiliar_text(known_texture(detector.info))} "
+              "(most of the anomaly map lies above the level normal images reach only at their highest point).")
     if json_path is not None:
         sampler, scorer = detector.settings(**overrides)
         _write_json(json_path, {

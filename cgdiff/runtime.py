@@ -81,7 +81,7 @@ def path_options(choice: str, device: torch.device | str = "cpu") -> dict:
 def native_bf16() -> Optional[bool]:
     """Whether this x86 CPU computes bf16 natively (AVX512-BF16 or AMX), as torch's own CPU checks
     report it; None where this torch cannot tell, and on other CPUs. Elsewhere oneDNN emulates bf16, and a bf16 U-Net
-    call ran about 3x slower than fp32 channels-last (a Xeon with AVX512 but without AVX512-BF16,
+    call ran 2.5-3x slower than fp32 channels-last (a Xeon with AVX512 but without AVX512-BF16,
     BENCHMARKS.md "Speed")."""
     import platform
 

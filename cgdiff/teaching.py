@@ -53,6 +53,12 @@ class Familiarity:
         return f"{100 * self.fraction:.0f}% of the anomaly map lies above {self.level:.3g}."
 
 
+def unfamiliar_text(texture: Optional[str] = None) -> str:
+    """The short words for an unfamiliar image, as the batch table and `cgdiff detect` give them."""
+    return (f"unlike the {texture + ' ' if texture else ''}images this model knows, so the verdict says little "
+            "about defects")
+
+
 def familiarity(anomaly_map: np.ndarray, calibration: Any) -> Familiarity:
     """Is an image like the normal images the detector was calibrated on? `calibration` is
     `detector.calibration` (its score_mean and score_std)."""
