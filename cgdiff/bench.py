@@ -46,6 +46,7 @@ import torch
 from .data import AnomalyDataset, DatasetError, detect_layout, load_dataset
 from .runtime import native_bf16
 from .sampler import SamplerConfig
+from .settings import QUALITY_METHODS
 
 __all__ = [
     "QUALITY_METHODS", "ABLATIONS", "quality_benchmark", "evaluate_map_fn", "expand_pairs", "texture_pairs",
@@ -55,17 +56,6 @@ __all__ = [
     "markdown_table", "machine_info", "plot_quality", "plot_speed", "timed_model_calls",
 ]
 
-QUALITY_METHODS: dict[str, str] = {
-    "full": "full method",
-    "t0": "full-noise start (t0 = 1000)",
-    "w0": "no conditioning (w = 0)",
-    "s0": "no blur guidance (s = 0)",
-    "pixel": "pixel distance only",
-    "feature": "feature distance only",
-    "anoddpm": "AnoDDPM-style reconstruction",
-    "patchcore": "PatchCore-style (same backbone)",
-    "anomalib": "anomalib",
-}
 ABLATIONS = ("full", "t0", "w0", "s0", "pixel", "feature")
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
 

@@ -26,10 +26,10 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .data import IMAGE_EXTENSIONS, LAYOUTS, TEXTURES, DatasetError, iter_images
-from .sampler import SamplerConfig
-from .scorer import OFFLINE_BACKBONE, PAPER_BACKBONE, ScorerConfig, default_map_sigma
-from .train import LR_SCHEDULES, UNET_PRESETS, TrainConfig, TrainingError
+# Only the torch-free settings at import time: `cgdiff --help` answers without loading PyTorch.
+from .settings import (CHOICES, IMAGE_EXTENSIONS, LAYOUTS, LR_SCHEDULES, OFFLINE_BACKBONE, PAPER_BACKBONE,
+                       QUALITY_METHODS, TEXTURES, UNET_PRESETS, DatasetError, SamplerConfig, ScorerConfig,
+                       TrainConfig, TrainingError, default_map_sigma)
 
 PROG = "cgdiff"
 TRAIN_ARGS_NAME = "train_args.json"  # beside the checkpoint: what `--resume` must keep
@@ -155,8 +155,6 @@ def _add_common(p, device: bool = True, runtime: bool = False) -> None:
         p.add_argument("--device", default="auto",
                        help="'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps'")
     if runtime:
-        from .runtime import CHOICES
-
         p.add_argument("--runtime", default="auto", choices=CHOICES,
                        help="how the U-Net runs: 'auto' the CPU default (channels-last PyTorch; "
                        "on a GPU the reference), 'reference' plain fp32 eager PyTorch, 'channels_last', 'bf16' (bf16 "
@@ -411,8 +409,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", default="Upload cgdiff detector", help="commit message (default: %(default)s)")
 
     # ---------------------------------------------------------------- bench
-    from .bench import QUALITY_METHODS
-
     p = sub.add_parser(
         "bench", help="benchmark quality (ablations, peers) and speed",
         description="--quality: the full method (the checkpoint's settings), each ablation and the peers "
@@ -840,6 +836,8 @@ def _evaluation_table(r: dict) -> str:
 
 
 def _expand_images(items: Sequence[str]) -> list[Path]:
+    from .data import iter_images
+
     paths: list[Path] = []
     for item in items:
         p = Path(item)
@@ -970,9 +968,12 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     width = max(12, *(len(row["image"]) for row in rows))
     print(f"{'image':<{width}}  {'score':>9}  {'threshold':>9}  {'score/thr':>9}  verdict")
-    for row in rows:
+    for row, name in zip(rows, names):
         print(f"{row['image']:<{width}}  {row['score']:>9.4g}  {row['threshold']:>9.4g}  "
-              f"{row['relative_score']:>9.3f}  {row['verdict']}" + (" (unfamiliar)" if row["unfamiliar"] else ""))
+              f"{row['relative_score']:>9.3f}  {row['verdict']}" + (" (unfamiliar)" if row["unfamiliar"] else "")
+              # where names repeat, the pictures carry another name than the image's: say which
+              + (f"  (pictures {name}_*.png)" if out is not None and name != Path(row["image"]).stem
+                 else ""))
     n_bad = sum(row["verdict"] == "anomalous" for row in rows)
     _info(f"{n_bad} of {len(rows)} image(s) anomalous" + (f"; pictures in {out}" if out is not None else ""))
     n_unfamiliar = sum(row["unfamiliar"] for row in rows)
@@ -1153,7 +1154,6 @@ def _stored_sampler(name: str):
     """The sampler settings stored in checkpoint `name` (a folder or a known name), for
     `tune --start-from`. Raises ValueError naming the checkpoint when it has none readable."""
     from .detector import CheckpointError, read_config
-    from .sampler import SamplerConfig
 
     folder = _local_checkpoint(name, "--start-from")
     if not (folder / "cgdiff.json").is_file():

