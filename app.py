@@ -407,10 +407,17 @@ def overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, 
     for key, value in values.items():
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
+        if key in ("t0", "steps", "seed") and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value  # as given: a float would round a seed above 2**53
+            continue
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"{SHORT_NAMES.get(key, key)} must be a finite number, got {value}.")
-        out[key] = int(round(value)) if key in ("t0", "steps", "seed") else value
+        if key in ("t0", "steps", "seed"):
+            if not value.is_integer():  # the sliders send whole numbers; an API call may not
+                raise ValueError(f"{SHORT_NAMES.get(key, key)} must be a whole number, got {value!r}.")
+            value = int(value)
+        out[key] = value
     return out
 
 

@@ -968,3 +968,14 @@ def test_model_info_and_card_say_how_much_of_a_defect_the_reconstruction_takes_o
     assert "keeps most" in removal_text({"removal": 0.494})
     assert "takes out none of" in removal_text({"removal": -0.03}) and "(removal -0.03" in removal_text({"removal": -0.03})
     assert removal_text({"removal": True}) is None and removal_text({"removal": float("nan")}) is None
+
+
+def test_whole_number_settings_refuse_a_fraction_instead_of_rounding_it(app_module):
+    # The sliders send whole numbers; an API call can send K = 2.5, which used to run as K = 2.
+    assert app_module.overrides_from(250, 10.0, 3, None, "", None, None, 0) == {"t0": 250, "steps": 10, "w": 3.0,
+                                                                             "seed": 0}
+    for args, name in [((250, 2.5, 3, None, None, None, None, 0), "K"),
+                       ((250.4, 10, 3, None, None, None, None, 0), "t0"),
+                       ((250, 10, 3, None, None, None, None, 1.5), "seed")]:
+        with pytest.raises(ValueError, match=f"^{name} must be a whole number"):
+            app_module.overrides_from(*args)
