@@ -543,10 +543,17 @@ def colorbar_html(threshold: float) -> str:
     )
 
 
-def result_details(name: str, result: Detection, overrides: dict[str, Any], threshold_scale: float,
+def used_settings(sampler, scorer) -> dict[str, Any]:
+    """Every sampler and scorer setting a result was made with (stored or overridden), as the
+    API reports them; the second pass's only when it ran."""
+    return {**sampler.to_dict(), **scorer.to_dict()}
+
+
+def result_details(name: str, result: Detection, settings: dict[str, Any], threshold_scale: float,
                    seconds_total: float, note: str, familiar: teaching.Familiarity) -> dict[str, Any]:
-    """The result as the API returns it; `unfamiliar`: the image is unlike the model's normal
-    images (`cgdiff.teaching.familiarity`), so its verdict says little about defects."""
+    """The result as the API returns it; `settings`: `used_settings`; `unfamiliar`: the image is
+    unlike the model's normal images (`cgdiff.teaching.familiarity`), so its verdict says little
+    about defects."""
     return {
         "model": name,
         "verdict": result.verdict,
@@ -557,7 +564,7 @@ def result_details(name: str, result: Detection, overrides: dict[str, Any], thre
         "defect_fraction": round(float(result.mask.mean()), 5),
         "seconds": round(result.seconds, 3),
         "seconds_total": round(seconds_total, 3),
-        "settings": overrides,
+        "settings": settings,
         "note": note,
         "unfamiliar": familiar.unfamiliar,
         "map_fraction_above_normal_level": round(familiar.fraction, 4),
@@ -683,7 +690,7 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
         detector = MODELS.get(model)
         overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
         scale = _threshold_scale(threshold_scale)
-        sampler, _ = detector.settings(**overrides)
+        sampler, scorer = detector.settings(**overrides)
         result = detector.detect(picture, threshold=scale * detector.threshold,
                                  progress=_progress_callback(progress, "Denoising"), **overrides)[0]
     except LOAD_ERRORS as e:  # ImageError, CheckpointError and bad settings are all ValueErrors
@@ -696,10 +703,8 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     defaults = model_defaults(model, detector)
     note = calibration_note(defaults, overrides)
     detail = describe_result(result, scale, seconds_total, sampler)
-    settings = {**overrides, **({"repaint_t0": sampler.repaint_t0, "repaint_steps": sampler.repaint_steps}
-                                if sampler.repaint_t0 else {})}
     familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
-    details = result_details(model, result, settings, scale, seconds_total, note, familiar)
+    details = result_details(model, result, used_settings(sampler, scorer), scale, seconds_total, note, familiar)
     kind = result.verdict
     changed = changed_settings(defaults, overrides)
     if changed:  # the settings panel, where the note is, may be closed: the verdict says it too
@@ -922,7 +927,7 @@ def detect_api(image, model):
         result = detector.detect(read_upload(image))[0]
     except LOAD_ERRORS as e:
         raise refused(str(e)) from None
-    return result_details(name, result, {}, 1.0, result.seconds, "",
+    return result_details(name, result, used_settings(*detector.settings()), 1.0, result.seconds, "",
                           teaching.familiarity(result.anomaly_map, detector.calibration))
 
 
@@ -1002,8 +1007,8 @@ def build_demo() -> gr.Blocks:
                 scale=2, elem_id="model",
             )
             with gr.Column(scale=3):
-                info_md = gr.Markdown(info, elem_id="model-info")
-                status_md = gr.Markdown(status, elem_id="model-status")
+                info_md = gr.Markdown(info, label="Model information", show_label=False, elem_id="model-info")
+                status_md = gr.Markdown(status, label="Model status", show_label=False, elem_id="model-status")
 
         with gr.Accordion("Method settings (defaults come from the chosen model)", open=False, elem_id="settings"):
             with gr.Row():
@@ -1030,7 +1035,7 @@ def build_demo() -> gr.Blocks:
                 seed = gr.Number(value=d["seed"], precision=0, label="Seed", info="Noise of the partial diffusion.")
             with gr.Row():
                 reset = gr.Button("Reset to model defaults", variant="secondary", elem_id="reset")
-                note_md = gr.Markdown("", elem_id="calibration-note")
+                note_md = gr.Markdown("", label="Calibration note", show_label=False, elem_id="calibration-note")
         controls = [t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed]
         calibrated_controls = [t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight]
 
@@ -1056,17 +1061,17 @@ def build_demo() -> gr.Blocks:
                                 buttons=[], interactive=False)))
                     with gr.Column(scale=3, min_width=360):
                         verdict = gr.HTML(verdict_html("idle", "Upload an image or click an example, then press Inspect."),
-                                          elem_id="verdict")
+                                          label="Verdict", elem_id="verdict")
                         with gr.Row():
                             seen = gr.Image(label="Input (resized)", elem_id="pic-input", **PIC)
                             recon = gr.Image(label="Reconstruction", elem_id="pic-recon", **PIC)
                             heat = gr.Image(label="Heat map", elem_id="pic-heat", **PIC)
-                        colorbar = gr.HTML("", elem_id="colorbar")
+                        colorbar = gr.HTML("", label="Colour bar", elem_id="colorbar")
                         with gr.Row():
                             over = gr.Image(label="Overlay", elem_id="pic-overlay", **PIC)
                             mask = gr.Image(label="Predicted mask", elem_id="pic-mask", **PIC)
                         with gr.Column(visible=False, elem_id="truth") as truth_row:
-                            truth_md = gr.Markdown("", elem_id="truth-caption")
+                            truth_md = gr.Markdown("", label="Ground truth", show_label=False, elem_id="truth-caption")
                             with gr.Row():
                                 clean = gr.Image(label="Clean original", elem_id="pic-clean", **PIC)
                                 truth = gr.Image(label="Ground-truth mask", elem_id="pic-truth", **PIC)
@@ -1081,9 +1086,9 @@ def build_demo() -> gr.Blocks:
                     "each step the noisy state x_t and the model's clean-image estimate (and, with blur guidance on, "
                     "the blurred estimate it steers away from). Then the same image with each strategy switched off "
                     "in turn, beside the full method: reconstruction and heat map (same colour scale) each.")
-                teach_cost = gr.Markdown(elem_id="teach-cost")
+                teach_cost = gr.Markdown(label="Cost", show_label=False, elem_id="teach-cost")
                 run_teach = gr.Button("Run step by step", variant="primary", elem_id="run-teach")
-                teach_status = gr.Markdown("", elem_id="teach-status")
+                teach_status = gr.Markdown("", label="Status", show_label=False, elem_id="teach-status")
                 strip = dict(columns=6, allow_preview=True, object_fit="contain", format="png", fit_columns=False,
                              interactive=False, buttons=[])
                 noisy = gr.Gallery(label="Noisy state x_t, step by step (first: the partial-diffusion start)",
@@ -1095,7 +1100,8 @@ def build_demo() -> gr.Blocks:
                 placeholders = teaching_placeholders(d["guidance_scale"])  # each row named before the first run
                 for i in range(4):
                     with gr.Row(elem_classes=["cgdiff-variant"]):
-                        line = gr.Markdown(placeholders[3 * i], elem_id=f"variant-{i}-line")
+                        line = gr.Markdown(placeholders[3 * i], label=f"Variant {i + 1}", show_label=False,
+                                           elem_id=f"variant-{i}-line")
                         v_rec = gr.Image(label="Reconstruction", elem_id=f"variant-{i}-rec", **{**PIC, "height": 170})
                         v_heat = gr.Image(label="Heat map", elem_id=f"variant-{i}-heat",
                                           **{**PIC, "height": 170})
@@ -1108,7 +1114,7 @@ def build_demo() -> gr.Blocks:
                     with gr.Column(scale=1, min_width=260):
                         files = gr.File(file_count="multiple", label="Images", elem_id="batch-files")
                         run_batch = gr.Button("Inspect all", variant="primary", elem_id="run-batch")
-                        batch_status = gr.Markdown("", elem_id="batch-status")
+                        batch_status = gr.Markdown("", label="Batch status", show_label=False, elem_id="batch-status")
                         archive = gr.File(label="Maps and scores (zip)", interactive=False)
                     with gr.Column(scale=2, min_width=360):
                         table = gr.Dataframe(

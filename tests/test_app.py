@@ -191,6 +191,9 @@ def test_an_api_call_without_controls_runs_the_chosen_model_at_its_own_settings(
     assert out[6]["note"] == "" and out[6]["score"] == pytest.approx(stored["score"], rel=1e-5)
     assert out[6]["verdict"] == stored["verdict"]
     sampler = app_module.MODELS.get(other.name).sampler  # the time line names K and N apart
+    # Both name every setting they ran with, the same ones here: the model's stored settings.
+    assert stored["settings"] == out[6]["settings"] and stored["settings"]["steps"] == sampler.steps
+    assert stored["settings"]["w"] == sampler.w and "pixel_weight" in stored["settings"]
     assert f"K = {sampler.steps}" in out[0] and (sampler.samples == 1 or f"N = {sampler.samples}" in out[0])
     # A control moved by hand is a choice: every value then counts as given.
     page = app_module.model_defaults(first.name, app_module.MODELS.get(first.name))
@@ -979,3 +982,14 @@ def test_whole_number_settings_refuse_a_fraction_instead_of_rounding_it(app_modu
                        ((250, 10, 3, None, None, None, None, 1.5), "seed")]:
         with pytest.raises(ValueError, match=f"^{name} must be a whole number"):
             app_module.overrides_from(*args)
+
+
+def test_the_api_names_every_input_and_output(client):
+    # A script reads the API through view_api(): no generated names like value_40 for the verdict.
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/detect", "/inspect", "/teach", "/batch", "/select_model"} <= set(info)
+    for name, endpoint in info.items():
+        for item in endpoint["parameters"] + endpoint["returns"]:
+            label = item.get("label") or item.get("parameter_name") or ""
+            assert label and not label.startswith("value_"), (name, item)
+    assert [r["label"] for r in info["/inspect"]["returns"]][:2] == ["Verdict", "Input (resized)"]
