@@ -1158,13 +1158,16 @@ def build_demo() -> gr.Blocks:
         model_event.then(teaching_cleared, guidance_scale, teach_outputs, queue=False,
                          show_progress="hidden", api_visibility="private")
         reset.click(reset_controls, defaults_state, [*controls, note_md], api_name="reset", queue=False)
+        # The note and the cost follow the controls as they are typed: a value typed out of a
+        # slider's range reaches them before the page clamps it, so they take the raw values
+        # (preprocess=False; both check them) instead of Gradio refusing it with a logged traceback.
         for control in calibrated_controls:
             control.change(note_for, [defaults_state, *calibrated_controls], note_md, queue=False,
-                           show_progress="hidden", api_visibility="private")
+                           show_progress="hidden", api_visibility="private", preprocess=False)
         cost_inputs = [model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed]
         for trigger in [model_event.then, *(c.change for c in calibrated_controls), demo.load]:
             trigger(teaching_cost, cost_inputs, teach_cost, queue=False, show_progress="hidden",
-                    api_visibility="private")
+                    api_visibility="private", preprocess=False)
         for name, items, example_gallery in example_galleries:
             def pick(evt: gr.SelectData, name=name, items=items):
                 return items[evt.index][0], name

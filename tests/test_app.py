@@ -993,3 +993,23 @@ def test_the_api_names_every_input_and_output(client):
             label = item.get("label") or item.get("parameter_name") or ""
             assert label and not label.startswith("value_"), (name, item)
     assert [r["label"] for r in info["/inspect"]["returns"]][:2] == ["Verdict", "Input (resized)"]
+
+
+@pytest.mark.browser
+def test_browser_a_value_typed_out_of_a_sliders_range_logs_no_traceback(page, server, capfd):
+    # The note follows the controls as they are typed; a value beyond a slider's range reaches it
+    # before the page clamps the slider, and used to be refused by Gradio with a logged traceback.
+    _open(page, server)
+    page.get_by_text("Method settings").click()
+    capfd.readouterr()
+    box = page.locator("input[type=number]").first  # t0's box
+    box.fill("5000")
+    box.press("Enter")
+    page.wait_for_function("document.querySelector('#calibration-note').innerText.includes('you changed t0')",
+                           timeout=15_000)
+    page.wait_for_timeout(500)
+    log = capfd.readouterr()
+    assert "Traceback" not in log.err + log.out, log.err
+    page.get_by_role("button", name="Reset to model defaults").click()
+    page.wait_for_function("!document.querySelector('#calibration-note').innerText.includes('you changed')",
+                           timeout=15_000)
