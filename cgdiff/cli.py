@@ -543,8 +543,13 @@ def _command_line(argv: Sequence[str]) -> str:
 def _check_overrides(overrides: dict[str, Any]) -> None:
     """Values that no checkpoint could make valid are reported before anything is loaded."""
     sampler_keys = {f.name for f in fields(SamplerConfig)}
-    SamplerConfig().replace(**{k: v for k, v in overrides.items() if k in sampler_keys})
-    ScorerConfig(**{k: v for k, v in overrides.items() if k not in sampler_keys})
+    try:
+        SamplerConfig().replace(**{k: v for k, v in overrides.items() if k in sampler_keys})
+        ScorerConfig(**{k: v for k, v in overrides.items() if k not in sampler_keys})
+    except ValueError as e:  # "steps must be ..." -> "argument --steps: steps must be ...", as argparse says it
+        flag = next((f for f, dest, _, _ in SAMPLER_FLAGS + [SEED_FLAG] + SCORER_FLAGS
+                     if dest in overrides and str(e).startswith(dest + " ")), None)
+        raise ValueError(f"argument {flag}: {e}" if flag else str(e)) from None
 
 
 def _local_checkpoint(name: str, needs: str) -> Path:
