@@ -426,6 +426,8 @@ def train(
     smoothed = None
     stopping = False
     reason = "max_steps reached"
+    if step >= config.max_steps:  # a resumed run that had already finished
+        reason = f"nothing left to train: max_steps = {config.max_steps} had already been reached (raise it to go on);"
     try:
         while step < config.max_steps and not stopping:
             dataset.epoch = step // steps_per_epoch

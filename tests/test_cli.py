@@ -144,6 +144,11 @@ def test_a_learning_rate_schedule_is_checked_before_any_work_and_resumes_say_wha
     # Step 4 ran on the 4-step cosine, step 6 on the 6-step one it was re-targeted to.
     assert rows[4] == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 1 / 2)), rel=1e-4)
     assert rows[6] == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-4)
+    # Resuming a finished run trains nothing and says so (it used to read like a training that ran).
+    code, out, err = run(["train", "--data", data, "--out", ckpt, "--resume", "--max-steps", "6", "--no-progress"],
+                         capsys)
+    assert code == 0 and "nothing left to train: max_steps = 6 had already been reached" in out + err
+    assert "max_steps reached at step" not in out + err
 
 
 def test_resume_keeps_the_stored_settings_and_record_fills_the_model_card(trained, tmp_path, capsys):
