@@ -426,8 +426,7 @@ def train(
     smoothed = None
     stopping = False
     reason = "max_steps reached"
-    if step >= config.max_steps:  # a resumed run that had already finished
-        reason = f"nothing left to train: max_steps = {config.max_steps} had already been reached (raise it to go on);"
+    finished_before = step >= config.max_steps  # a resumed run that had already finished
     try:
         while step < config.max_steps and not stopping:
             dataset.epoch = step // steps_per_epoch
@@ -500,7 +499,11 @@ def train(
         stop.uninstall()
 
     seconds = seconds_before + time.time() - start_time - callback_seconds
-    accelerator.print(f"{reason} at step {step} ({seconds / 60:.1f} min of training)")
+    if finished_before:
+        accelerator.print(f"nothing left to train: max_steps = {config.max_steps} had already been reached (raise it "
+                          f"to go on); the run stays at step {step} ({seconds / 60:.1f} min of training)")
+    else:
+        accelerator.print(f"{reason} at step {step} ({seconds / 60:.1f} min of training)")
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
         # Data-parallel processes must hold one and the same model: check it, don't assume it.
