@@ -544,8 +544,8 @@ def colorbar_html(threshold: float) -> str:
 
 
 def used_settings(sampler, scorer) -> dict[str, Any]:
-    """Every sampler and scorer setting a result was made with (stored or overridden), as the
-    API reports them; the second pass's only when it ran."""
+    """The sampler and scorer settings a result was made with (stored or overridden), as the API
+    reports them: all of them, except N when it is 1 and the second pass's when it did not run."""
     return {**sampler.to_dict(), **scorer.to_dict()}
 
 
@@ -750,13 +750,14 @@ def teaching_cleared(guidance_scale: Any) -> list[Any]:
 
 
 def teaching_cost(model: str, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed) -> str:
-    """What the step-by-step view will run, said before it runs."""
+    """What the step-by-step view will run, said before it runs. Takes the controls' raw values
+    (as typed, before Gradio checks them); the seed does not change the cost."""
     try:
-        detector = MODELS.get(model)
-        overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, seed)
+        detector = MODELS.get(model if isinstance(model, str) else "")
+        overrides = overrides_from(t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, None)
         cost = teaching.ablation_cost(detector, **overrides)
         sampler, _ = detector.settings(**overrides)
-    except LOAD_ERRORS as e:
+    except (*LOAD_ERRORS, TypeError) as e:
         return f"Cannot estimate the cost: {esc(str(e))}"
     each = f" (each the mean of N = {sampler.samples} runs)" if sampler.samples > 1 else ""
     if sampler.repaint_t0 > 0:
@@ -1012,7 +1013,7 @@ def build_demo() -> gr.Blocks:
 
         with gr.Accordion("Method settings (defaults come from the chosen model)", open=False, elem_id="settings"):
             with gr.Row():
-                t0 = gr.Slider(1, 999, value=d["t0"], step=1, label="Noise level: start step t0",
+                t0 = gr.Slider(1, 999, value=d["t0"], step=1, label="Noise level: start step t0", elem_id="t0",
                                info="How far the input is noised before denoising (of 1000).")
                 steps = gr.Slider(1, 50, value=d["steps"], step=1, label="Denoising steps K",
                                   info="Model steps from t0 down to 0; time grows with K.")

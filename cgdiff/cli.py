@@ -548,7 +548,7 @@ def _check_overrides(overrides: dict[str, Any]) -> None:
         ScorerConfig(**{k: v for k, v in overrides.items() if k not in sampler_keys})
     except ValueError as e:  # "steps must be ..." -> "argument --steps: steps must be ...", as argparse says it
         flag = next((f for f, dest, _, _ in SAMPLER_FLAGS + [SEED_FLAG] + SCORER_FLAGS
-                     if dest in overrides and str(e).startswith(dest + " ")), None)
+                     if dest in overrides and str(e).startswith(dest + " must")), None)
         raise ValueError(f"argument {flag}: {e}" if flag else str(e)) from None
 
 

@@ -1002,7 +1002,7 @@ def test_browser_a_value_typed_out_of_a_sliders_range_logs_no_traceback(page, se
     _open(page, server)
     page.get_by_text("Method settings").click()
     capfd.readouterr()
-    box = page.locator("input[type=number]").first  # t0's box
+    box = page.locator("#t0 input[type=number]")
     box.fill("5000")
     box.press("Enter")
     page.wait_for_function("document.querySelector('#calibration-note').innerText.includes('you changed t0')",
