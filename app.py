@@ -897,8 +897,7 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
         for row in rows:
             writer.writerow(row)
         zf.writestr("scores.csv", table.getvalue())
-        used = {**sampler.to_dict(), **scorer.to_dict()}
-        stored = {**detector.sampler.to_dict(), **detector.scorer.config.to_dict()}
+        used, stored = used_settings(sampler, scorer), used_settings(*detector.settings())
         changed = sorted(k for k in used if used[k] != stored.get(k))
         zf.writestr("README.txt", (
             f"cgdiff {__version__}, model '{model}', settings "

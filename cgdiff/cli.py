@@ -925,7 +925,7 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise FileExistsError(f"'{clashes[0]}' already exists ({len(clashes)} output file(s) would be replaced); "
                                   "pass --overwrite or choose another --out.")
     detector = _load_detector(args)
-    detector.settings(**overrides)
+    sampler, scorer = detector.settings(**overrides)  # checked against the checkpoint before the long part
     if overrides and args.threshold is None:
         _info("note: the threshold was calibrated with the checkpoint's own settings; with overrides ("
               + ", ".join(f"{k}={v}" for k, v in overrides.items())
@@ -936,7 +936,7 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .detector import _num_steps
     from .teaching import familiarity, known_texture, unfamiliar_text
 
-    steps = _num_steps(detector.settings(**overrides)[0])
+    steps = _num_steps(sampler)
     n_chunks = math.ceil(len(paths) / args.batch_size)
     bar = tqdm(total=n_chunks * steps, desc=f"detecting {len(paths)} image(s)", unit="step",
                disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
@@ -986,7 +986,6 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _info(f"note: {n_unfamiliar} image(s) marked (unfamiliar): {unfamiliar_text(known_texture(detector.info))} "
               "(most of the anomaly map lies above the level normal images reach only at their highest point).")
     if json_path is not None:
-        sampler, scorer = detector.settings(**overrides)
         _write_json(json_path, {
             "checkpoint": str(args.checkpoint), "image_size": detector.image_size,
             "sampler": sampler.to_dict(), "scorer": scorer.to_dict(), "overrides": overrides,
