@@ -50,23 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
-import gradio as gr
-import numpy as np
-import torch
-from PIL import Image
-
-from cgdiff import __version__, teaching
-from cgdiff.card import calibration_normals, removal_text
-from cgdiff.detector import Detection, Detector, _num_steps
-from cgdiff.hub import CheckpointError, looks_like_repo_id, resolve_checkpoint
-from cgdiff.images import ImageError, load_image
-from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoints, registry_problems
-from cgdiff.runtime import CHOICES as RUNTIME_CHOICES
-from cgdiff.runtime import keep_freed_memory, path_options
-from cgdiff.model import NUM_TRAIN_TIMESTEPS
-from cgdiff.sampler import SamplerConfig, timesteps
-from cgdiff.scorer import VALIDATION_F1, BackboneUnavailable
-from cgdiff.viz import compare_masks, heatmap, mask_image, overlay
+from cgdiff.settings import CHOICES as RUNTIME_CHOICES
 
 # ------------------------------------------------------------------------------ settings
 
@@ -155,6 +139,57 @@ def serves_local_folders(config: AppConfig, share: bool = False) -> bool:
     local_host = host in (None, "", "127.0.0.1", "localhost", "::1")
     return local_host and not share and not os.environ.get("SPACE_ID")
 
+
+def build_parser(env: AppConfig) -> argparse.ArgumentParser:
+    """The command line of `python app.py`, with the environment's settings as defaults."""
+    parser = argparse.ArgumentParser(description="Serve the cgdiff demo.")
+    parser.add_argument("--host", default=env.host, help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=env.port, help="port (default 7860, or the next free one)")
+    parser.add_argument("--concurrency", type=int, default=env.concurrency, help="inference requests run at once (default: %(default)s)")
+    parser.add_argument("--queue-size", type=int, default=env.queue_size, help="requests that may wait (0: no limit; default: %(default)s)")
+    parser.add_argument("--max-upload", default=env.max_upload, help="largest upload, e.g. 20mb (default: %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=env.max_batch, help="images per batch request (default: %(default)s)")
+    parser.add_argument("--runtime", default=env.runtime, choices=RUNTIME_CHOICES,
+                        help="how the U-Net runs: auto (the CPU default, channels-last PyTorch), "
+                        "reference (fp32 eager PyTorch), channels_last, bf16 (bf16 autocast, channels-last), or a CPU runtime (pip install 'cgdiff[fast]'); "
+                        "also CGDIFF_APP_RUNTIME (default: %(default)s)")
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    return parser
+
+
+def read_command_line(argv: Optional[list[str]] = None) -> tuple[AppConfig, bool]:
+    """The serving settings of `python app.py ARGV` (flags over CGDIFF_APP_*), checked, and
+    whether --share was given. Exits with status 2 on a bad flag or setting, as argparse does."""
+    env = AppConfig.from_env()
+    args = build_parser(env).parse_args(argv)
+    config = AppConfig(host=args.host, port=args.port, concurrency=args.concurrency, queue_size=args.queue_size,
+                       max_upload=args.max_upload, max_batch=args.max_batch, max_models=env.max_models,
+                       cache_minutes=env.cache_minutes, runtime=args.runtime,
+                       local_folders=env.local_folders).validate()
+    return config, args.share
+
+
+if __name__ == "__main__":
+    # `python app.py --help`, a bad flag or a bad CGDIFF_APP_* setting answers here, before
+    # gradio and torch load (about 10 s).
+    read_command_line()
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cgdiff import __version__, teaching  # noqa: E402
+from cgdiff.card import calibration_normals, removal_text  # noqa: E402
+from cgdiff.detector import Detection, Detector, _num_steps  # noqa: E402
+from cgdiff.hub import CheckpointError, looks_like_repo_id, resolve_checkpoint  # noqa: E402
+from cgdiff.images import ImageError, load_image  # noqa: E402
+from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoints, registry_problems  # noqa: E402
+from cgdiff.runtime import keep_freed_memory, path_options  # noqa: E402
+from cgdiff.model import NUM_TRAIN_TIMESTEPS  # noqa: E402
+from cgdiff.sampler import SamplerConfig, timesteps  # noqa: E402
+from cgdiff.scorer import VALIDATION_F1, BackboneUnavailable  # noqa: E402
+from cgdiff.viz import compare_masks, heatmap, mask_image, overlay  # noqa: E402
 
 CONFIG = AppConfig.from_env()
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "cgdiff-app"  # batch downloads; pruned after an hour
@@ -1208,28 +1243,11 @@ def launch(config: Optional[AppConfig] = None, **kwargs: Any):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    env = AppConfig.from_env()
-    parser = argparse.ArgumentParser(description="Serve the cgdiff demo.")
-    parser.add_argument("--host", default=env.host, help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=env.port, help="port (default 7860, or the next free one)")
-    parser.add_argument("--concurrency", type=int, default=env.concurrency, help="inference requests run at once (default: %(default)s)")
-    parser.add_argument("--queue-size", type=int, default=env.queue_size, help="requests that may wait (0: no limit; default: %(default)s)")
-    parser.add_argument("--max-upload", default=env.max_upload, help="largest upload, e.g. 20mb (default: %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=env.max_batch, help="images per batch request (default: %(default)s)")
-    parser.add_argument("--runtime", default=env.runtime, choices=RUNTIME_CHOICES,
-                        help="how the U-Net runs: auto (the CPU default, channels-last PyTorch), "
-                        "reference (fp32 eager PyTorch), channels_last, bf16 (bf16 autocast, channels-last), or a CPU runtime (pip install 'cgdiff[fast]'); "
-                        "also CGDIFF_APP_RUNTIME (default: %(default)s)")
-    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
-    args = parser.parse_args(argv)
-    CONFIG.max_batch = args.max_batch
-    config = AppConfig(host=args.host, port=args.port, concurrency=args.concurrency, queue_size=args.queue_size,
-                       max_upload=args.max_upload, max_batch=args.max_batch, max_models=env.max_models,
-                       cache_minutes=env.cache_minutes, runtime=args.runtime,
-                       local_folders=env.local_folders).validate()
+    config, share = read_command_line(argv)
+    CONFIG.max_batch = config.max_batch
     # Gradio's own start-up lines would tell the user to "set share=True in launch()"; this app's
     # switch for that is --share.
-    _, local_url, share_url = launch(config, share=args.share or None, quiet=True, prevent_thread_lock=True)
+    _, local_url, share_url = launch(config, share=share or None, quiet=True, prevent_thread_lock=True)
     print(f"cgdiff app running on {local_url}"
           + (f" and on the public link {share_url}" if share_url else " (app.py --share adds a public link)"),
           flush=True)

@@ -275,6 +275,24 @@ def test_serving_limits_are_read_from_the_environment_and_checked(monkeypatch):
     assert app.demo.delete_cache == (600, 60 * app.CONFIG.cache_minutes)  # old uploads and pictures go
 
 
+def test_app_help_and_a_bad_flag_answer_before_gradio_and_torch_load():
+    # `python app.py --help` used to wait about 10 s for gradio and torch before printing a line.
+    code = ("import runpy, sys\n"
+            "sys.argv = ['app.py'] + sys.argv[1:]\n"
+            "try:\n"
+            "    runpy.run_path('app.py', run_name='__main__')\n"
+            "except SystemExit as exit_info:\n"
+            "    print(exit_info.code, sorted(m for m in ('torch', 'gradio', 'numpy') if m in sys.modules))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for flags, code_and_modules, said in [(["--help"], "0 []", "--concurrency CONCURRENCY"),
+                                          (["--concurrency", "0"], "2 []", "concurrency must be at least 1"),
+                                          (["--runtime", "tensorrt"], "2 []", "invalid choice: 'tensorrt'")]:
+        proc = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, env=env,
+                              cwd=REPO, timeout=120)
+        assert proc.stdout.strip().splitlines()[-1] == code_and_modules, (flags, proc.stdout, proc.stderr)
+        assert said in proc.stdout + proc.stderr and "Traceback" not in proc.stderr, flags
+
+
 def test_the_unet_path_is_chosen_by_the_environment_and_applied_to_loaded_models(monkeypatch):
     sys.path.insert(0, str(REPO))
     try:
