@@ -1137,8 +1137,9 @@ def build_demo() -> gr.Blocks:
                     with gr.Row(elem_classes=["cgdiff-variant"]):
                         line = gr.Markdown(placeholders[3 * i], label=f"Variant {i + 1}", show_label=False,
                                            elem_id=f"variant-{i}-line")
-                        v_rec = gr.Image(label="Reconstruction", elem_id=f"variant-{i}-rec", **{**PIC, "height": 170})
-                        v_heat = gr.Image(label="Heat map", elem_id=f"variant-{i}-heat",
+                        v_rec = gr.Image(label=f"Variant {i + 1}: reconstruction", elem_id=f"variant-{i}-rec",
+                                         **{**PIC, "height": 170})
+                        v_heat = gr.Image(label=f"Variant {i + 1}: heat map", elem_id=f"variant-{i}-heat",
                                           **{**PIC, "height": 170})
                     variant_outputs += [line, v_rec, v_heat]
 

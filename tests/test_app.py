@@ -993,6 +993,9 @@ def test_the_api_names_every_input_and_output(client):
             label = item.get("label") or item.get("parameter_name") or ""
             assert label and not label.startswith("value_"), (name, item)
     assert [r["label"] for r in info["/inspect"]["returns"]][:2] == ["Verdict", "Input (resized)"]
+    for name, endpoint in info.items():  # each output of an endpoint has a name of its own
+        labels = [r["label"] for r in endpoint["returns"]]
+        assert len(labels) == len(set(labels)), (name, labels)
 
 
 @pytest.mark.browser
