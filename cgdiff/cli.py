@@ -608,6 +608,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     recover_output(out)
     command = _command_line(argv)
     given = _overrides(args)
+    _check_overrides(given)
     saved_args: dict[str, Any] = {}
     saved_config: dict[str, Any] = {}
     if args.resume:

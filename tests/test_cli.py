@@ -218,6 +218,7 @@ def test_help_of_every_command_is_complete(capsys):
         (["train", "--data", "{data}", "--out", "{tmp}/new", "--image-size", "36"], "multiple of 8"),
         (["train", "--data", "{data}", "--out", "{tmp}/new", "--lr", "-1"], "must be > 0"),
         (["train", "--data", "{data}", "--out", "{tmp}/new", "--noise-to-norm", "1"], "must be below 1"),
+        (["train", "--data", "{data}", "--out", "{tmp}/new", "--steps", "0"], "argument --steps: steps must be"),
         (["build-textures", "--out", "{data}/..", "--textures", "gravel"], "already exists"),
         (["evaluate", "--data", "{data}"], "required: --checkpoint"),
         (["explode"], "invalid choice"),
