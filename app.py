@@ -424,7 +424,8 @@ def refused(message: str) -> gr.Error:
 def read_upload(path: Any, what: str = "the image") -> Image.Image:
     """Decode an uploaded file; ImageError messages name the file by its original name."""
     if path is None or (isinstance(path, str) and not path.strip()):
-        raise ImageError("no image yet: upload one, paste one, use the webcam, or click an example.")
+        raise ImageError("no image yet: upload one, paste one, use the webcam, or click an example "
+                         "(an API call passes an image file).")
     try:
         return load_image(path)
     except ImageError as e:
@@ -585,10 +586,14 @@ def used_settings(sampler, scorer) -> dict[str, Any]:
 
 
 def result_details(name: str, result: Detection, settings: dict[str, Any], threshold_scale: float,
-                   seconds_total: float, note: str, familiar: teaching.Familiarity) -> dict[str, Any]:
+                   seconds_total: float, note: str, familiar: Optional[teaching.Familiarity],
+                   texture: Optional[str] = None) -> dict[str, Any]:
     """The result as the API returns it; `settings`: `used_settings`; `unfamiliar`: the image is
     unlike the model's normal images (`cgdiff.teaching.familiarity`), so its verdict says little
-    about defects."""
+    about defects, and the note says so; None (not judged) where `familiar` is None, at settings
+    other than the calibrated ones."""
+    if familiar is not None and familiar.unfamiliar:
+        note = " ".join(filter(None, [note, familiar.describe(texture)]))
     return {
         "model": name,
         "verdict": result.verdict,
@@ -601,9 +606,16 @@ def result_details(name: str, result: Detection, settings: dict[str, Any], thres
         "seconds_total": round(seconds_total, 3),
         "settings": settings,
         "note": note,
-        "unfamiliar": familiar.unfamiliar,
-        "map_fraction_above_normal_level": round(familiar.fraction, 4),
+        "unfamiliar": None if familiar is None else familiar.unfamiliar,
+        "map_fraction_above_normal_level": None if familiar is None else round(familiar.fraction, 4),
     }
+
+
+def familiarity_at(detector: Detector, result: Detection, changed: bool) -> Optional[teaching.Familiarity]:
+    """How like the model's normal images the image is (`cgdiff.teaching.familiarity`); None where
+    the settings differ from the calibrated ones, since the normal scores it compares with were
+    made at those (a pure-noise start makes every map high, brick on the brick model included)."""
+    return None if changed else teaching.familiarity(result.anomaly_map, detector.calibration)
 
 
 def prune_outputs() -> None:
@@ -738,16 +750,17 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     defaults = model_defaults(model, detector)
     note = calibration_note(defaults, overrides)
     detail = describe_result(result, scale, seconds_total, sampler)
-    familiar = teaching.familiarity(result.anomaly_map, detector.calibration)
-    details = result_details(model, result, used_settings(sampler, scorer), scale, seconds_total, note, familiar)
-    kind = result.verdict
     changed = changed_settings(defaults, overrides)
+    familiar = familiarity_at(detector, result, bool(changed))
+    texture = teaching.known_texture(detector.info)
+    details = result_details(model, result, used_settings(sampler, scorer), scale, seconds_total, note, familiar,
+                             texture)
+    kind = result.verdict
     if changed:  # the settings panel, where the note is, may be closed: the verdict says it too
         detail = (f"<i>Indicative only: {esc(', '.join(changed))} {'differ' if len(changed) > 1 else 'differs'} "
                   "from the settings the threshold was calibrated at (see Method settings).</i><br>" + detail)
-    if familiar.unfamiliar:
+    if familiar is not None and familiar.unfamiliar:
         kind = "unfamiliar"
-        texture = teaching.known_texture(detector.info)
         knows = f"{texture} texture" if texture else "the texture it was trained on"
         detail = (f"The model '{esc(model)}' knows <b>{esc(knows)}</b> only. {esc(familiar.describe(texture))} "
                   "Try one of its examples, or the model of this image's texture.<br>" + detail)
@@ -843,9 +856,10 @@ def teach(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_wei
     last = len(traj.steps) - 1
     noisy = [(s.x_t, f"x_t at t = {s.t}" + (" (start)" if i == 0 else "")) for i, s in enumerate(traj.steps)]
     runs, t2 = traj.sampler.samples, traj.sampler.repaint_t0
+    # A short caption (a gallery cuts long ones); the status line below says what the runs and the pass are.
+    parts = ([f"mean of {runs} runs" if not t2 else f"{runs} runs"] if runs > 1 else []) + (["2nd pass"] if t2 else [])
     noisy.append((traj.detection.reconstruction,
-                  (f"result (2nd pass, t2 = {t2})" if t2 > 0 else "result, after the last step")
-                  + (f" (the mean of {runs} runs" + (", then re-painted)" if t2 > 0 else ")") if runs > 1 else "")))
+                  f"result ({', '.join(parts)})" if parts else "result, after the last step"))
     estimates = [(s.x0, f"estimate at t = {s.t}") for s in traj.steps]
     blurred = [(s.x0_blurred, f"blurred, t = {s.t}") for s in traj.steps if s.x0_blurred is not None]
     start = ("pure noise (t0 >= 1000)" if traj.sampler.t0 >= 1000 else f"the input noised to t0 = {traj.sampler.t0}")
@@ -891,6 +905,7 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
     except LOAD_ERRORS as e:
         gr.Warning(str(e))
         return [[], [], None, esc(str(e))]
+    changed = bool(changed_settings(model_defaults(model, detector), overrides))
 
     rows: list[list[Any]] = []
     good: list[tuple[int, str, torch.Tensor]] = []
@@ -916,7 +931,8 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for (i, name, _), result in zip(good, results):
             fraction = 100 * float(result.mask.mean())
-            unfamiliar = teaching.familiarity(result.anomaly_map, detector.calibration).unfamiliar
+            familiar = familiarity_at(detector, result, changed)
+            unfamiliar = familiar is not None and familiar.unfamiliar
             n_unfamiliar += unfamiliar
             rows[i] = [name, result.verdict, round(result.score, 5), round(result.threshold, 5),
                        round(result.relative_score, 3), round(fraction, 2), round(result.seconds, 2),
@@ -942,7 +958,8 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
             "mid-scale = threshold), overlay, predicted mask (PNG) and the raw anomaly map (float32 .npy).\n"))
     n_bad = sum(1 for r in rows if r[1] == "error")
     n_anomalous = sum(1 for r in results if r.is_anomalous)
-    status = f"{len(results)} images inspected: {n_anomalous} anomalous, {len(results) - n_anomalous} normal."
+    status = (f"{len(results)} image{'' if len(results) == 1 else 's'} inspected: {n_anomalous} anomalous, "
+              f"{len(results) - n_anomalous} normal.")
     if n_unfamiliar:
         status += (f" {n_unfamiliar} of them {'is' if n_unfamiliar == 1 else 'are'} unlike the images this model "
                    "knows, so their verdicts say little about defects (see the message column).")
@@ -963,7 +980,7 @@ def detect_api(image, model):
     except LOAD_ERRORS as e:
         raise refused(str(e)) from None
     return result_details(name, result, used_settings(*detector.settings()), 1.0, result.seconds, "",
-                          teaching.familiarity(result.anomaly_map, detector.calibration))
+                          familiarity_at(detector, result, changed=False), teaching.known_texture(detector.info))
 
 
 # ------------------------------------------------------------------------------- layout
@@ -1133,13 +1150,15 @@ def build_demo() -> gr.Blocks:
                                      elem_id="teach-blurred", visible=False, **strip)
                 variant_outputs = []
                 placeholders = teaching_placeholders(d["guidance_scale"])  # each row named before the first run
-                for i in range(4):
+                # The rows' names (the last row switches blur guidance off, or on where s = 0).
+                row_names = ("Full method", "Pure-noise start", "No conditioning", "Blur guidance switched")
+                for i, row in enumerate(row_names):
                     with gr.Row(elem_classes=["cgdiff-variant"]):
-                        line = gr.Markdown(placeholders[3 * i], label=f"Variant {i + 1}", show_label=False,
+                        line = gr.Markdown(placeholders[3 * i], label=row, show_label=False,
                                            elem_id=f"variant-{i}-line")
-                        v_rec = gr.Image(label=f"Variant {i + 1}: reconstruction", elem_id=f"variant-{i}-rec",
+                        v_rec = gr.Image(label=f"{row}: reconstruction", elem_id=f"variant-{i}-rec",
                                          **{**PIC, "height": 170})
-                        v_heat = gr.Image(label=f"Variant {i + 1}: heat map", elem_id=f"variant-{i}-heat",
+                        v_heat = gr.Image(label=f"{row}: heat map", elem_id=f"variant-{i}-heat",
                                           **{**PIC, "height": 170})
                     variant_outputs += [line, v_rec, v_heat]
 

@@ -42,7 +42,7 @@ MIN_REMOVAL = 0.5
 
 # (flag, dest, type, help) of the settings stored in a checkpoint.
 SAMPLER_FLAGS = [
-    ("--t0", "t0", int, "start step of the partial diffusion (>= 1000: pure-noise start)"),
+    ("--t0", "t0", int, "start step of the partial diffusion, >= 1 (>= 1000: pure-noise start)"),
     ("--steps", "steps", int, "K, denoising steps from t0 down to 0"),
     ("--w", "w", float, "conditioning weight (0 switches the conditioning off)"),
     ("--guidance-scale", "guidance_scale", float, "blur-guidance scale s (0 switches it off and halves the cost)"),
@@ -967,7 +967,9 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         written.append(str(target))
                 rows.append({"image": str(path), "score": r.score, "threshold": r.threshold,
                              "relative_score": r.relative_score, "verdict": r.verdict,
-                             "unfamiliar": familiarity(r.anomaly_map, detector.calibration).unfamiliar,
+                             # judged at the calibrated settings only (the normal scores were made there)
+                             "unfamiliar": (None if overrides
+                                            else familiarity(r.anomaly_map, detector.calibration).unfamiliar),
                              "defect_fraction": float(r.mask.mean()), "seconds": r.seconds, "files": written})
     finally:
         bar.close()
@@ -982,7 +984,7 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
                  else ""))
     n_bad = sum(row["verdict"] == "anomalous" for row in rows)
     _info(f"{n_bad} of {len(rows)} image(s) anomalous" + (f"; pictures in {out}" if out is not None else ""))
-    n_unfamiliar = sum(row["unfamiliar"] for row in rows)
+    n_unfamiliar = sum(bool(row["unfamiliar"]) for row in rows)
     if n_unfamiliar:
         _info(f"note: {n_unfamiliar} image(s) marked (unfamiliar): {unfamiliar_text(known_texture(detector.info))} "
               "(most of the anomaly map lies above the level normal images reach only at their highest point).")

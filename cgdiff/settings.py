@@ -44,7 +44,11 @@ class SamplerConfig:
 
     def validate(self) -> "SamplerConfig":
         checks = [
-            (isinstance(self.t0, int) and self.t0 >= 0, f"t0 must be a whole number >= 0, got {self.t0!r}"),
+            (
+                isinstance(self.t0, int) and self.t0 >= 1,
+                f"t0 must be a whole number >= 1 (t0 = 0 adds no noise, so the reconstruction is the input and "
+                f"nothing can be found), got {self.t0!r}",
+            ),
             (isinstance(self.steps, int) and self.steps >= 1, f"steps must be a whole number >= 1, got {self.steps!r}"),
             (math.isfinite(self.w) and self.w >= 0, f"w must be a finite number >= 0, got {self.w!r}"),
             (

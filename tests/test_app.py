@@ -459,6 +459,15 @@ def test_images_unlike_the_models_say_so_in_the_batch_and_the_api(client, app_mo
     for path, unfamiliar in ((normal, False), (noise, True)):
         out = client.predict(handle_file(str(path)), entry.name, api_name="/detect")
         assert out["unfamiliar"] is unfamiliar and 0 <= out["map_fraction_above_normal_level"] <= 1, out
+        assert ("unlike the" in out["note"]) == unfamiliar, out  # a script reading the note learns it too
+    # Away from the calibrated settings the normal scores say nothing: a pure-noise start makes
+    # every map high, and the model's own example must not be called unlike its images.
+    controls = _controls(app_module, entry.name)
+    controls[0] = 999 if controls[0] < 999 else 500  # t0 = 999: all but pure noise
+    out = client.predict(handle_file(str(_examples(entry, "defect")[0])), entry.name, *controls, api_name="/inspect")
+    verdict, details = out[0], out[6]
+    assert details["unfamiliar"] is None and details["map_fraction_above_normal_level"] is None, details
+    assert 'data-verdict="unfamiliar"' not in verdict and "Indicative only" in verdict, verdict
 
 
 def test_batch_size_is_limited(client, app_module):
@@ -607,7 +616,8 @@ def test_teaching_endpoint_shows_the_trajectory_and_the_ablations(client, app_mo
     caption = noisy[-1]["caption"] if isinstance(noisy[-1], dict) else noisy[-1][1]
     # Not "t = 0": the last step starts there; brick's result comes after its second pass.
     second = app_module.MODELS.get(entry.name).sampler.repaint_t0
-    assert caption.startswith("result (2nd pass" if second else "result, after the last step")
+    assert caption.startswith("result") and caption.endswith("2nd pass)" if second else "last step")
+    assert len(caption) <= 27  # the gallery cut "result (2nd pass, t2 = 400 (the mean of 2 runs, ...)"
     assert ("Then a second pass" in status) == bool(second)
     lines = variants[0::3]
     assert [ln.split("**")[1] for ln in lines] == ["Full method", "Pure-noise start (t0 = 1000)",
@@ -993,6 +1003,7 @@ def test_the_api_names_every_input_and_output(client):
             label = item.get("label") or item.get("parameter_name") or ""
             assert label and not label.startswith("value_"), (name, item)
     assert [r["label"] for r in info["/inspect"]["returns"]][:2] == ["Verdict", "Input (resized)"]
+    assert {"Full method: reconstruction", "No conditioning: heat map"} <= {r["label"] for r in info["/teach"]["returns"]}
     for name, endpoint in info.items():  # each output of an endpoint has a name of its own
         labels = [r["label"] for r in endpoint["returns"]]
         assert len(labels) == len(set(labels)), (name, labels)

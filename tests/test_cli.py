@@ -109,6 +109,11 @@ def test_detect_writes_pictures_and_prints_a_verdict_per_image(trained, tmp_path
     assert [r["image"] for r in rows] == [str(p) for p in images]
     assert all(isinstance(r["unfamiliar"], bool) for r in rows)
     assert ("(unfamiliar)" in out) == any(r["unfamiliar"] for r in rows) == ("images this model knows" in err)
+    # With an override the image is not judged familiar or not (the normal scores were made at the stored settings).
+    code, out, err = run(["detect", "--checkpoint", ckpt, *images, "--t0", "1000", "--json", tmp_path / "noise.json",
+                          "--no-progress"], capsys)
+    assert code == 0 and "(unfamiliar)" not in out and "images this model knows" not in err, out + err
+    assert [r["unfamiliar"] for r in json.loads((tmp_path / "noise.json").read_text())["results"]] == [None, None]
 
     # No silent overwrite; a folder stands for its images; an explicit threshold decides the verdict.
     code, out, err = run(["detect", "--checkpoint", ckpt, *images, "--out", out_dir, "--no-progress"], capsys)
