@@ -188,7 +188,7 @@ from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoin
 from cgdiff.runtime import keep_freed_memory, path_options  # noqa: E402
 from cgdiff.model import NUM_TRAIN_TIMESTEPS  # noqa: E402
 from cgdiff.sampler import SamplerConfig, timesteps  # noqa: E402
-from cgdiff.scorer import VALIDATION_F1, BackboneUnavailable  # noqa: E402
+from cgdiff.scorer import VALIDATION_F1, BackboneUnavailable, ScorerConfig  # noqa: E402
 from cgdiff.viz import compare_masks, heatmap, mask_image, overlay  # noqa: E402
 
 CONFIG = AppConfig.from_env()
@@ -611,11 +611,15 @@ def result_details(name: str, result: Detection, settings: dict[str, Any], thres
     }
 
 
-def familiarity_at(detector: Detector, result: Detection, changed: bool) -> Optional[teaching.Familiarity]:
+def familiarity_at(detector: Detector, result: Detection, sampler: SamplerConfig,
+                   scorer: ScorerConfig) -> Optional[teaching.Familiarity]:
     """How like the model's normal images the image is (`cgdiff.teaching.familiarity`); None where
-    the settings differ from the calibrated ones, since the normal scores it compares with were
-    made at those (a pure-noise start makes every map high, brick on the brick model included)."""
-    return None if changed else teaching.familiarity(result.anomaly_map, detector.calibration)
+    the settings differ from the calibrated ones (`Detector.calibrated_for`), since the normal
+    scores it compares with were made at those (a pure-noise start makes every map high, brick on
+    the brick model included)."""
+    if not detector.calibrated_for(sampler, scorer):
+        return None
+    return teaching.familiarity(result.anomaly_map, detector.calibration)
 
 
 def prune_outputs() -> None:
@@ -751,7 +755,7 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     note = calibration_note(defaults, overrides)
     detail = describe_result(result, scale, seconds_total, sampler)
     changed = changed_settings(defaults, overrides)
-    familiar = familiarity_at(detector, result, bool(changed))
+    familiar = familiarity_at(detector, result, sampler, scorer)
     texture = teaching.known_texture(detector.info)
     details = result_details(model, result, used_settings(sampler, scorer), scale, seconds_total, note, familiar,
                              texture)
@@ -905,7 +909,6 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
     except LOAD_ERRORS as e:
         gr.Warning(str(e))
         return [[], [], None, esc(str(e))]
-    changed = bool(changed_settings(model_defaults(model, detector), overrides))
 
     rows: list[list[Any]] = []
     good: list[tuple[int, str, torch.Tensor]] = []
@@ -931,7 +934,7 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for (i, name, _), result in zip(good, results):
             fraction = 100 * float(result.mask.mean())
-            familiar = familiarity_at(detector, result, changed)
+            familiar = familiarity_at(detector, result, sampler, scorer)
             unfamiliar = familiar is not None and familiar.unfamiliar
             n_unfamiliar += unfamiliar
             rows[i] = [name, result.verdict, round(result.score, 5), round(result.threshold, 5),
@@ -979,8 +982,9 @@ def detect_api(image, model):
         result = detector.detect(read_upload(image))[0]
     except LOAD_ERRORS as e:
         raise refused(str(e)) from None
-    return result_details(name, result, used_settings(*detector.settings()), 1.0, result.seconds, "",
-                          familiarity_at(detector, result, changed=False), teaching.known_texture(detector.info))
+    settings = detector.settings()
+    return result_details(name, result, used_settings(*settings), 1.0, result.seconds, "",
+                          familiarity_at(detector, result, *settings), teaching.known_texture(detector.info))
 
 
 # ------------------------------------------------------------------------------- layout
@@ -1150,9 +1154,7 @@ def build_demo() -> gr.Blocks:
                                      elem_id="teach-blurred", visible=False, **strip)
                 variant_outputs = []
                 placeholders = teaching_placeholders(d["guidance_scale"])  # each row named before the first run
-                # The rows' names (the last row switches blur guidance off, or on where s = 0).
-                row_names = ("Full method", "Pure-noise start", "No conditioning", "Blur guidance switched")
-                for i, row in enumerate(row_names):
+                for i, row in enumerate(teaching.VARIANT_ROWS):
                     with gr.Row(elem_classes=["cgdiff-variant"]):
                         line = gr.Markdown(placeholders[3 * i], label=row, show_label=False,
                                            elem_id=f"variant-{i}-line")
@@ -1187,7 +1189,8 @@ def build_demo() -> gr.Blocks:
                     "synthetic defects too: the model's line above says which); colours in the heat "
                     "map use a fixed scale, so they mean the same in every image. An image unlike the model's "
                     "normal images (more than half of its map above the level normal images reach only at their "
-                    "highest point) is said to be so instead of being called a defect.")
+                    "highest point, at the settings those were calibrated at) is said to be so instead of being "
+                    "called a defect.")
 
         # Events. Inference runs through one queue with the configured concurrency: extra
         # requests wait their turn instead of running at once. Choosing a model does not wait

@@ -938,6 +938,7 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .teaching import familiarity, known_texture, unfamiliar_text
 
     steps = _num_steps(sampler)
+    judged = detector.calibrated_for(sampler, scorer)  # whether an image can be called unfamiliar
     n_chunks = math.ceil(len(paths) / args.batch_size)
     bar = tqdm(total=n_chunks * steps, desc=f"detecting {len(paths)} image(s)", unit="step",
                disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
@@ -968,8 +969,8 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 rows.append({"image": str(path), "score": r.score, "threshold": r.threshold,
                              "relative_score": r.relative_score, "verdict": r.verdict,
                              # judged at the calibrated settings only (the normal scores were made there)
-                             "unfamiliar": (None if overrides
-                                            else familiarity(r.anomaly_map, detector.calibration).unfamiliar),
+                             "unfamiliar": (familiarity(r.anomaly_map, detector.calibration).unfamiliar
+                                            if judged else None),
                              "defect_fraction": float(r.mask.mean()), "seconds": r.seconds, "files": written})
     finally:
         bar.close()

@@ -209,6 +209,13 @@ class Detector:
         scorer_values = {**self.scorer.config.to_dict(), **{k: v for k, v in overrides.items() if k in SCORER_KEYS}}
         return sampler, ScorerConfig(**scorer_values)
 
+    def calibrated_for(self, sampler: SamplerConfig, scorer: ScorerConfig) -> bool:
+        """Whether maps made with these settings are comparable with the calibration's normal
+        scores: the stored settings, the seed aside (it changes the start noise, not the
+        distribution of the scores)."""
+        stored_sampler, stored_scorer = self.settings()
+        return sampler.replace(seed=stored_sampler.seed) == stored_sampler and scorer == stored_scorer
+
     # ---------------------------------------------------------------------------- inference
     def _eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self._runtime is not None:

@@ -226,8 +226,9 @@ class TrainConfig:
             raise TrainingError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise TrainingError(f"max_minutes must be > 0, got {self.max_minutes}.")
-        if not isinstance(self.max_timestep, int) or not 1 <= self.max_timestep <= 1000:
-            raise TrainingError(f"max_timestep must be a whole number in [1, 1000], got {self.max_timestep!r}.")
+        if not isinstance(self.max_timestep, int) or not 2 <= self.max_timestep <= 1000:
+            # (the sampler needs a start t0 >= 1 below it)
+            raise TrainingError(f"max_timestep must be a whole number in [2, 1000], got {self.max_timestep!r}.")
         if not (math.isfinite(self.snr_gamma) and self.snr_gamma >= 0):
             raise TrainingError(f"snr_gamma must be a finite number >= 0, got {self.snr_gamma!r}.")
         if not (isinstance(self.noise_to_norm, (int, float)) and 0 <= self.noise_to_norm < 1):

@@ -143,6 +143,11 @@ class Variant:
 GUIDANCE_DEMO_SCALE = 0.5  # s shown when the model's own settings leave blur guidance off
 
 
+# The rows of `variant_settings` by a name that does not change with the settings (the last row
+# switches blur guidance off, or on where the settings leave it off).
+VARIANT_ROWS = ("Full method", "Pure-noise start", "No conditioning", "Blur guidance switched")
+
+
 def variant_settings(sampler: SamplerConfig) -> list[tuple[str, str, dict]]:
     """(key, title, changes) of the full method and each strategy switched off in turn. When the
     settings already leave blur guidance off (s = 0), its row switches it on instead."""

@@ -616,7 +616,11 @@ def test_teaching_endpoint_shows_the_trajectory_and_the_ablations(client, app_mo
     caption = noisy[-1]["caption"] if isinstance(noisy[-1], dict) else noisy[-1][1]
     # Not "t = 0": the last step starts there; brick's result comes after its second pass.
     second = app_module.MODELS.get(entry.name).sampler.repaint_t0
-    assert caption.startswith("result") and caption.endswith("2nd pass)" if second else "last step")
+    runs = app_module.MODELS.get(entry.name).sampler.samples
+    if second:
+        assert caption.startswith("result (") and caption.endswith("2nd pass)")
+    else:
+        assert caption == (f"result (mean of {runs} runs)" if runs > 1 else "result, after the last step")
     assert len(caption) <= 27  # the gallery cut "result (2nd pass, t2 = 400 (the mean of 2 runs, ...)"
     assert ("Then a second pass" in status) == bool(second)
     lines = variants[0::3]
@@ -1003,7 +1007,8 @@ def test_the_api_names_every_input_and_output(client):
             label = item.get("label") or item.get("parameter_name") or ""
             assert label and not label.startswith("value_"), (name, item)
     assert [r["label"] for r in info["/inspect"]["returns"]][:2] == ["Verdict", "Input (resized)"]
-    assert {"Full method: reconstruction", "No conditioning: heat map"} <= {r["label"] for r in info["/teach"]["returns"]}
+    teach_labels = {r["label"] for r in info["/teach"]["returns"]}
+    assert {"Full method: reconstruction", "No conditioning: heat map"} <= teach_labels
     for name, endpoint in info.items():  # each output of an endpoint has a name of its own
         labels = [r["label"] for r in endpoint["returns"]]
         assert len(labels) == len(set(labels)), (name, labels)

@@ -74,6 +74,15 @@ def test_per_call_overrides_change_the_result_and_unknown_ones_are_refused(tiny_
         tiny_detector.detect(x, steps=0)
 
 
+def test_maps_are_comparable_with_the_calibration_only_at_the_stored_settings(tiny_detector):
+    # An image is called unlike the normal images only where its map can be set beside theirs.
+    d = tiny_detector
+    assert d.calibrated_for(*d.settings())
+    assert d.calibrated_for(*d.settings(seed=d.sampler.seed + 1, t0=d.sampler.t0))  # the seed aside
+    assert not d.calibrated_for(*d.settings(t0=d.sampler.t0 + 1))
+    assert not d.calibrated_for(*d.settings(pixel_weight=d.scorer.config.pixel_weight + 1))
+
+
 def test_save_and_load_round_trip(tiny_detector, tmp_path):
     tiny_detector.info["metrics"] = {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7, "dataset": "unit"}
     path = tiny_detector.save_pretrained(tmp_path / "ckpt")

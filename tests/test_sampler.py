@@ -179,8 +179,9 @@ def test_model_calls_per_strategy():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(t0=-1), dict(t0=0), dict(steps=0), dict(w=-1.0), dict(w=math.nan), dict(guidance_scale=-0.1), dict(blur_sigma=0.0),
-     dict(eta=2.0), dict(samples=0), dict(samples=1.5), dict(repaint_t0=-1), dict(repaint_steps=0)],
+    [dict(t0=-1), dict(t0=0), dict(steps=0), dict(w=-1.0), dict(w=math.nan), dict(guidance_scale=-0.1),
+     dict(blur_sigma=0.0), dict(eta=2.0), dict(samples=0), dict(samples=1.5), dict(repaint_t0=-1),
+     dict(repaint_steps=0)],
 )
 def test_bad_settings_are_refused_with_a_message(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):

@@ -9,6 +9,7 @@ from PIL import Image
 
 from cgdiff import teaching
 from cgdiff.registry import known_checkpoints
+from cgdiff.sampler import SamplerConfig
 from cgdiff.scorer import Calibration
 
 BUNDLED = {e.name: e for e in known_checkpoints() if e.bundled and e.examples()}
@@ -134,3 +135,12 @@ def test_known_texture_comes_from_the_training_record(brick):
     assert teaching.known_texture(brick.info) == "brick"
     assert teaching.known_texture({"training": {"data": "/data/mvtec/leather/"}}) == "leather"
     assert teaching.known_texture({}) is None
+
+
+def test_the_rows_fixed_names_follow_the_variants_in_order():
+    # The app labels each row's pictures with these names before any run.
+    for s in (0.0, 0.5):
+        titles = [title for _, title, _ in teaching.variant_settings(SamplerConfig(guidance_scale=s))]
+        assert len(titles) == len(teaching.VARIANT_ROWS)
+        assert all(title.startswith(row) for title, row in zip(titles[:3], teaching.VARIANT_ROWS))
+        assert "blur guidance" in titles[3].lower()
