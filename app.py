@@ -145,13 +145,17 @@ def build_parser(env: AppConfig) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve the cgdiff demo.")
     parser.add_argument("--host", default=env.host, help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=env.port, help="port (default 7860, or the next free one)")
-    parser.add_argument("--concurrency", type=int, default=env.concurrency, help="inference requests run at once (default: %(default)s)")
-    parser.add_argument("--queue-size", type=int, default=env.queue_size, help="requests that may wait (0: no limit; default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=env.concurrency,
+                        help="inference requests run at once (default: %(default)s)")
+    parser.add_argument("--queue-size", type=int, default=env.queue_size,
+                        help="requests that may wait (0: no limit; default: %(default)s)")
     parser.add_argument("--max-upload", default=env.max_upload, help="largest upload, e.g. 20mb (default: %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=env.max_batch, help="images per batch request (default: %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=env.max_batch,
+                        help="images per batch request (default: %(default)s)")
     parser.add_argument("--runtime", default=env.runtime, choices=RUNTIME_CHOICES,
                         help="how the U-Net runs: auto (the CPU default, channels-last PyTorch), "
-                        "reference (fp32 eager PyTorch), channels_last, bf16 (bf16 autocast, channels-last), or a CPU runtime (pip install 'cgdiff[fast]'); "
+                        "reference (fp32 eager PyTorch), channels_last, bf16 (bf16 autocast, channels-last), "
+                        "or a CPU runtime (pip install 'cgdiff[fast]'); "
                         "also CGDIFF_APP_RUNTIME (default: %(default)s)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     return parser

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="N",
                    help="crops per step (per process)")
     p.add_argument("--lr", type=positive_float, default=t.learning_rate, metavar="X", help="learning rate (AdamW)")
-    p.add_argument("--max-timestep", type=_number(int, 1), default=t.max_timestep, metavar="N",
+    p.add_argument("--max-timestep", type=_number(int, 2), default=t.max_timestep, metavar="N",
                    help="train the noise levels t < N only (the sampler starts at t0 <= 500 except in the "
                    "pure-noise ablation)")
     p.add_argument("--snr-gamma", type=_number(float, 0), default=t.snr_gamma, metavar="X",
