@@ -425,6 +425,23 @@ def refused(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+def named_range_errors(slider: gr.Slider) -> gr.Slider:
+    """`slider`, whose out-of-range value sent through the API is refused with the control's
+    name and one log line (Gradio's own check names no control and logs a traceback). Its
+    `preprocess` is wrapped on the instance: a Slider subclass would make Gradio write a .pyi
+    stub beside this file."""
+    check = slider.preprocess
+
+    def preprocess(payload: float) -> float:
+        try:
+            return check(payload)
+        except gr.Error as e:
+            raise refused(f"{slider.label}: {e.message}") from None
+
+    slider.preprocess = preprocess
+    return slider
+
+
 def read_upload(path: Any, what: str = "the image") -> Image.Image:
     """Decode an uploaded file; ImageError messages name the file by its original name."""
     if path is None or (isinstance(path, str) and not path.strip()):
@@ -1079,14 +1096,16 @@ def build_demo() -> gr.Blocks:
                 w = gr.Slider(0, 20, value=d["w"], step=0.1, label="Conditioning weight w",
                               info="Pull toward the input; too high copies defects back.")
             with gr.Row():
-                guidance_scale = gr.Slider(0, 3, value=d["guidance_scale"], step=0.05, label="Blur-guidance scale s",
+                guidance_scale = gr.Slider(0, 3, value=d["guidance_scale"], step=0.05,
+                                           label="Blur-guidance scale s",
                                            info="0 switches it off (and halves the model calls).")
                 blur_sigma = gr.Slider(0.1, 10, value=d["blur_sigma"], step=0.1, label="Blur sigma",
                                        info="Gaussian blur of the predicted clean image.")
                 eta = gr.Slider(0, 1, value=d["eta"], step=0.05, label="eta",
                                 info="0: deterministic DDIM; 1: stochastic steps.")
             with gr.Row():
-                pixel_weight = gr.Slider(0, 5, value=d["pixel_weight"], step=0.05, label="Pixel / feature balance v",
+                pixel_weight = gr.Slider(0, 5, value=d["pixel_weight"], step=0.05,
+                                         label="Pixel / feature balance v",
                                          info="Weight of the pixel difference against the feature difference.")
                 threshold_scale = gr.Slider(
                     0.25, 4, value=1.0, step=0.01, label="Threshold (x the calibrated one)",
@@ -1096,6 +1115,8 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 reset = gr.Button("Reset to model defaults", variant="secondary", elem_id="reset")
                 note_md = gr.Markdown("", label="Calibration note", show_label=False, elem_id="calibration-note")
+        for slider in (t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale):
+            named_range_errors(slider)
         controls = [t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight, threshold_scale, seed]
         calibrated_controls = [t0, steps, w, guidance_scale, blur_sigma, eta, pixel_weight]
 

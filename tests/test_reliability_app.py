@@ -240,10 +240,13 @@ def test_hostile_uploads_get_their_message_through_the_inspect_tab(server, uploa
         else:
             assert details["verdict"] == "error" and message in details["error"], (name, details)
             assert name in details["error"] and "/tmp" not in details["error"], details["error"]
-    # Settings outside the sliders' ranges, sent through the API, are refused too.
-    with pytest.raises(Exception, match="greater than maximum"):
+    # Settings outside the sliders' ranges, sent through the API, are refused too, naming the
+    # control, with one log line instead of Gradio's traceback.
+    with pytest.raises(Exception, match="Blur sigma: Value 10000.0 is greater than maximum"):
         client.predict(handle_file(str(uploads["texture.png"][0])), "tiny", 250, 2, 3.0, 0.5, 1e4, 0.0, 1.0, 1.0, 0,
                        api_name="/inspect")
+    log = server[2].read_text()
+    assert "app.py: refused a request: Blur sigma: Value 10000.0" in log and "gradio.exceptions.Error" not in log
     out = client.predict(handle_file(str(uploads["texture.png"][0])), "tiny", *controls[:8], 10**30, api_name="/inspect")
     assert out[6]["verdict"] == "error" and "64 bits" in out[6]["error"]
     assert proc.poll() is None and not unexpected_errors(server[2])
