@@ -192,7 +192,7 @@ from cgdiff.registry import checkpoints_dir, default_checkpoint, known_checkpoin
 from cgdiff.runtime import keep_freed_memory, path_options  # noqa: E402
 from cgdiff.model import NUM_TRAIN_TIMESTEPS  # noqa: E402
 from cgdiff.sampler import SamplerConfig, timesteps  # noqa: E402
-from cgdiff.scorer import VALIDATION_F1, BackboneUnavailable, ScorerConfig  # noqa: E402
+from cgdiff.scorer import VALIDATION_F1, BackboneUnavailable  # noqa: E402
 from cgdiff.viz import compare_masks, heatmap, mask_image, overlay  # noqa: E402
 
 CONFIG = AppConfig.from_env()
@@ -612,7 +612,7 @@ def result_details(name: str, result: Detection, settings: dict[str, Any], thres
     """The result as the API returns it; `settings`: `used_settings`; `unfamiliar`: the image is
     unlike the model's normal images (`cgdiff.teaching.familiarity`), so its verdict says little
     about defects, and the note says so; None (not judged) where `familiar` is None, at settings
-    other than the calibrated ones."""
+    other than the calibrated ones (`cgdiff.teaching.familiarity_at`)."""
     if familiar is not None and familiar.unfamiliar:
         note = " ".join(filter(None, [note, familiar.describe(texture)]))
     return {
@@ -630,17 +630,6 @@ def result_details(name: str, result: Detection, settings: dict[str, Any], thres
         "unfamiliar": None if familiar is None else familiar.unfamiliar,
         "map_fraction_above_normal_level": None if familiar is None else round(familiar.fraction, 4),
     }
-
-
-def familiarity_at(detector: Detector, result: Detection, sampler: SamplerConfig,
-                   scorer: ScorerConfig) -> Optional[teaching.Familiarity]:
-    """How like the model's normal images the image is (`cgdiff.teaching.familiarity`); None where
-    the settings differ from the calibrated ones (`Detector.calibrated_for`), since the normal
-    scores it compares with were made at those (a pure-noise start makes every map high, brick on
-    the brick model included)."""
-    if not detector.calibrated_for(sampler, scorer):
-        return None
-    return teaching.familiarity(result.anomaly_map, detector.calibration)
 
 
 def prune_outputs() -> None:
@@ -776,7 +765,7 @@ def inspect(image, model, t0, steps, w, guidance_scale, blur_sigma, eta, pixel_w
     note = calibration_note(defaults, overrides)
     detail = describe_result(result, scale, seconds_total, sampler)
     changed = changed_settings(defaults, overrides)
-    familiar = familiarity_at(detector, result, sampler, scorer)
+    familiar = teaching.familiarity_at(detector, result.anomaly_map, sampler, scorer)
     texture = teaching.known_texture(detector.info)
     details = result_details(model, result, used_settings(sampler, scorer), scale, seconds_total, note, familiar,
                              texture)
@@ -955,7 +944,7 @@ def inspect_batch(files, model, t0, steps, w, guidance_scale, blur_sigma, eta, p
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for (i, name, _), result in zip(good, results):
             fraction = 100 * float(result.mask.mean())
-            familiar = familiarity_at(detector, result, sampler, scorer)
+            familiar = teaching.familiarity_at(detector, result.anomaly_map, sampler, scorer)
             unfamiliar = familiar is not None and familiar.unfamiliar
             n_unfamiliar += unfamiliar
             rows[i] = [name, result.verdict, round(result.score, 5), round(result.threshold, 5),
@@ -1005,7 +994,8 @@ def detect_api(image, model):
         raise refused(str(e)) from None
     settings = detector.settings()
     return result_details(name, result, used_settings(*settings), 1.0, result.seconds, "",
-                          familiarity_at(detector, result, *settings), teaching.known_texture(detector.info))
+                          teaching.familiarity_at(detector, result.anomaly_map, *settings),
+                          teaching.known_texture(detector.info))
 
 
 # ------------------------------------------------------------------------------- layout

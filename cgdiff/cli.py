@@ -935,10 +935,9 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from tqdm.auto import tqdm
 
     from .detector import _num_steps
-    from .teaching import familiarity, known_texture, unfamiliar_text
+    from .teaching import familiarity_at, known_texture, unfamiliar_text
 
     steps = _num_steps(sampler)
-    judged = detector.calibrated_for(sampler, scorer)  # whether an image can be called unfamiliar
     n_chunks = math.ceil(len(paths) / args.batch_size)
     bar = tqdm(total=n_chunks * steps, desc=f"detecting {len(paths)} image(s)", unit="step",
                disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
@@ -966,11 +965,10 @@ def cmd_detect(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         target = out / f"{name}_{kind}.png"
                         Image.fromarray(np.ascontiguousarray(pictures[kind])).save(target)
                         written.append(str(target))
+                familiar = familiarity_at(detector, r.anomaly_map, sampler, scorer)  # None: not judged
                 rows.append({"image": str(path), "score": r.score, "threshold": r.threshold,
                              "relative_score": r.relative_score, "verdict": r.verdict,
-                             # judged at the calibrated settings only (the normal scores were made there)
-                             "unfamiliar": (familiarity(r.anomaly_map, detector.calibration).unfamiliar
-                                            if judged else None),
+                             "unfamiliar": None if familiar is None else familiar.unfamiliar,
                              "defect_fraction": float(r.mask.mean()), "seconds": r.seconds, "files": written})
     finally:
         bar.close()

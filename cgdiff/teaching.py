@@ -71,6 +71,17 @@ def familiarity(anomaly_map: np.ndarray, calibration: Any) -> Familiarity:
     return Familiarity(level=level, fraction=float((amap > level).mean()))
 
 
+def familiarity_at(detector: Detector, anomaly_map: np.ndarray, sampler: SamplerConfig,
+                   scorer: Any) -> Optional[Familiarity]:
+    """`familiarity` of a map made with these settings; None (not judged) where they differ from
+    the calibrated ones (`Detector.calibrated_for`), since the normal scores it compares with
+    were made at those (a pure-noise start makes every map high, brick on the brick model
+    included)."""
+    if not detector.calibrated_for(sampler, scorer):
+        return None
+    return familiarity(anomaly_map, detector.calibration)
+
+
 def known_texture(info: dict) -> Optional[str]:
     """The texture a detector learned, from its record (`detector.info` or cgdiff.json): the name
     of the training data folder (data/textures/brick -> brick), else None."""
